@@ -1,0 +1,351 @@
+"""Data loading, tokenisation and batch collation for Scale-VAE text models.
+
+The pipeline is built on ``datasets`` so that tokenised corpora are cached on disk:
+
+1. :func:`load_text_dataset` gives a ``DatasetDict`` with one ``"text"`` column (local
+   one-sentence-per-line files, a Hub dataset, or the embedded default corpus);
+2. :func:`tokenize_dataset` adds encoder inputs and teacher-forcing decoder inputs/labels;
+3. :class:`DataCollatorForLatentLM` pads each batch dynamically.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from scalevae.corpus import default_corpus_files
+
+logger = logging.getLogger(__name__)
+
+TEXT_COLUMN = "text"
+LABEL_PAD_ID = -100  # ignored by torch.nn.CrossEntropyLoss
+_CHECK_CHUNK_BYTES = 1 << 20
+
+__all__ = [
+    "DataCollatorForLatentLM",
+    "check_text_file",
+    "decoder_special_token_ids",
+    "load_text_dataset",
+    "tokenize_dataset",
+]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def check_text_file(path: str | Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is a UTF-8 text file with a non-blank line.
+
+    ``datasets`` would otherwise fail deep inside a worker with an error that does not
+    name the file, or silently build an empty split.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"text file not found: {path}")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    has_text = False
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(_CHECK_CHUNK_BYTES)
+            final = not chunk
+            try:
+                text = decoder.decode(chunk, final=final)
+            except UnicodeDecodeError as error:
+                # error.start counts from the decoder's buffer: the undecoded tail of the
+                # previous chunk (still held, as the failed call did not consume it) plus this one.
+                position = offset - len(decoder.getstate()[0]) + error.start
+                raise ValueError(
+                    f"{path} is not valid UTF-8: byte 0x{error.object[error.start]:02x} at byte offset {position}"
+                ) from None
+            has_text = has_text or bool(text.strip())
+            if final:
+                break
+            offset += len(chunk)
+    if not has_text:
+        raise ValueError(f"{path} has no non-empty lines")
+
+
+def _normalise_data_files(data_files: Mapping[str, str | Path] | str | Path) -> dict[str, str]:
+    if isinstance(data_files, (str, Path)):
+        return {"train": str(data_files)}
+    if not isinstance(data_files, Mapping) or not data_files:
+        raise ValueError(f"data_files must be a path or a non-empty {{split: path}} mapping, got {data_files!r}")
+    return {str(split): str(path) for split, path in data_files.items()}
+
+
+def _strip_and_drop_empty(dataset: datasets.DatasetDict, num_proc: int | None) -> datasets.DatasetDict:
+    # PTB-style files pad every line with a leading and trailing space; Hub datasets may hold None.
+    stripped = dataset.map(
+        lambda batch: {TEXT_COLUMN: ["" if text is None else str(text).strip() for text in batch[TEXT_COLUMN]]},
+        batched=True,
+        num_proc=num_proc,
+        desc="Stripping lines",
+    )
+    kept = stripped.filter(
+        lambda batch: [bool(text) for text in batch[TEXT_COLUMN]],
+        batched=True,
+        num_proc=num_proc,
+        desc="Dropping empty lines",
+    )
+    for split in kept:
+        dropped = stripped[split].num_rows - kept[split].num_rows
+        if dropped:
+            logger.info("%s: dropped %d empty lines of %d", split, dropped, stripped[split].num_rows)
+        if kept[split].num_rows == 0:
+            raise ValueError(f"split {split!r} has no non-empty texts")
+    return kept
+
+
+def load_text_dataset(
+    data_files: Mapping[str, str | Path] | str | Path | None = None,
+    dataset_name: str | None = None,
+    text_column: str = TEXT_COLUMN,
+    *,
+    dataset_config: str | None = None,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
+    **load_kwargs: Any,
+) -> datasets.DatasetDict:
+    """Load a text corpus as a ``DatasetDict`` whose only column is ``"text"``.
+
+    Args:
+        data_files: local text files, one sentence or document per line: a single path
+            (becomes the ``"train"`` split) or ``{split: path}``.
+        dataset_name: a dataset on the Hugging Face Hub (or a local dataset script/folder)
+            for ``datasets.load_dataset``; used when ``data_files`` is None.
+        text_column: column holding the text in a named dataset; renamed to ``"text"``
+            (local text files always give ``"text"``, so it is ignored for them).
+        dataset_config: configuration name of the Hub dataset.
+        cache_dir: ``datasets`` cache folder.
+        num_proc: processes for the stripping/filtering passes.
+        **load_kwargs: passed on to ``datasets.load_dataset``.
+
+    With neither ``data_files`` nor ``dataset_name``, the embedded default corpus
+    (``scalevae/corpus``, sentences from the Python standard library) is loaded.
+    Lines are stripped and empty lines dropped.
+
+    Raises:
+        ValueError: both sources given; a local file is missing, is not valid UTF-8 or
+            has no non-empty lines; ``text_column`` is not in the dataset.
+    """
+    if data_files is not None and dataset_name is not None:
+        raise ValueError("pass either data_files or dataset_name, not both")
+    if data_files is None and dataset_name is None:
+        data_files = default_corpus_files()
+
+    if data_files is not None:
+        files = _normalise_data_files(data_files)
+        for path in files.values():
+            check_text_file(path)
+        dataset = datasets.load_dataset("text", data_files=files, cache_dir=cache_dir, **load_kwargs)
+        text_column = TEXT_COLUMN
+    else:
+        dataset = datasets.load_dataset(dataset_name, dataset_config, cache_dir=cache_dir, **load_kwargs)
+
+    if isinstance(dataset, datasets.Dataset):
+        dataset = datasets.DatasetDict({"train": dataset})
+    for split, split_dataset in dataset.items():
+        if text_column not in split_dataset.column_names:
+            raise ValueError(
+                f"column {text_column!r} not found in split {split!r}; columns are {split_dataset.column_names}"
+            )
+    # Keep only the text so that tokenize_dataset's output has a fixed schema.
+    dataset = dataset.select_columns([text_column])
+    if text_column != TEXT_COLUMN:
+        dataset = dataset.rename_column(text_column, TEXT_COLUMN)
+    return _strip_and_drop_empty(dataset, num_proc)
+
+
+# ------------------------------------------------------------------------ tokenising
+
+
+def decoder_special_token_ids(decoder_tokenizer: Any) -> tuple[int, int]:
+    """Return the decoder's ``(bos_id, eos_id)``, falling back to CLS/SEP (BERT-style vocabularies).
+
+    Raises:
+        ValueError: the tokenizer has neither a BOS nor a CLS token (or neither EOS nor SEP).
+    """
+    bos_id = decoder_tokenizer.bos_token_id
+    if bos_id is None:
+        bos_id = decoder_tokenizer.cls_token_id
+    if bos_id is None:
+        raise ValueError(
+            "decoder tokenizer has no bos_token (nor cls_token) to start generation with; "
+            "load it with bos_token=... set"
+        )
+    eos_id = decoder_tokenizer.eos_token_id
+    if eos_id is None:
+        eos_id = decoder_tokenizer.sep_token_id
+    if eos_id is None:
+        raise ValueError(
+            "decoder tokenizer has no eos_token (nor sep_token) to end sentences with; load it with eos_token=... set"
+        )
+    return int(bos_id), int(eos_id)
+
+
+def _encoder_truncated(encoder_tokenizer: Any, texts: list[str], ids: list[list[int]], max_length: int) -> list[bool]:
+    # Only a sequence that fills max_length can have been cut; re-tokenise just those.
+    full = [i for i, row in enumerate(ids) if len(row) >= max_length]
+    flags = [False] * len(texts)
+    if full:
+        untruncated = encoder_tokenizer([texts[i] for i in full], truncation=False)["input_ids"]
+        for i, row in zip(full, untruncated):
+            flags[i] = len(row) > max_length
+    return flags
+
+
+def tokenize_dataset(
+    dataset: datasets.DatasetDict | datasets.Dataset,
+    encoder_tokenizer: Any,
+    decoder_tokenizer: Any,
+    max_length: int = 64,
+    num_proc: int | None = None,
+) -> tuple[datasets.DatasetDict | datasets.Dataset, dict[str, dict[str, int]]]:
+    """Tokenise the ``"text"`` column for the encoder and for teacher-forced decoding.
+
+    Encoder: ``input_ids``/``attention_mask`` with the encoder's special tokens, truncated
+    to ``max_length``. Decoder: the text's tokens without special tokens, cut to
+    ``max_length - 1``, as ``decoder_input_ids = [bos] + ids`` and ``labels = ids + [eos]``
+    (so both are at most ``max_length`` long). BOS/EOS come from ``decoder_tokenizer``.
+
+    Returns:
+        The tokenised dataset (text column removed; same type as the input) and per-split
+        statistics ``{"texts", "truncated", "encoder_truncated", "decoder_truncated"}``.
+        Truncation counts are also logged.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (BOS/EOS plus one token), got {max_length}")
+    bos_id, eos_id = decoder_special_token_ids(decoder_tokenizer)
+    max_decoder_tokens = max_length - 1
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list]:
+        texts = batch[TEXT_COLUMN]
+        encoded = encoder_tokenizer(texts, truncation=True, max_length=max_length, return_token_type_ids=False)
+        encoder_cut = _encoder_truncated(encoder_tokenizer, texts, encoded["input_ids"], max_length)
+        raw = decoder_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        decoder_cut = [len(ids) > max_decoder_tokens for ids in raw]
+        raw = [ids[:max_decoder_tokens] for ids in raw]
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "decoder_input_ids": [[bos_id, *ids] for ids in raw],
+            "labels": [[*ids, eos_id] for ids in raw],
+            # Counted after map, so that the numbers survive caching and num_proc.
+            "_encoder_truncated": encoder_cut,
+            "_decoder_truncated": decoder_cut,
+        }
+
+    single = isinstance(dataset, datasets.Dataset)
+    dataset_dict = datasets.DatasetDict({"train": dataset}) if single else dataset
+    for split, split_dataset in dataset_dict.items():
+        if TEXT_COLUMN not in split_dataset.column_names:
+            raise ValueError(f"split {split!r} has no {TEXT_COLUMN!r} column; columns are {split_dataset.column_names}")
+
+    tokenized = dataset_dict.map(
+        tokenize,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=[TEXT_COLUMN],
+        desc="Tokenizing",
+    )
+    stats: dict[str, dict[str, int]] = {}
+    for split, split_dataset in tokenized.items():
+        encoder_cut = split_dataset["_encoder_truncated"]
+        decoder_cut = split_dataset["_decoder_truncated"]
+        either = sum(e or d for e, d in zip(encoder_cut, decoder_cut))
+        stats[split] = {
+            "texts": split_dataset.num_rows,
+            "truncated": either,
+            "encoder_truncated": sum(encoder_cut),
+            "decoder_truncated": sum(decoder_cut),
+        }
+        logger.info(
+            "%s: truncated %d of %d texts to max_length=%d (encoder %d, decoder %d)",
+            split,
+            either,
+            split_dataset.num_rows,
+            max_length,
+            stats[split]["encoder_truncated"],
+            stats[split]["decoder_truncated"],
+        )
+    tokenized = tokenized.remove_columns(["_encoder_truncated", "_decoder_truncated"])
+    return (tokenized["train"] if single else tokenized), stats
+
+
+# ------------------------------------------------------------------------- collation
+
+
+@dataclass
+class DataCollatorForLatentLM:
+    """Pad a list of :func:`tokenize_dataset` examples into a batch of tensors.
+
+    The encoder side is padded by ``encoder_tokenizer.pad`` (its own pad id: 0 for BERT,
+    1 for RoBERTa). The decoder side is right-padded with the decoder's ``pad_token_id``
+    (its ``eos_token_id`` if it has none), and ``labels`` with -100 so padding is not
+    scored. ``pad_to_multiple_of`` rounds both sequence lengths up (tensor-core friendly).
+    """
+
+    encoder_tokenizer: Any
+    decoder_tokenizer: Any
+    pad_to_multiple_of: int | None = None
+
+    def _decoder_pad_id(self) -> int:
+        pad_id = self.decoder_tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.decoder_tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("decoder tokenizer has neither pad_token nor eos_token to pad with")
+        return int(pad_id)
+
+    def _padded_length(self, length: int) -> int:
+        multiple = self.pad_to_multiple_of
+        if multiple:
+            return -(-length // multiple) * multiple
+        return length
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("DataCollatorForLatentLM received an empty batch")
+        encoder_features = []
+        for feature in features:
+            input_ids = list(feature["input_ids"])
+            mask = feature.get("attention_mask")
+            encoder_features.append(
+                {"input_ids": input_ids, "attention_mask": [1] * len(input_ids) if mask is None else list(mask)}
+            )
+        encoder_batch = self.encoder_tokenizer.pad(
+            encoder_features, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
+        )
+
+        decoder_inputs = [list(f["decoder_input_ids"]) for f in features]
+        labels = [list(f["labels"]) for f in features]
+        for inputs, targets in zip(decoder_inputs, labels):
+            if len(inputs) != len(targets):
+                raise ValueError(
+                    f"decoder_input_ids and labels differ in length ({len(inputs)} vs {len(targets)})"
+                )
+        length = self._padded_length(max(len(ids) for ids in decoder_inputs))
+        pad_id = self._decoder_pad_id()
+        decoder_input_ids = torch.full((len(features), length), pad_id, dtype=torch.long)
+        decoder_attention_mask = torch.zeros((len(features), length), dtype=torch.long)
+        label_tensor = torch.full((len(features), length), LABEL_PAD_ID, dtype=torch.long)
+        for row, (inputs, targets) in enumerate(zip(decoder_inputs, labels)):
+            decoder_input_ids[row, : len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+            decoder_attention_mask[row, : len(inputs)] = 1
+            label_tensor[row, : len(targets)] = torch.tensor(targets, dtype=torch.long)
+
+        return {
+            "input_ids": encoder_batch["input_ids"],
+            "attention_mask": encoder_batch["attention_mask"],
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": decoder_attention_mask,
+            "labels": label_tensor,
+        }
