@@ -69,3 +69,19 @@ def shared_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the real corpora are read at run time from ../shared/data")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_path(tmp_path_factory, minilm_path) -> str:
+    """A tiny random BERT on MiniLM's real tokenizer, saved as a local folder like any pretrained encoder."""
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("tiny-encoder")
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                         max_position_embeddings=80)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    return str(path)
+
+
+TINY_DECODER = dict(n_layer=1, n_embd=32, n_head=2, n_positions=80)

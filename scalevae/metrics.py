@@ -1,0 +1,472 @@
+"""Evaluation metrics of text VAEs: the one implementation that Trainer callbacks, the CLI and the experiments share.
+
+Conventions (every function states its own definition; these are the common ones):
+
+* A *batch* is the data collator's dict: `input_ids`, `attention_mask` (encoder), `decoder_input_ids`,
+  `decoder_attention_mask`, `labels` (the decoder's next-token targets, -100 where ignored).
+* *Counted tokens* are the label tokens that are not -100: every token of the sentence plus its EOS. The BOS token is
+  only a decoder input (never a target) and padding is -100, so neither counts.
+* Log-likelihoods are in nats and summed over a sentence's counted tokens ("per sentence"); the one per-token quantity
+  is the perplexity.
+* There are two posteriors. The encoder's ("original") posterior q(z|x) = N(mu, σ²) is the one whose KL the paper
+  reports. The decoder's posterior q'(z|x) = N(decoder_mu, σ²), decoder_mu = f ⊙ mu, with the generative model's prior
+  p(z) = N(0, diag(prior_std²)), is the pair of a true ELBO for the model that generates text (f = prior_std = 1 for
+  every strategy but Scale-VAE, where the two pairs coincide).
+* The model is evaluated in eval mode (Scale-VAE then uses its saved running scale factors, BN-VAE its running
+  statistics) under `torch.no_grad()`; the previous train/eval mode is restored afterwards.
+"""
+
+import contextlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from modeling_scalevae import gaussian_kl
+
+LOG_2PI = math.log(2 * math.pi)
+
+__all__ = [
+    "active_units",
+    "active_units_variance",
+    "count_tokens",
+    "elbo",
+    "evaluate_model",
+    "iw_log_likelihood",
+    "linear_probe_accuracy",
+    "mutual_information",
+    "reconstruction_bleu",
+    "reconstruction_bleu_of",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    """Eval mode and no gradients inside; the model's previous mode is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def _decoder_inputs(model, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if batch.get("decoder_input_ids") is not None:
+        return batch["decoder_input_ids"], batch.get("decoder_attention_mask")
+    return model._shift_labels_right(batch["labels"])  # the model's own rule: BOS, then the labels shifted right
+
+
+def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise with `like`'s device and dtype, drawn on the generator's device (so a CPU generator
+    gives the same numbers whatever device the model is on)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def _require_density(model, what: str) -> None:
+    if not model.collapse.stochastic:
+        raise ValueError(
+            f"{what} is undefined for a deterministic autoencoder (collapse_strategy='ae'): its decoder is trained on "
+            "z = mu only and its posterior variance is never trained, so the model defines no density p(x) to "
+            "estimate. Report reconstruction metrics for it instead."
+        )
+
+
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood (batch, length) in float32, zero where labels are -100."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+    return nll.view(labels.shape)
+
+
+def count_tokens(labels: torch.Tensor) -> int:
+    """The number of counted tokens: label positions that are not -100 (the sentence's tokens and its EOS; the BOS
+    token is never a label, padding is -100)."""
+    return int((labels != -100).sum())
+
+
+def _log_normal(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, diag(std²)) summed over the last dimension, in float64."""
+    z, mean, std = z.double(), mean.double(), std.double()
+    return (-0.5 * ((z - mean) / std).pow(2) - std.log() - 0.5 * LOG_2PI).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Likelihood: importance-weighted log p(x) and the ELBO
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator) -> torch.Tensor:
+    decoder_input_ids, decoder_attention_mask = _decoder_inputs(model, batch)
+    labels = batch["labels"]
+    mean, logvar, prior_std = posterior.decoder_mu, posterior.logvar, posterior.prior_std
+    std = (0.5 * logvar).exp()
+    batch_size, latent_size = mean.shape
+    log_weights = []
+    for start in range(0, num_samples, chunk_size):
+        c = min(chunk_size, num_samples - start)
+        # Sample j of sentence i sits at row i * c + j, the order of repeat_interleave.
+        z = (mean.unsqueeze(1) + std.unsqueeze(1) * _randn((batch_size, c, latent_size), mean, generator)).flatten(0, 1)
+        log_px_z = model.log_likelihood(
+            z,
+            decoder_input_ids.repeat_interleave(c, dim=0),
+            labels.repeat_interleave(c, dim=0),
+            None if decoder_attention_mask is None else decoder_attention_mask.repeat_interleave(c, dim=0),
+        ).double()
+        log_pz = _log_normal(z, torch.zeros_like(z), prior_std.expand_as(z))
+        log_qz = _log_normal(z, mean.repeat_interleave(c, dim=0), std.repeat_interleave(c, dim=0))
+        log_weights.append((log_px_z + log_pz - log_qz).view(batch_size, c))
+    return torch.logsumexp(torch.cat(log_weights, dim=1), dim=1) - math.log(num_samples)
+
+
+def iw_log_likelihood(
+    model,
+    batch: Mapping[str, torch.Tensor],
+    num_samples: int = 500,
+    chunk_size: int = 50,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Importance-weighted estimate of log p(x) per sentence (Burda et al. 2016), shape `(batch,)`, float64, nats.
+
+    Definition: the encoder runs once per sentence; k = `num_samples` latents z_1..z_k are drawn from the decoder's
+    posterior q'(z|x) = N(decoder_mu, diag(exp(logvar))), and
+
+        log p(x) ≈ logsumexp_k [ log p(x|z_k) + log N(z_k; 0, diag(prior_std²)) − log q'(z_k|x) ] − log k,
+
+    where log p(x|z) is summed over the counted tokens (labels != -100: the sentence's tokens and its EOS; not BOS,
+    not padding). The latent is integrated out, so there is no separate KL term: −this is the NLL with the KL
+    "inside". It is a stochastic lower bound that tightens as k grows (k = 1 is an unbiased single-sample ELBO with a
+    Monte Carlo KL); He et al. (2019) report it with k = 500.
+
+    Samples are batched: each chunk of c ≤ `chunk_size` samples repeats the batch c times along the batch dimension
+    and calls `model.log_likelihood` once, so the decoder runs ceil(k / chunk_size) times. `generator` (on the CPU or
+    the model's device) makes the noise reproducible. A deterministic autoencoder (`collapse.stochastic` False)
+    raises a `ValueError`: it defines no density.
+    """
+    _require_density(model, "The importance-weighted log-likelihood")
+    if num_samples < 1 or chunk_size < 1:
+        raise ValueError(f"num_samples={num_samples} and chunk_size={chunk_size} must both be >= 1.")
+    with _evaluating(model):
+        batch = _to_device(batch, _model_device(model))
+        posterior = model.encode(batch["input_ids"], batch.get("attention_mask"))
+        return _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator)
+
+
+def _elbo_from_posterior(model, batch, posterior, generator) -> torch.Tensor:
+    decoder_input_ids, decoder_attention_mask = _decoder_inputs(model, batch)
+    mean, logvar = posterior.decoder_mu, posterior.logvar
+    z = mean + (0.5 * logvar).exp() * _randn(mean.shape, mean, generator)
+    log_px_z = model.log_likelihood(z, decoder_input_ids, batch["labels"], decoder_attention_mask).double()
+    kl = gaussian_kl(mean.double(), logvar.double(), posterior.prior_std.double()).sum(-1)
+    return log_px_z - kl
+
+
+def elbo(model, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The evidence lower bound per sentence, shape `(batch,)`, float64, nats (a log-likelihood: higher is better).
+
+    Definition: ELBO(x) = log p(x|z) − KL(q'(z|x) || p(z)) with ONE z ~ q'(z|x) = N(decoder_mu, diag(exp(logvar))),
+    log p(x|z) summed over the counted tokens (labels != -100), and the KL analytic: the decoder's posterior against the
+    generative prior N(0, diag(prior_std²)) (`gaussian_kl(decoder_mu, logvar, prior_std)`, the model's `decoder_kl`),
+    summed over latent dimensions. For Scale-VAE this KL differs from the paper's KL of the original posterior; it is
+    the one that makes the bound a bound on the p(x) of the model that generates. −ELBO = reconstruction NLL + KL
+    ("KL inside the NLL"). A deterministic autoencoder raises a `ValueError`.
+    """
+    _require_density(model, "The ELBO")
+    with _evaluating(model):
+        batch = _to_device(batch, _model_device(model))
+        posterior = model.encode(batch["input_ids"], batch.get("attention_mask"))
+        return _elbo_from_posterior(model, batch, posterior, generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The latent space: mutual information, active units, linear probe
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def mutual_information(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    generator: torch.Generator | None = None,
+    chunk_elements: int = 1 << 22,
+) -> float:
+    """He et al. (2019)'s estimate of the mutual information I(x; z) under q, in nats, over a whole evaluation set.
+
+    `mu`, `logvar`: the stacked posterior parameters of all N examples, shape (N, d): pass (mu, logvar) for the
+    encoder's (original) posterior or (decoder_mu, logvar) for the decoder's.
+
+    Definition: I = E_x[E_{q(z|x)}[log q(z|x)]] − E_x[E_{q(z|x)}[log q(z)]], where the aggregate posterior
+    q(z) = (1/N) Σ_j q(z|x_j) is the mixture of the N posteriors. The first term is the negative entropy of each
+    Gaussian, computed exactly (−d/2·log 2π − ½ Σ (1 + logvar)) and averaged over x; the second draws ONE z_i ~ q(z|x_i)
+    per example and averages log q(z_i) = logsumexp_j log q(z_i|x_j) − log N. This is He et al.'s `calc_mi`, except
+    that the mixture spans the whole set rather than one batch (it is computed in chunks, in float64).
+
+    Small negative values are possible: the first term is exact but the second is a Monte Carlo average over N
+    single samples, so when the posteriors barely differ (I ≈ 0) the estimate fluctuates around 0 on both sides. The
+    estimate is also capped at log N (the mixture weight 1/N of each example's own component) and biased upward for
+    small N.
+    """
+    mu, logvar = mu.detach().double(), logvar.detach().double()
+    if mu.dim() != 2 or mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar must both have shape (N, d); got {tuple(mu.shape)} and {tuple(logvar.shape)}.")
+    n, d = mu.shape
+    if n == 0:
+        raise ValueError("mutual_information needs at least one example.")
+    neg_entropy = (-0.5 * d * LOG_2PI - 0.5 * (1 + logvar).sum(-1)).mean()
+    std = (0.5 * logvar).exp()
+    z = mu + std * _randn(mu.shape, mu, generator)
+    # log q(z_i|x_j) = -½ Σ_d (z_id - mu_jd)² / var_jd + const_j, expanded into matrix products: no (N, N, d) tensor.
+    inv_var = (-logvar).exp()  # (N, d)
+    log_norm = -0.5 * (d * LOG_2PI + logvar.sum(-1)) - 0.5 * (mu.pow(2) * inv_var).sum(-1)  # (N,)
+    mu_inv_var = mu * inv_var
+    rows = max(1, chunk_elements // n)
+    log_qz = []
+    for start in range(0, n, rows):
+        zc = z[start : start + rows]
+        log_density = -0.5 * zc.pow(2) @ inv_var.T + zc @ mu_inv_var.T + log_norm  # (rows, N)
+        log_qz.append(torch.logsumexp(log_density, dim=1) - math.log(n))
+    return float(neg_entropy - torch.cat(log_qz).mean())
+
+
+def active_units_variance(mu: torch.Tensor) -> torch.Tensor:
+    """Cov_x(E_{q(z|x)}[z]) per latent dimension, shape (d,), float64: the variance across the N examples of the
+    posterior mean (`mu`, shape (N, d)), unbiased (N − 1 denominator, as in He et al. 2019's code)."""
+    mu = mu.detach().double()
+    if mu.dim() != 2:
+        raise ValueError(f"mu must have shape (N, d); got {tuple(mu.shape)}.")
+    if mu.shape[0] < 2:
+        raise ValueError("The variance of the posterior means needs at least two examples.")
+    return mu.var(dim=0, unbiased=True)
+
+
+def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
+    """The number of active units (Burda et al. 2016) over a whole evaluation set: latent dimensions u with
+    Cov_x(E_{q(u|x)}[u]) > `threshold` (δ = 0.01), see `active_units_variance`. Pass the stacked posterior means
+    (N, d): `mu` for the paper's count; `decoder_mu` counts the decoder's latent (for Scale-VAE, f rescales every
+    dimension's spread towards `scale_target_std`, so that count is high by construction)."""
+    return int((active_units_variance(mu) > threshold).sum())
+
+
+def linear_probe_accuracy(features, labels, seed: int = 0, test_size: float = 0.2) -> float:
+    """Test accuracy, in [0, 1], of a linear probe of the latents: standardised features, then scikit-learn's
+    `LogisticRegression` (L2, C = 1), trained on a seeded, stratified (when every class allows it) train/test split
+    with `test_size` of the examples held out. `features`: (N, d) tensor or array (e.g. posterior means); `labels`:
+    N class labels."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"features must be (N, d) with N = len(labels): got {features.shape}, {len(labels)} labels.")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError("A linear probe needs at least two classes among the labels.")
+    stratify = labels if counts.min() >= 2 else None
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=test_size, random_state=seed, stratify=stratify
+    )
+    if len(np.unique(y_train)) < 2:
+        raise ValueError("The training split holds a single class; give more examples per class.")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    probe.fit(x_train, y_train)
+    return float(probe.score(x_test, y_test))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reconstruction BLEU
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reconstruction_bleu(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus BLEU, 0-100, of `hypotheses` against one reference each: `sacrebleu.corpus_bleu` with its defaults
+    (13a tokenisation, 4-grams, brevity penalty). sacrebleu is called directly: `evaluate.load("bleu")` fetches its
+    script from the Hub and fails offline."""
+    import sacrebleu
+
+    references, hypotheses = list(references), list(hypotheses)
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses.")
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+def reconstruction_bleu_of(
+    model,
+    texts: Sequence[str],
+    encoder_tokenizer,
+    decoder_tokenizer,
+    max_length: int = 64,
+    batch_size: int = 32,
+) -> float:
+    """Reconstruction BLEU (0-100) of `texts`: each text is encoded (encoder tokens truncated to `max_length`), its
+    decoder-posterior mean `decoder_mu` is decoded greedily (`max_new_tokens=max_length`, no sampling) and the output
+    ids are decoded with `skip_special_tokens=True`. The reference is the text tokenised and detokenised by the
+    decoder's tokenizer, `decoder_tokenizer.decode(decoder_tokenizer(text, add_special_tokens=False).input_ids)`, so
+    casing and tokenisation artefacts are the same on both sides; it is not truncated. See `reconstruction_bleu`."""
+    texts = list(texts)
+    references = [decoder_tokenizer.decode(decoder_tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    hypotheses = []
+    with _evaluating(model):
+        device = _model_device(model)
+        for start in range(0, len(texts), batch_size):
+            encoded = encoder_tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            latents = model.encode(encoded["input_ids"], encoded.get("attention_mask")).decoder_mu
+            ids = model.generate(latents=latents, max_new_tokens=max_length, do_sample=False)
+            hypotheses.extend(decoder_tokenizer.batch_decode(ids, skip_special_tokens=True))
+    return reconstruction_bleu(references, hypotheses)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Everything in one pass
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    model,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    num_importance_samples: int | None = 500,
+    chunk_size: int = 50,
+    max_batches: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> dict:
+    """Every corpus-level metric in one pass over `dataloader` (at most `max_batches` batches); a flat dict of floats
+    (ints for the counts). N = `num_sentences`, T = `num_tokens` (counted tokens: labels != -100, i.e. each sentence's
+    tokens and its EOS; not BOS, not padding). All NLLs are in nats.
+
+    - `nll`: −IW log p(x) (`iw_log_likelihood` with k = `num_importance_samples` samples from the decoder's posterior),
+      summed over the set / N: per sentence, with the latent integrated out (the "KL" is inside it).
+    - `ppl`: exp(Σ IW NLL / T), the perplexity per counted token of that same NLL.
+    - `elbo`: the single-sample ELBO (`elbo`: log p(x|z), z ~ q', minus the decoder's analytic KL), mean per sentence;
+      −elbo ≥ nll up to Monte Carlo noise.
+    - `reconstruction_nll`: −log p(x|z) with z = decoder_mu (the decoder's posterior mean, no sampling), per sentence.
+    - `kl`: the paper's KL, KL(N(mu, σ²) || N(0, I)) of the encoder's (original) posterior, mean per sentence.
+    - `decoder_kl`: the bound's KL, KL(N(decoder_mu, σ²) || N(0, diag(prior_std²))), mean per sentence.
+    - `mi`, `mi_decoder`: `mutual_information` of the original and of the decoder's posterior over the whole set.
+    - `au`, `au_decoder`: `active_units` (δ = 0.01) of `mu` and of `decoder_mu` over the whole set.
+    - `token_accuracy`: fraction of counted tokens where the teacher-forced argmax from z = decoder_mu is the label.
+    - `shuffle_gap`: "does the decoder use z": the reconstruction NLL per sentence when each sentence is decoded from
+      another sentence's decoder_mu (a random cyclic permutation of the whole set, so no sentence keeps its own) minus
+      `reconstruction_nll`. About 0 for a decoder that ignores z; NaN for a set of one sentence.
+    - `num_sentences`, `num_tokens`: N and T.
+
+    `num_importance_samples=0` (or None) skips importance sampling (`nll`, `ppl` are NaN), for cheap evaluation during
+    training. A deterministic autoencoder has no density: `nll`, `ppl` and `elbo` are NaN for it. `generator` seeds
+    every sample (importance sampling, ELBO, MI and the permutation). The decoder inputs are kept on the CPU for the
+    second, decoder-only pass of `shuffle_gap`.
+    """
+    from tqdm.auto import tqdm
+
+    stochastic = model.collapse.stochastic
+    use_iw = stochastic and bool(num_importance_samples)
+    sums = dict(iw_nll=0.0, elbo=0.0, reconstruction_nll=0.0, kl=0.0, decoder_kl=0.0, correct=0)
+    num_sentences = num_tokens = 0
+    mus, logvars, decoder_mus, decoder_batches = [], [], [], []
+    try:
+        total = len(dataloader)
+    except TypeError:  # an iterable-style dataset has no length
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+
+    with _evaluating(model):
+        device = _model_device(model)
+        for index, batch in enumerate(tqdm(dataloader, total=total, desc="evaluate", disable=not progress)):
+            if max_batches is not None and index >= max_batches:
+                break
+            batch = _to_device(batch, device)
+            labels = batch["labels"]
+            decoder_input_ids, decoder_attention_mask = _decoder_inputs(model, batch)
+            posterior = model.encode(batch["input_ids"], batch.get("attention_mask"))
+            mu, logvar, decoder_mu = posterior.mu, posterior.logvar, posterior.decoder_mu
+
+            logits = model.decode(decoder_mu, decoder_input_ids, decoder_attention_mask).logits
+            counted = labels != -100
+            sums["reconstruction_nll"] += float(_token_nll(logits, labels).double().sum())
+            sums["correct"] += int(((logits.argmax(-1) == labels) & counted).sum())
+            sums["kl"] += float(gaussian_kl(mu.double(), logvar.double()).sum())
+            decoder_kl = gaussian_kl(decoder_mu.double(), logvar.double(), posterior.prior_std.double())
+            sums["decoder_kl"] += float(decoder_kl.sum())
+            if use_iw:
+                iw = _iw_from_posterior(model, batch, posterior, num_importance_samples, chunk_size, generator)
+                sums["iw_nll"] -= float(iw.sum())
+            if stochastic:
+                sums["elbo"] += float(_elbo_from_posterior(model, batch, posterior, generator).sum())
+
+            num_sentences += labels.shape[0]
+            num_tokens += int(counted.sum())
+            mus.append(mu.double().cpu())
+            logvars.append(logvar.double().cpu())
+            decoder_mus.append(decoder_mu.cpu())
+            mask = None if decoder_attention_mask is None else decoder_attention_mask.cpu()
+            decoder_batches.append((decoder_input_ids.cpu(), mask, labels.cpu()))
+
+        if num_sentences == 0:
+            raise ValueError("evaluate_model got no batches: the dataloader is empty (or max_batches is 0).")
+        mu, logvar, decoder_mu = torch.cat(mus), torch.cat(logvars), torch.cat(decoder_mus)
+
+        # Second, decoder-only pass: each sentence decoded from another's latent (a random cyclic derangement).
+        shuffle_gap = float("nan")
+        if num_sentences > 1:
+            generator_device = generator.device if generator is not None else "cpu"
+            order = torch.randperm(num_sentences, generator=generator, device=generator_device).cpu()
+            source = torch.empty_like(order)
+            source[order] = order.roll(-1)  # sentence order[i] takes the latent of sentence order[i + 1]
+            shuffled_nll, offset = 0.0, 0
+            for decoder_input_ids, decoder_attention_mask, labels in decoder_batches:
+                size = labels.shape[0]
+                latents = decoder_mu[source[offset : offset + size]].to(device)
+                offset += size
+                logits = model.decode(
+                    latents,
+                    decoder_input_ids.to(device),
+                    None if decoder_attention_mask is None else decoder_attention_mask.to(device),
+                ).logits
+                shuffled_nll += float(_token_nll(logits, labels.to(device)).double().sum())
+            shuffle_gap = (shuffled_nll - sums["reconstruction_nll"]) / num_sentences
+
+    nan = float("nan")
+    return {
+        "nll": sums["iw_nll"] / num_sentences if use_iw else nan,
+        "ppl": math.exp(sums["iw_nll"] / num_tokens) if use_iw and num_tokens else nan,
+        "elbo": sums["elbo"] / num_sentences if stochastic else nan,
+        "reconstruction_nll": sums["reconstruction_nll"] / num_sentences,
+        "kl": sums["kl"] / num_sentences,
+        "decoder_kl": sums["decoder_kl"] / num_sentences,
+        "mi": mutual_information(mu, logvar, generator=generator),
+        "mi_decoder": mutual_information(decoder_mu.double(), logvar, generator=generator),
+        "au": active_units(mu) if num_sentences > 1 else 0,
+        "au_decoder": active_units(decoder_mu) if num_sentences > 1 else 0,
+        "token_accuracy": sums["correct"] / num_tokens if num_tokens else nan,
+        "shuffle_gap": shuffle_gap,
+        "num_sentences": num_sentences,
+        "num_tokens": num_tokens,
+    }

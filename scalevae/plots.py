@@ -1,0 +1,66 @@
+"""PNG figures people would rather look at than read: training curves and a 2-D map of the latent space."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+CURVES = [
+    ("reconstruction_loss", "reconstruction NLL (nats / sentence)"),
+    (("kl", "decoder_kl"), "KL (nats / sentence)"),
+    (("mi", "mi_decoder"), "mutual information (nats)"),
+    (("au", "au_decoder"), "active units"),
+]
+LABELS = {"kl": "paper's KL (original posterior)", "decoder_kl": "bound's KL (decoder's latent)",
+          "mi": "original posterior", "mi_decoder": "decoder's latent",
+          "au": "original posterior", "au_decoder": "decoder's latent"}
+
+
+def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
+    """One panel per figure (reconstruction, KL, MI, AU) against the step; one line style per run in `histories`
+    (e.g. {"scale": trainer.state.log_history, "vae": ...})."""
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
+    for ax, (keys, title) in zip(axes, CURVES):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        for (run, history), style in zip(histories.items(), ["-", "--", ":", "-."]):
+            for key in keys:
+                points = [(h["step"], h[key]) for h in history if key in h]
+                if points:
+                    steps, values = zip(*points)
+                    label = f"{run}: {LABELS.get(key, key)}" if len(keys) > 1 else run
+                    ax.plot(steps, values, style, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_latent_map(latents: dict[str, torch.Tensor], path: str | Path, colors: torch.Tensor | None = None) -> Path:
+    """The test set's latents projected on their first two principal components, one panel per run."""
+    fig, axes = plt.subplots(1, len(latents), figsize=(5 * len(latents), 4.5), squeeze=False)
+    for ax, (run, z) in zip(axes[0], latents.items()):
+        z = z.float().cpu()
+        centred = z - z.mean(0)
+        _, s, v = torch.linalg.svd(centred, full_matrices=False)
+        coords = centred @ v[:2].T
+        explained = (s[:2] ** 2 / (s**2).sum()).tolist()
+        ax.scatter(coords[:, 0], coords[:, 1], s=6, alpha=0.6, c=None if colors is None else colors.cpu())
+        ax.set_title(f"{run}: PCA of test latents")
+        ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)")
+        ax.set_ylabel(f"PC2 ({explained[1]:.0%})")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

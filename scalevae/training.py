@@ -1,0 +1,171 @@
+"""Training glue for the stock `transformers.Trainer`: the KL-weight schedule, the Scale-VAE epoch hook, and the
+latent statistics logged beside the loss (console, TensorBoard, `trainer.state.log_history`).
+
+The basic path needs none of it: `Trainer(model=model, args=args, train_dataset=..., data_collator=...)` trains.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .metrics import active_units, mutual_information
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+@dataclass
+class KLSchedule:
+    """β as a function of the training step.
+
+    - `constant`: `max_weight` throughout.
+    - `linear`: 0 → `max_weight` over the first `warmup_steps` steps (Bowman et al. 2016), then constant.
+    - `cyclical`: Fu et al. 2019: `n_cycle` cycles over `total_steps`; in each, β is 0 for the first `ratio_zero` of the
+      cycle, rises linearly to `max_weight` over the next `ratio_increase`, then stays there.
+    """
+
+    schedule: str = "constant"
+    max_weight: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 0
+    n_cycle: int = 4
+    ratio_zero: float = 0.25
+    ratio_increase: float = 0.25
+
+    def __post_init__(self):
+        if self.schedule not in KL_SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not one of {KL_SCHEDULES}.")
+        if not (self.ratio_zero >= 0 and self.ratio_increase > 0 and self.ratio_zero + self.ratio_increase <= 1):
+            raise ValueError(
+                f"ratio_zero={self.ratio_zero} and ratio_increase={self.ratio_increase} must be >= 0, > 0 and sum "
+                "to at most 1."
+            )
+        if self.schedule == "cyclical" and (self.total_steps < 1 or self.n_cycle < 1):
+            raise ValueError(f"the cyclical schedule needs total_steps >= 1 and n_cycle >= 1, got {self}.")
+
+    def __call__(self, step: int) -> float:
+        if self.schedule == "linear" and self.warmup_steps > 0:
+            return self.max_weight * min(1.0, step / self.warmup_steps)
+        if self.schedule == "cyclical":
+            period = self.total_steps / self.n_cycle
+            position = (step % period) / period
+            rise = (position - self.ratio_zero) / self.ratio_increase
+            return self.max_weight * min(1.0, max(0.0, rise))
+        return self.max_weight
+
+
+class KLScheduleCallback(TrainerCallback):
+    """Sets `model.config.kl_weight` before every step. The weight is a function of the global step, which the
+    Trainer checkpoints, so a resumed run continues the schedule where it stopped."""
+
+    def __init__(self, schedule: KLSchedule):
+        self.schedule = schedule
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        _unwrap(model).config.kl_weight = self.schedule(state.global_step)
+
+
+class ScaleEpochCallback(TrainerCallback):
+    """Tells a Scale-VAE that an epoch ended (the `f_epo` schedule freezes its factors after that many epochs)."""
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        end_epoch = getattr(_unwrap(model).collapse, "end_epoch", None)
+        if end_epoch is not None:
+            end_epoch()
+
+
+class LatentMonitorCallback(TrainerCallback):
+    """At every logging step, measures the latent on a fixed probe set and adds it to the logged values:
+    reconstruction loss and KL (paper's and bound's), mutual information and active units on the encoder's posterior
+    and on the decoder's latent, the current KL weight and the scale factors' range.
+
+    It must run before the reporting callbacks (TensorBoard, console) so they see the values: `attach` does that.
+    """
+
+    def __init__(self, probe_batches: list[dict[str, torch.Tensor]]):
+        self.probe_batches = probe_batches
+
+    @classmethod
+    def attach(cls, trainer: Trainer, probe_batches: list[dict[str, torch.Tensor]]) -> "LatentMonitorCallback":
+        callback = cls(probe_batches)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or "loss" not in logs or model is None:
+            return
+        stats = latent_statistics(_unwrap(model), self.probe_batches)
+        logs.update(stats)
+        if state.log_history:
+            state.log_history[-1].update(stats)
+
+
+@torch.no_grad()
+def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Cheap latent health figures on a few batches (no importance sampling; see `metrics.evaluate_model`)."""
+    was_training = model.training
+    model.eval()
+    mus, logvars, decoder_mus, rec, kl, decoder_kl, count = [], [], [], 0.0, 0.0, 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        out = model(**batch)
+        n = batch["input_ids"].shape[0]
+        mus.append(out.mu)
+        logvars.append(out.logvar)
+        decoder_mus.append(model.encode(batch["input_ids"], batch["attention_mask"]).decoder_mu)
+        rec, kl, decoder_kl = rec + out.reconstruction_loss.item() * n, kl + out.kl.item() * n, decoder_kl + out.decoder_kl.item() * n
+        count += n
+    model.train(was_training)
+    mu, logvar, decoder_mu = torch.cat(mus), torch.cat(logvars), torch.cat(decoder_mus)
+    factors = model.prior_std()
+    return {
+        "reconstruction_loss": rec / count,
+        "kl": kl / count,
+        "decoder_kl": decoder_kl / count,
+        "mi": mutual_information(mu, logvar),
+        "mi_decoder": mutual_information(decoder_mu, logvar),
+        "au": active_units(mu),
+        "au_decoder": active_units(decoder_mu),
+        "kl_weight": float(model.config.kl_weight),
+        "scale_factor_min": factors.min().item(),
+        "scale_factor_max": factors.max().item(),
+    }
+
+
+def make_trainer(
+    model,
+    args,
+    train_dataset,
+    data_collator,
+    eval_dataset=None,
+    kl_schedule: KLSchedule | None = None,
+    probe_size: int = 256,
+    **trainer_kwargs,
+) -> Trainer:
+    """A stock `Trainer` with the KL schedule, the Scale-VAE epoch hook and the latent monitor attached."""
+    callbacks = [ScaleEpochCallback()]
+    if kl_schedule is not None:
+        callbacks.append(KLScheduleCallback(kl_schedule))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+        callbacks=callbacks,
+        **trainer_kwargs,
+    )
+    probe_source = eval_dataset if eval_dataset is not None else train_dataset
+    probe = probe_source.select(range(min(probe_size, len(probe_source))))
+    batch_size = args.per_device_eval_batch_size
+    probe_batches = [data_collator([probe[i] for i in range(s, min(s + batch_size, len(probe)))])
+                     for s in range(0, len(probe), batch_size)]
+    LatentMonitorCallback.attach(trainer, probe_batches)
+    return trainer
+
+
+def _unwrap(model):
+    """The ScaleVAE model inside DDP / Accelerate wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
