@@ -1,22 +1,30 @@
 """Shared fixtures: tiny random models on real tokenizers, and the real corpora read at run time."""
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, GPT2Config
+# Nothing in the tests may reach the Hub: every model and tokenizer is a local folder. (Set before transformers and
+# huggingface_hub are imported: they read it once.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from configuration_scalevae import ScaleVAEConfig
-from modeling_scalevae import ScaleVAEForLatentLM
-from scalevae.text import decoder_tokenizer_from_encoder, offline_encoder_path
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, GPT2Config  # noqa: E402
+
+from configuration_scalevae import ScaleVAEConfig  # noqa: E402
+from modeling_scalevae import ScaleVAEForLatentLM  # noqa: E402
+from scalevae.text import decoder_tokenizer_from_encoder, offline_encoder_path  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def tiny_config(vocab_size=120, latent_size=4, bos=1, eos=2, pad=0, encoder_pad=0, encoder_type="bert", **kwargs):
+def tiny_config(vocab_size=120, latent_size=4, bos=1, eos=2, pad=0, encoder_pad=0, encoder_type="bert", dropout=0.1,
+                **kwargs):
     encoder_kwargs = dict(
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-        pad_token_id=encoder_pad, max_position_embeddings=80,
+        pad_token_id=encoder_pad, max_position_embeddings=80, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     if encoder_type == "roberta":
         from transformers import RobertaConfig
@@ -26,7 +34,7 @@ def tiny_config(vocab_size=120, latent_size=4, bos=1, eos=2, pad=0, encoder_pad=
         encoder = BertConfig(**encoder_kwargs)
     decoder = GPT2Config(
         vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=80, bos_token_id=bos, eos_token_id=eos,
-        pad_token_id=pad,
+        pad_token_id=pad, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )
     return ScaleVAEConfig(encoder=encoder, decoder=decoder, latent_size=latent_size, **kwargs)
 

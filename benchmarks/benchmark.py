@@ -1,0 +1,177 @@
+"""Speed and memory ratios, each measured side by side in one run (absolute times on shared machines are noise).
+
+    python benchmarks/benchmark.py                 # MiniLM encoder + the default small GPT-2, batch 32
+    python benchmarks/benchmark.py --quick         # a tiny random model, for a smoke run
+
+Targets (ROADMAP.md): training step Scale-VAE / VAE <= 1.03; generation from a latent >= 0.9x the decoder's plain
+`generate` and >= 5x a cache-less loop; IW-NLL with k samples <= 1.25x the floor of k batched teacher-forced decoder
+forwards; tokenisation + collation < 5% of a training step; peak memory <= 1.1x the same parts trained as an AE.
+Each timing alternates the contenders in rounds and keeps the median, so slow phases of the machine hit both.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scalevae import build_model  # noqa: E402
+from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset  # noqa: E402
+from scalevae.metrics import iw_log_likelihood  # noqa: E402
+
+
+def median_times(contenders: dict, rounds: int) -> dict[str, float]:
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def setup(strategy: str, args):
+    torch.manual_seed(0)
+    overrides = dict(n_layer=1, n_embd=64, n_head=2) if args.quick else {}
+    model, enc, dec = build_model(args.encoder, latent_size=32, collapse_strategy=strategy, decoder_config_overrides=overrides)
+    return model, enc, dec
+
+
+def training_step_fn(model, batch):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_memory_child(strategy: str, args) -> None:
+    """Runs in a subprocess: a few training steps, then prints the process's peak resident memory (MiB)."""
+    model, enc, dec = setup(strategy, args)
+    texts = load_text_dataset()["train"]["text"][: args.batch_size]
+    batch = collate(texts, enc, dec, args.max_length)
+    step = training_step_fn(model, batch)
+    for _ in range(3):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def collate(texts, enc, dec, max_length):
+    from datasets import Dataset
+
+    data, _ = tokenize_dataset(Dataset.from_dict({"text": texts}), enc, dec, max_length)
+    return DataCollatorForLatentLM(enc, dec)([data[i] for i in range(len(data))])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--importance_samples", type=int, default=50)
+    parser.add_argument("--output", default="benchmarks/results.json")
+    parser.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._memory_child:
+        return peak_memory_child(args._memory_child, args)
+
+    texts = load_text_dataset()["train"]["text"][: args.batch_size]
+    results = {}
+
+    # 1. Training step: Scale-VAE against a plain VAE with the same parts.
+    scale, enc, dec = setup("scale", args)
+    vae, _, _ = setup("vae", args)
+    batch = collate(texts, enc, dec, args.max_length)
+    steps = {"scale": training_step_fn(scale, batch), "vae": training_step_fn(vae, batch)}
+    for fn in steps.values():
+        fn()  # warm-up
+    t = median_times(steps, args.rounds)
+    results["train_step_scale_over_vae"] = t["scale"] / t["vae"]
+
+    # 2. Tokenisation + collation against a training step.
+    t_data = median_times({"data": lambda: collate(texts, enc, dec, args.max_length)}, args.rounds)["data"]
+    results["data_over_train_step"] = t_data / t["scale"]
+
+    # 3. Generation from a latent: our cached generate, GPT-2's own generate, and a cache-less loop.
+    scale.eval()
+    z = scale.encode(batch["input_ids"], batch["attention_mask"]).decoder_mu.detach()
+    bos = torch.full((z.shape[0], 1), dec.bos_token_id)
+    new_tokens = args.max_length
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    @torch.no_grad()
+    def cacheless():
+        ids = bos
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, scale(decoder_input_ids=ids, latents=z).logits[:, -1:].argmax(-1)], 1)
+
+    t = median_times({
+        "ours": lambda: scale.generate(latents=z, **gen),
+        "gpt2": lambda: scale.decoder.generate(bos, attention_mask=torch.ones_like(bos), **gen),
+        "cacheless": cacheless,
+    }, max(3, args.rounds // 2))
+    results["generate_speed_vs_plain_gpt2"] = t["gpt2"] / t["ours"]
+    results["generate_speedup_vs_cacheless"] = t["cacheless"] / t["ours"]
+
+    # 4. IW-NLL with k samples against its floor: k teacher-forced decoder forwards, batched the same way.
+    k, chunk = args.importance_samples, 50
+    sub = {key: v[:8] for key, v in batch.items()}
+    gen_z = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def floor():
+        for start in range(0, k, chunk):
+            c = min(chunk, k - start)
+            rep = {key: v.repeat_interleave(c, 0) for key, v in sub.items()}
+            scale.log_likelihood(torch.randn(rep["labels"].shape[0], 32), rep["decoder_input_ids"], rep["labels"],
+                                 rep["decoder_attention_mask"])
+
+    t = median_times({"iw": lambda: iw_log_likelihood(scale, sub, k, chunk, gen_z), "floor": floor},
+                     max(3, args.rounds // 2))
+    results["iw_nll_over_decoder_floor"] = t["iw"] / t["floor"]
+
+    # 5. Peak memory, each in a fresh process: Scale-VAE against the same parts trained as an AE.
+    def peak(strategy):
+        command = [sys.executable, __file__, "--_memory_child", strategy, "--batch_size", str(args.batch_size),
+                   "--max_length", str(args.max_length)] + (["--quick"] if args.quick else [])
+        if args.encoder:
+            command += ["--encoder", args.encoder]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    results["peak_memory_scale_over_ae"] = peak("scale") / peak("ae")
+
+    targets = {
+        "train_step_scale_over_vae": ("<=", 1.03),
+        "data_over_train_step": ("<", 0.05),
+        "generate_speed_vs_plain_gpt2": (">=", 0.9),
+        "generate_speedup_vs_cacheless": (">=", 5.0),
+        "iw_nll_over_decoder_floor": ("<=", 1.25),
+        "peak_memory_scale_over_ae": ("<=", 1.1),
+    }
+    print(f"{'ratio':36}{'measured':>10}  target")
+    for name, value in results.items():
+        op, bound = targets[name]
+        ok = {"<=": value <= bound, "<": value < bound, ">=": value >= bound}[op]
+        print(f"{name:36}{value:10.3f}  {op} {bound}  {'ok' if ok else 'MISSED'}")
+    setting = "tiny random model" if args.quick else "MiniLM-L6 encoder + 4x256 GPT-2 decoder"
+    Path(args.output).write_text(json.dumps(dict(setting=setting, batch_size=args.batch_size,
+                                                 max_length=args.max_length, results=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()

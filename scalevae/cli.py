@@ -1,0 +1,193 @@
+"""The `scalevae` command: quickstart, train, evaluate, generate."""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+TRAIN_HELP = """Train with the stock transformers Trainer. Every TrainingArguments option is accepted, plus the model's
+and the data's options below. Example:
+  scalevae train --output_dir runs/ptb --train_file ../shared/data/ptb.train.txt
+      --validation_file ../shared/data/ptb.valid.txt --collapse_strategy scale --des_std 1.0 --max_steps 2000"""
+
+
+@dataclass
+class ModelArguments:
+    encoder: str | None = field(default=None, metadata={"help": "BERT-style encoder path or Hub id (default: offline MiniLM)."})
+    decoder: str | None = field(default=None, metadata={"help": "GPT-2 path or Hub id (default: a new small GPT-2)."})
+    latent_size: int = 32
+    latent_injection: str = field(default="both", metadata={"help": "memory | embedding | both"})
+    collapse_strategy: str = field(default="scale", metadata={"help": "scale | vae | free_bits | bn | ae"})
+    des_std: float = field(default=1.0, metadata={"help": "Scale-VAE target std of each scaled mean dimension."})
+    scale_schedule: str = field(default="running", metadata={"help": "running | epoch"})
+    f_epo: int = field(default=1, metadata={"help": "with --scale_schedule epoch: epochs before the factors freeze."})
+    scale_momentum: float = 0.05
+    free_bits: float = 0.5
+    bn_gamma: float = 0.5
+    kl_schedule: str = field(default="constant", metadata={"help": "constant | linear | cyclical"})
+    kl_max_weight: float = 1.0
+    kl_warmup_steps: int = 0
+    kl_n_cycle: int = 4
+    kl_ratio_zero: float = 0.25
+    kl_ratio_increase: float = 0.25
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": "one text per line (default: embedded corpus)."})
+    validation_file: str | None = None
+    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset instead of files."})
+    text_column: str = "text"
+    max_length: int = 64
+
+
+def train(argv: list[str]) -> None:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
+    from .hub import save_model
+    from .text import build_model
+    from .training import KLSchedule, make_trainer
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), description=TRAIN_HELP)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    if data_args.train_file:
+        files = {"train": data_args.train_file}
+        if data_args.validation_file:
+            files["validation"] = data_args.validation_file
+        raw = load_text_dataset(files)
+    else:
+        raw = load_text_dataset(dataset_name=data_args.dataset_name, text_column=data_args.text_column)
+    model, encoder_tokenizer, decoder_tokenizer = build_model(
+        model_args.encoder, model_args.decoder, latent_size=model_args.latent_size,
+        latent_injection=model_args.latent_injection, collapse_strategy=model_args.collapse_strategy,
+        scale_target_std=model_args.des_std, scale_schedule=model_args.scale_schedule,
+        scale_freeze_epochs=model_args.f_epo, scale_momentum=model_args.scale_momentum,
+        free_bits=model_args.free_bits, bn_gamma=model_args.bn_gamma, kl_weight=model_args.kl_max_weight,
+    )
+    dataset, _ = tokenize_dataset(raw, encoder_tokenizer, decoder_tokenizer, data_args.max_length)
+    total = training_args.max_steps if training_args.max_steps > 0 else None
+    schedule = KLSchedule(
+        model_args.kl_schedule, model_args.kl_max_weight, model_args.kl_warmup_steps, total or 1,
+        model_args.kl_n_cycle, model_args.kl_ratio_zero, model_args.kl_ratio_increase,
+    )
+    trainer = make_trainer(
+        model, training_args, dataset["train"], DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer),
+        eval_dataset=dataset.get("validation"), kl_schedule=schedule, processing_class=encoder_tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    recipe = dict(data=data_args.train_file or data_args.dataset_name or "embedded default corpus",
+                  steps=trainer.state.global_step, command="scalevae train " + " ".join(argv))
+    save_model(Path(training_args.output_dir) / "final", model, encoder_tokenizer, decoder_tokenizer, training=recipe)
+    print(f"saved {Path(training_args.output_dir) / 'final'}")
+
+
+def evaluate(args) -> None:
+    from torch.utils.data import DataLoader
+
+    from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
+    from .metrics import evaluate_model, reconstruction_bleu_of
+    from .text import load_pretrained
+
+    model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model)
+    texts = load_text_dataset({"test": args.data})["test"]
+    if args.max_sentences:
+        texts = texts.select(range(min(args.max_sentences, len(texts))))
+    dataset, _ = tokenize_dataset(texts, encoder_tokenizer, decoder_tokenizer, args.max_length)
+    loader = DataLoader(dataset, batch_size=args.batch_size,
+                        collate_fn=DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer))
+    generator = torch.Generator().manual_seed(args.seed)
+    metrics = evaluate_model(model, loader, num_importance_samples=args.num_samples, generator=generator)
+    metrics["bleu"] = reconstruction_bleu_of(model, texts["text"], encoder_tokenizer, decoder_tokenizer, args.max_length)
+    for key, value in metrics.items():
+        print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+    output = Path(args.output or Path(args.model) / "eval_results.json")
+    output.write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {output}")
+
+
+def generate(args) -> None:
+    from .text import LatentText
+
+    text = LatentText.from_pretrained(args.model, )
+    decoding = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    if args.do_sample:
+        decoding.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    generator = torch.Generator(device=text.model.device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.sample:
+        outputs = text.sample(args.sample, generator=generator, **decoding)
+    elif args.reconstruct:
+        outputs = text.reconstruct(args.reconstruct, **decoding)
+    elif args.interpolate:
+        outputs = text.interpolate(*args.interpolate, steps=args.steps, **decoding)
+    elif args.analogy:
+        outputs = [text.analogy(*args.analogy, **decoding)]
+    else:
+        raise SystemExit("scalevae generate: give one of --sample N, --reconstruct TEXT, --interpolate A B, --analogy A B C")
+    for line in outputs:
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return train(argv[1:])
+    parser = argparse.ArgumentParser(prog="scalevae", description="Scale-VAE text VAEs on Hugging Face transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    quick = commands.add_parser("quickstart", help="train on the embedded corpus and show what the model learned")
+    quick.add_argument("--output_dir", default="outputs/quickstart")
+    quick.add_argument("--collapse_strategy", default="scale", choices=["scale", "vae", "free_bits", "bn", "ae"])
+    quick.add_argument("--compare_vae", action="store_true", help="also train a plain VAE and print it beside")
+    quick.add_argument("--max_steps", type=int, default=400)
+    quick.add_argument("--batch_size", type=int, default=32)
+    quick.add_argument("--num_importance_samples", type=int, default=50)
+    quick.add_argument("--eval_sentences", type=int, default=200)
+    quick.add_argument("--seed", type=int, default=0)
+
+    commands.add_parser("train", help=TRAIN_HELP.splitlines()[0] + " (see `scalevae train --help`)")
+
+    ev = commands.add_parser("evaluate", help="IW-NLL, PPL, KL, MI, AU, BLEU of a saved model on a text file")
+    ev.add_argument("model")
+    ev.add_argument("--data", required=True, help="one sentence per line")
+    ev.add_argument("--num_samples", type=int, default=500, help="importance samples per sentence")
+    ev.add_argument("--max_sentences", type=int, default=None)
+    ev.add_argument("--max_length", type=int, default=64)
+    ev.add_argument("--batch_size", type=int, default=16)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output", default=None, help="JSON file (default: MODEL/eval_results.json)")
+
+    gen = commands.add_parser("generate", help="sample, reconstruct, interpolate or do latent arithmetic")
+    gen.add_argument("model")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sample", type=int, metavar="N")
+    what.add_argument("--reconstruct", nargs="+", metavar="TEXT")
+    what.add_argument("--interpolate", nargs=2, metavar=("A", "B"))
+    what.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), help="decode z_C + z_B - z_A")
+    gen.add_argument("--steps", type=int, default=5)
+    gen.add_argument("--max_new_tokens", type=int, default=40)
+    gen.add_argument("--num_beams", type=int, default=1)
+    gen.add_argument("--do_sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top_p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    if args.command == "quickstart":
+        from .quickstart import run
+
+        run(output_dir=args.output_dir, collapse_strategy=args.collapse_strategy, compare_vae=args.compare_vae,
+            max_steps=args.max_steps, batch_size=args.batch_size, num_importance_samples=args.num_importance_samples,
+            eval_sentences=args.eval_sentences, seed=args.seed)
+    elif args.command == "evaluate":
+        evaluate(args)
+    else:
+        generate(args)
+
+
+if __name__ == "__main__":
+    main()
