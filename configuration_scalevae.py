@@ -14,6 +14,15 @@ LATENT_INJECTIONS = ("memory", "embedding", "both")
 COLLAPSE_STRATEGIES = ("scale", "vae", "free_bits", "bn", "ae")
 SCALE_SCHEDULES = ("running", "epoch")
 
+# The fields every format-1 config.json holds (`save_pretrained` writes them all). A saved config missing one was
+# truncated or hand-edited: loading it refuses rather than silently using a default. Fields added later, within
+# format 1, must not be listed here, so that older folders keep loading with the new field's default.
+FORMAT_1_FIELDS = (
+    "encoder", "decoder", "latent_size", "latent_injection", "collapse_strategy", "kl_weight", "scale_target_std",
+    "scale_momentum", "scale_min_std", "scale_schedule", "scale_freeze_steps", "scale_freeze_epochs", "free_bits",
+    "bn_gamma", "scalevae_format_version",
+)
+
 # The names public Scale-VAE reimplementations use, accepted as aliases.
 _PAPER_ALIASES = {"des_std": "scale_target_std", "f_epo": "scale_freeze_epochs"}
 
@@ -61,6 +70,9 @@ class ScaleVAEConfig(PreTrainedConfig):
         bn_gamma (`float`, defaults to 0.5):
             BN-VAE's fixed γ: μ is batch-normalised with scale γ, which bounds the expected KL below by
             latent_size · γ² / 2.
+        scalevae_version (`str`, *optional*):
+            The version of the scalevae package that saved this config (`scalevae.hub.save_model` records it); error
+            messages about a folder quote it next to the installed version.
     """
 
     model_type = "scalevae"
@@ -84,6 +96,7 @@ class ScaleVAEConfig(PreTrainedConfig):
     free_bits: float = 0.5
     bn_gamma: float = 0.5
     scalevae_format_version: int = SCALEVAE_FORMAT_VERSION
+    scalevae_version: str | None = None
 
     def __post_init__(self, **kwargs):
         for alias, field in _PAPER_ALIASES.items():
@@ -91,6 +104,27 @@ class ScaleVAEConfig(PreTrainedConfig):
                 setattr(self, field, kwargs.pop(alias))
         super().__post_init__(**kwargs)
         self.validate_scalevae()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, which every `from_pretrained` goes through. A saved config (one that names its
+        `model_type`) must hold every format-1 field; any error names the folder's and the installed versions."""
+        versions = (
+            f"the folder was saved by scalevae {config_dict.get('scalevae_version') or 'unknown'} "
+            f"(format {config_dict.get('scalevae_format_version', 'unknown')}); installed: scalevae "
+            f"{_installed_scalevae_version()} (format {SCALEVAE_FORMAT_VERSION})"
+        )
+        if config_dict.get("model_type") == cls.model_type:
+            missing = [field for field in FORMAT_1_FIELDS if field not in config_dict]
+            if missing:
+                raise ValueError(
+                    f"config.json lacks the required field(s) {', '.join(missing)}; {versions}. The file was truncated "
+                    "or edited: re-save the model rather than let a default stand in for a saved value."
+                )
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except ValueError as error:
+            raise ValueError(f"{error} ({versions})") from error
 
     def validate_scalevae(self):
         """Raise a `ValueError` naming the field and its allowed values for every setting this code cannot honour."""
@@ -142,4 +176,18 @@ class ScaleVAEConfig(PreTrainedConfig):
         return self.scale_freeze_epochs
 
 
+def _installed_scalevae_version() -> str:
+    """The installed scalevae package's version (this file also runs without it, as a folder's remote code)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scalevae")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 __all__ = ["ScaleVAEConfig"]
+
+# Every save (save_pretrained, Trainer checkpoints, push_to_hub) copies this file and records it in config.json's
+# auto_map, so `AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without the scalevae package.
+ScaleVAEConfig.register_for_auto_class()

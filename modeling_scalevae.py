@@ -2,7 +2,7 @@
 
 Reading order: outputs -> latent head -> collapse strategies (Scale-VAE is `ScaleStrategy`) -> latent injection ->
 `ScaleVAEForLatentLM`. This file travels inside every saved model folder (``trust_remote_code=True``): it imports only
-torch, transformers and its sibling configuration file.
+torch, transformers (and safetensors, which transformers requires) and its sibling configuration file.
 """
 
 import math
@@ -342,6 +342,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         self.latent_head = LatentHead(config.encoder.hidden_size, config.latent_size)
         self.collapse = COLLAPSE_STRATEGY_CLASSES[config.collapse_strategy](config)
         self.injection = LatentInjection(config)
+        if config.decoder.tie_word_embeddings:
+            # Saved once as the embedding; naming it lets Trainer re-tie it instead of warning on resume.
+            self._keys_to_ignore_on_save = ["decoder.lm_head.weight"]
         self.set_attn_implementation(config._attn_implementation)
         self.post_init()
         self.generation_config = GenerationConfig(
@@ -349,6 +352,44 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             eos_token_id=config.decoder.eos_token_id,
             pad_token_id=config.decoder.pad_token_id,
         )
+
+    # -- loading ------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict: a ScaleVAE folder loads only into the config it was saved with.
+
+        A tensor the config expects but the weights file lacks, one the file holds but the config does not use, or one
+        of another shape raises a `ValueError` naming the config values on both sides, never a silently initialised
+        layer (`ignore_mismatched_sizes=True` still allows, on request, shape changes such as a new vocabulary). A
+        truncated or corrupted safetensors file raises an `OSError` naming it. `output_loading_info=True` works as
+        usual.
+        """
+        from safetensors import SafetensorError
+
+        return_loading_info = kwargs.pop("output_loading_info", False)
+        allow_resize = kwargs.pop("ignore_mismatched_sizes", False)
+        try:  # collect the mismatches instead of transformers' generic error, then explain them below
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"{_describe_weights_files(pretrained_model_name_or_path, kwargs.get('subfolder') or '')} is "
+                f"truncated or corrupted ({error}); re-download or re-save the model."
+            ) from error
+        problems = _weights_config_mismatches(model, info, allow_resize)
+        if problems:
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} do not match its config:\n - " + "\n - ".join(problems)
+                + "\nA ScaleVAE folder loads only into the config it was saved with: drop the config overrides, or "
+                "fix config.json to the values the weights were trained with."
+            )
+        return (model, info) if return_loading_info else model
 
     # -- construction from pretrained parts ------------------------------------------------------------------------
 
@@ -565,6 +606,97 @@ def _token_nll(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
     return nll.view(labels.shape)
 
 
+def _describe_weights_files(path, subfolder: str = "") -> str:
+    """The safetensors file that fails to parse, for an error message (a local folder; a Hub id is named as such)."""
+    import os
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = os.path.join(str(path), subfolder)
+    if not os.path.isdir(folder):
+        return f"The safetensors weights of {path} (in the Hub cache)"
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    for file in files:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return file
+    return ", ".join(files) or folder
+
+
+# Tensors whose shape reveals a config value: key -> ((config field, dimension of the saved shape, divisor), ...).
+_SHAPE_WITNESSES = {
+    "latent_head.proj.weight": (("latent_size", 0, 2), ("encoder.hidden_size", 1, 1)),
+    "encoder.embeddings.word_embeddings.weight": (("encoder.vocab_size", 0, 1), ("encoder.hidden_size", 1, 1)),
+    "encoder.embeddings.position_embeddings.weight": (("encoder.max_position_embeddings", 0, 1),),
+    "decoder.transformer.wte.weight": (("decoder.vocab_size", 0, 1), ("decoder.n_embd", 1, 1)),
+    "decoder.transformer.wpe.weight": (("decoder.n_positions", 0, 1),),
+}
+
+
+def _weights_config_mismatches(model: "ScaleVAEForLatentLM", info: dict, allow_resize: bool = False) -> list[str]:
+    """Every disagreement between a loaded weights file and the model's config, in words naming both values."""
+    config = model.config
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    problems = []
+
+    def in_file(key: str, present_in_model: bool) -> bool:
+        return key in unexpected or (present_in_model and key not in missing)
+
+    has_memory = in_file("injection.to_memory.weight", model.injection.to_memory is not None)
+    has_embedding = in_file("injection.to_embedding.weight", model.injection.to_embedding is not None)
+    saved_injection = {(True, True): "both", (True, False): "memory", (False, True): "embedding"}.get(
+        (has_memory, has_embedding), "none of memory/embedding/both"
+    )
+    has_scale = in_file("collapse.scale_factors", hasattr(model.collapse, "scale_factors"))
+    has_bn = in_file("collapse.beta", hasattr(model.collapse, "beta"))
+    saved_strategy = "'scale'" if has_scale else "'bn'" if has_bn else "'vae', 'free_bits' or 'ae'"
+    groups = {}  # (field, config value, saved value, missing?) -> keys
+    for key in sorted(missing | unexpected):
+        if key.startswith("injection."):
+            group = ("latent_injection", repr(config.latent_injection), repr(saved_injection))
+        elif key.startswith("collapse."):
+            group = ("collapse_strategy", repr(config.collapse_strategy), saved_strategy)
+        else:
+            group = (None, None, None)
+        groups.setdefault((*group, key in missing), []).append(key)
+    for (field, value, saved, is_missing), keys in groups.items():
+        names = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
+        if field is None:
+            problems.append(f"the config builds {names}, which the weights file lacks" if is_missing
+                            else f"the weights file holds {names}, which the config does not build")
+        elif is_missing:
+            problems.append(
+                f"{field}={value} expects {names}, which the weights file lacks (was it saved with {field}={saved}?)"
+            )
+        else:
+            problems.append(
+                f"the weights file holds {names}, which {field}={value} does not use (was it saved with {field}={saved}?)"
+            )
+    if allow_resize:
+        return problems
+    explained = set()
+    for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
+        for field, dim, divisor in _SHAPE_WITNESSES.get(key, ()):
+            owner = config
+            for part in field.split(".")[:-1]:
+                owner = getattr(owner, part)
+            value, saved = getattr(owner, field.split(".")[-1]), saved_shape[dim] // divisor
+            if value != saved and field not in explained:
+                explained.add(field)
+                problems.append(
+                    f"{field}={value} in the config, but the weights file was saved with {field}={saved} ({key} has "
+                    f"shape {tuple(saved_shape)}, the config needs {tuple(model_shape)})"
+                )
+    if not explained:  # no witness named the field: list the shapes themselves
+        for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
+            problems.append(
+                f"{key} has shape {tuple(saved_shape)} in the weights file, the config needs {tuple(model_shape)}"
+            )
+    return problems
+
+
 def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int) -> None:
     if latents.dim() != 2 or latents.shape[1] != latent_size or latents.shape[0] != batch_size:
         raise ValueError(
@@ -575,3 +707,7 @@ def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int) -> 
 
 
 __all__ = ["ScaleVAEForLatentLM", "ScaleVAEPreTrainedModel", "ScaleVAEOutput", "ScaleVAEEncoderOutput"]
+
+# Every save (save_pretrained, Trainer checkpoints, push_to_hub) copies this file and its configuration file and records
+# them in config.json's auto_map, so `AutoModel.from_pretrained(folder, trust_remote_code=True)` works without scalevae.
+ScaleVAEForLatentLM.register_for_auto_class("AutoModel")

@@ -8,6 +8,18 @@ import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithCardTemplate(build_py):
+    """Ship the root model_card.md (the one copy of the card template) inside the package as templates/model_card.md."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "scalevae" / "templates"
+        target.mkdir(parents=True, exist_ok=True)
+        self.copy_file("model_card.md", str(target / "model_card.md"))
+
 
 version = re.search(r'__version__ = "([^"]+)"', Path("scalevae/__init__.py").read_text()).group(1)
 
@@ -21,7 +33,8 @@ setup(
     python_requires=">=3.10",
     py_modules=["configuration_scalevae", "modeling_scalevae"],
     packages=find_packages(include=["scalevae", "scalevae.*"]),
-    package_data={"scalevae": ["corpus/*.txt", "corpus/*.md", "templates/*.md"]},
+    package_data={"scalevae": ["corpus/*.txt", "corpus/*.md"]},
+    cmdclass={"build_py": BuildPyWithCardTemplate},
     install_requires=[
         "torch==2.13.0",
         # The decoder cache API moves within 5.x (`cache=` replaced `past_key_values=`); this is the range we test.

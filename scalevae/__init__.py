@@ -7,6 +7,7 @@ The model lives in the two top-level modules that every saved folder carries (`c
 from configuration_scalevae import ScaleVAEConfig
 from modeling_scalevae import ScaleVAEEncoderOutput, ScaleVAEForLatentLM, ScaleVAEOutput
 
+from . import hub  # noqa: F401  (registers the classes with AutoConfig / AutoModel)
 from .text import LatentText, build_model, load_pretrained, load_tokenizers, save_tokenizers
 
 __version__ = "0.1.0"

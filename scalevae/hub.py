@@ -1,0 +1,551 @@
+"""Hub-ready folders: save a model with everything it needs (code, weights, both tokenizers, generation config, model
+card), atomically; write its model card; push it to the Hugging Face Hub in one commit.
+
+A saved folder loads without this package:
+
+    AutoModel.from_pretrained(folder, trust_remote_code=True)
+
+because the two model files register themselves for the auto classes (`register_for_auto_class`), so every
+`save_pretrained` (this module's, `Trainer`'s, `push_to_hub`'s) copies `configuration_scalevae.py` and
+`modeling_scalevae.py` into the folder and records them in config.json's `auto_map`. Importing this module also
+registers the classes with `AutoConfig`/`AutoModel` in-process, so the package's own users need no remote code.
+"""
+
+import json
+import math
+import os
+import shutil
+import string
+import tempfile
+import uuid
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel
+
+from configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
+from modeling_scalevae import ScaleVAEForLatentLM
+
+from .text import DECODER_TOKENIZER_SUBFOLDER, save_tokenizers
+
+AutoConfig.register(ScaleVAEConfig.model_type, ScaleVAEConfig, exist_ok=True)
+AutoModel.register(ScaleVAEConfig, ScaleVAEForLatentLM, exist_ok=True)
+
+CARD_TEMPLATE_NAME = "model_card.md"
+CARD_TAGS = ["scalevae", "vae", "text-generation"]
+DEFAULT_LICENSE = "apache-2.0"
+
+# What every saved folder holds besides its weights (model.safetensors, or shards and their index).
+REQUIRED_FILES = (
+    "config.json",
+    "configuration_scalevae.py",
+    "modeling_scalevae.py",
+    "generation_config.json",
+    "README.md",
+    "tokenizer_config.json",
+    f"{DECODER_TOKENIZER_SUBFOLDER}/tokenizer_config.json",
+)
+
+# The evaluation table's rows (the names of `scalevae.metrics.evaluate_model` and of the CLI): key in `metrics`, name,
+# what it measures. Keys are matched case-insensitively, with an optional "eval_" prefix (Trainer's), and through the
+# aliases below. Every row is in the table; one without a measured value reads "not evaluated".
+METRICS = (
+    ("nll", "NLL", "−log p(x) per sentence, nats: importance-weighted estimate, latent integrated out (lower is better)"),
+    ("ppl", "PPL", "exp(total NLL / counted tokens), tokens including EOS (lower is better)"),
+    ("kl", "KL", "the paper's KL: KL(N(μ, σ²) ‖ N(0, I)) of the encoder's posterior, nats per sentence"),
+    ("mi", "MI", "mutual information I(x; z) under the encoder's posterior, nats"),
+    ("au", "AU", "active units: dimensions of μ whose variance across sentences exceeds 0.01 (Burda et al. 2016)"),
+    ("bleu", "Reconstruction BLEU", "corpus BLEU (sacreBLEU, 0-100) of each sentence's greedy decoding from its latent"),
+)
+# Further figures of `evaluate_model`: listed under the table's six rows when measured, with these descriptions.
+EXTRA_METRICS = {
+    "elbo": "single-sample evidence lower bound, nats per sentence (higher is better)",
+    "reconstruction_nll": "−log p(x|z) at z = the decoder's posterior mean, nats per sentence",
+    "decoder_kl": "the bound's KL: KL(N(f ⊙ μ, σ²) ‖ N(0, diag f²)), nats per sentence",
+    "mi_decoder": "mutual information of the decoder's (scaled) posterior, nats",
+    "au_decoder": "active units of the decoder's latent f ⊙ μ (high by construction for Scale-VAE)",
+    "token_accuracy": "fraction of tokens whose teacher-forced prediction from the posterior mean is right",
+    "shuffle_gap": "rise of the reconstruction NLL when each sentence is decoded from another's latent, nats",
+}
+# Entries of `metrics` that describe the evaluation rather than measure the model.
+EVALUATION_SETTINGS = ("dataset", "split", "num_sentences", "num_tokens", "num_importance_samples")
+_METRIC_ALIASES = {
+    "perplexity": "ppl",
+    "mutual_information": "mi",
+    "active_units": "au",
+    "reconstruction_bleu": "bleu",
+    "recon_bleu": "bleu",
+}
+
+NOT_SET = "(not set)"  # the "default" of a setting that ScaleVAEConfig() does not have
+
+# Bookkeeping entries of config.to_dict() that are not hyperparameters.
+_NOT_HYPERPARAMETERS = {
+    "_name_or_path",
+    "architectures",
+    "auto_map",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "scalevae_version",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_commit_hash",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def card_template_path() -> Path:
+    """The card template: `model_card.md` at the root of a source checkout (the file to edit), else the copy that the
+    installed package ships in `scalevae/templates/` (setup.py's build step copies the root file there)."""
+    package = Path(__file__).resolve().parent
+    root = package.parent
+    candidates = []
+    if (root / "setup.py").exists():  # a source checkout or an editable install, not site-packages
+        candidates.append(root / CARD_TEMPLATE_NAME)
+    candidates.append(package / "templates" / CARD_TEMPLATE_NAME)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"The model card template {CARD_TEMPLATE_NAME} is missing (looked in {', '.join(map(str, candidates))}); "
+        "reinstall scalevae."
+    )
+
+
+def _cell(text) -> str:
+    """Text for a Markdown table cell: a bare | would end the cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _number(value) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.3g}"
+
+
+def _split_metrics(metrics: dict | None) -> tuple[dict, dict, dict]:
+    """(the six table metrics, other numeric figures, evaluation settings such as dataset and split). NaN means "not
+    computed" (`evaluate_model` returns it, e.g. NLL without importance sampling): such a figure is left out."""
+    known, other, settings = {}, {}, {}
+    table = {key for key, _, _ in METRICS}
+    for key, value in (metrics or {}).items():
+        name = key.lower()
+        name = name[len("eval_") :] if name.startswith("eval_") else name
+        name = _METRIC_ALIASES.get(name, name)
+        if name in EVALUATION_SETTINGS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            settings[name if name in EVALUATION_SETTINGS else key] = value
+        elif math.isnan(value):
+            continue
+        elif math.isinf(value):
+            raise ValueError(f"metrics[{key!r}]={value!r} is infinite: a card reports finite, measured figures.")
+        elif name in table:
+            known[name] = value
+        else:
+            other[name if name in EXTRA_METRICS else key] = value
+    return known, other, settings
+
+
+def _flat_config(config) -> dict:
+    flat = {}
+    for key, value in config.to_dict().items():
+        if key in _NOT_HYPERPARAMETERS:
+            continue
+        if key in ("encoder", "decoder") and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                if sub_key not in _NOT_HYPERPARAMETERS:
+                    flat[f"{key}.{sub_key}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def non_default_hyperparameters(config: ScaleVAEConfig) -> dict[str, tuple]:
+    """Every config value that differs from `ScaleVAEConfig()`'s, as name -> (value, default); the parts' settings
+    are named `encoder.*` / `decoder.*` (their defaults: `BertConfig()` and `GPT2Config()`). A setting the default
+    config does not have at all gets the default `NOT_SET`."""
+    values, defaults = _flat_config(config), _flat_config(ScaleVAEConfig())
+    return {
+        key: (value, defaults.get(key, NOT_SET))
+        for key, value in sorted(values.items())
+        if defaults.get(key, NOT_SET) != value
+    }
+
+
+def _yaml_metadata(model_name: str, known: dict, other: dict, settings: dict, training: dict) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset = settings.get("dataset") or training.get("dataset")
+    eval_results = None
+    measured = [*known.items(), *((key, value) for key, value in other.items() if key in EXTRA_METRICS)]
+    if measured:  # model-index only for evaluation figures that were measured
+        split = settings.get("split")
+        eval_dataset = str(dataset or "unspecified")
+        names = {key: name for key, name, _ in METRICS}
+        eval_results = [
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=eval_dataset,
+                dataset_name=eval_dataset,
+                dataset_split=str(split) if split else None,
+                metric_type=key if key in names else key.lower(),
+                metric_name=names.get(key, key),
+                metric_value=value,
+            )
+            for key, value in measured
+        ]
+    data = ModelCardData(
+        license=training.get("license", DEFAULT_LICENSE),
+        library_name="transformers",
+        tags=list(CARD_TAGS),
+        datasets=[str(training["dataset"])] if training.get("dataset") else None,
+        base_model=training.get("base_model"),
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    return data.to_yaml()
+
+
+def _installed_version() -> str:
+    import scalevae
+
+    return scalevae.__version__
+
+
+def _architecture(model: ScaleVAEForLatentLM, base_model: str | None = None) -> str:
+    config = model.config
+    enc, dec = config.encoder, config.decoder
+    encoder_source = base_model or getattr(enc, "_name_or_path", "") or ""
+    if os.path.isabs(encoder_source) or os.path.exists(encoder_source):
+        encoder_source = ""  # a path on the machine that trained it: meaningless to readers (and private)
+    encoder_source = f" from `{encoder_source}`" if encoder_source else ""
+    params = sum(p.numel() for p in model.parameters())
+    return "\n".join(
+        [
+            "| part | setting |",
+            "| --- | --- |",
+            f"| encoder | {enc.model_type}{encoder_source}: {_plural(enc.num_hidden_layers, 'layer')}, hidden size {enc.hidden_size}, "
+            f"vocabulary {enc.vocab_size} |",
+            f"| latent | z of size {config.latent_size}, Gaussian posterior from mean-pooled encoder states |",
+            f"| decoder | GPT-2: {_plural(dec.n_layer, 'layer')}, width {dec.n_embd}, {_plural(dec.n_head, 'head')}, {dec.n_positions} positions, "
+            f"vocabulary {dec.vocab_size} |",
+            f"| latent injection | `{config.latent_injection}` |",
+            f"| posterior-collapse remedy | `{config.collapse_strategy}`"
+            + (f", schedule `{config.scale_schedule}`" if config.collapse_strategy == "scale" else "")
+            + " |",
+            f"| parameters | {params:,} |",
+            f"| scalevae format | {config.scalevae_format_version} (saved by scalevae {config.scalevae_version or _installed_version()}) |",
+        ]
+    )
+
+
+def _evaluation(known: dict, other: dict, settings: dict, training: dict) -> str:
+    rows = ["| metric | value | what it measures |", "| --- | --- | --- |"]
+    for key, name, meaning in METRICS:
+        rows.append(f"| {name} | {_number(known[key]) if key in known else 'not evaluated'} | {_cell(meaning)} |")
+    for key, value in other.items():
+        meaning = EXTRA_METRICS.get(key, "as reported by the evaluation")
+        rows.append(f"| {_cell(key)} | {_number(value)} | {_cell(meaning)} |")
+    if not known and not other:
+        lead = (
+            "**This model has not been evaluated**: the table below holds no figures. Evaluate it (see the scalevae "
+            "package's evaluation) and save it again with the measured metrics to fill it in."
+        )
+    else:
+        lead = "Figures measured on this model (never copied from the paper or from another model)."
+    if known or other:
+        described = [f"{key} = {value}" for key, value in settings.items()]
+        if training.get("evaluation"):
+            described.insert(0, str(training["evaluation"]))
+        if described:
+            lead += "\n\nEvaluation settings: " + "; ".join(described) + "."
+    return lead + "\n\n" + "\n".join(rows)
+
+
+# `training` entries with a place of their own in the card; every other entry is listed as a training argument.
+_RECIPE_KEYS = (
+    "dataset", "data", "dataset_description", "steps", "epochs", "command", "license", "model_name", "base_model",
+    "evaluation",
+)
+
+
+def _training_sections(model: ScaleVAEForLatentLM, training: dict) -> tuple[str, str, str]:
+    data = training.get("dataset")
+    description = training.get("data") or training.get("dataset_description")
+    if data or description:
+        parts = [f"`{data}`." if data else "", str(description).rstrip(".") + "." if description else ""]
+        training_data = " ".join(part for part in parts if part)
+    else:
+        training_data = "Not recorded: this folder was saved without a training record."
+    steps = []
+    for key, label in (("steps", "optimizer steps"), ("epochs", "epochs")):
+        if training.get(key) is not None:
+            steps.append(f"{training[key]} {label}")
+    lines = [f"- Length of training: {', '.join(steps) if steps else 'not recorded'}."]
+    arguments = {
+        k: v
+        for k, v in training.items()
+        if k not in _RECIPE_KEYS
+    }
+    if arguments:
+        lines.append("- Training arguments:")
+        lines.extend(f"  - `{key}` = `{value}`" for key, value in sorted(arguments.items()))
+    command = training.get("command")
+    if command:
+        lines.append("- Command that trained it:\n\n  ```bash\n  " + str(command).replace("\n", "\n  ") + "\n  ```")
+    else:
+        lines.append("- Command: not recorded.")
+    hyper = non_default_hyperparameters(model.config)
+    if hyper:
+        table = ["| setting | value | default |", "| --- | --- | --- |"]
+        table += [
+            f"| `{_cell(key)}` | `{_cell(json.dumps(value))}` | "
+            + (NOT_SET if default == NOT_SET else f"`{_cell(json.dumps(default))}`")
+            + " |"
+            for key, (value, default) in hyper.items()
+        ]
+        hyperparameters = "\n".join(table)
+    else:
+        hyperparameters = "None: every setting is `ScaleVAEConfig()`'s default."
+    return training_data, "\n".join(lines), hyperparameters
+
+
+def render_model_card(
+    model: ScaleVAEForLatentLM,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    model_name: str | None = None,
+) -> str:
+    """The model card (README.md) text for `model`.
+
+    `metrics`: figures measured on this very model: `nll`, `ppl`, `kl`, `mi`, `au`, `bleu` (see `METRICS`; an `eval_`
+    prefix is accepted), other numeric figures (listed as reported), and string settings such as `dataset` and
+    `split`. Without them every figure reads "not evaluated", and the card's metadata carries no model-index.
+    `training`: the recipe: `dataset` (a Hub id, also listed in the metadata), `data` (a description of the training
+    data), `steps`, `epochs`, `command`, `evaluation` (how the metrics were measured), `license`, `base_model` (the
+    pretrained encoder's Hub id), `model_name`, and any training argument (learning rate, batch size, ...). The
+    non-default model hyperparameters come from `model.config`.
+    """
+    training = dict(training or {})
+    known, other, settings = _split_metrics(metrics)
+    model_name = model_name or training.get("model_name") or "scalevae-model"
+    config = model.config
+    if config.collapse_strategy == "scale":
+        strategy_note = "This model uses Scale-VAE (`collapse_strategy=\"scale\"`)."
+    else:
+        strategy_note = (
+            f"**This model is a baseline, not Scale-VAE**: it was trained with `collapse_strategy="
+            f"\"{config.collapse_strategy}\"`. The Scale-VAE sections below describe the package's default remedy."
+        )
+    training_data, recipe, hyperparameters = _training_sections(model, training)
+    template = string.Template(card_template_path().read_text(encoding="utf-8"))
+    return template.substitute(
+        metadata=_yaml_metadata(model_name, known, other, settings, training).strip(),
+        model_name=model_name,
+        strategy_note=strategy_note,
+        architecture=_architecture(model, training.get("base_model")),
+        training_data=training_data,
+        training_recipe=recipe,
+        hyperparameters=hyperparameters,
+        evaluation=_evaluation(known, other, settings, training),
+        license=training.get("license", DEFAULT_LICENSE),
+        format_version=SCALEVAE_FORMAT_VERSION,
+    )
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    model: ScaleVAEForLatentLM,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    model_name: str | None = None,
+) -> Path:
+    """Write `folder/README.md` (see `render_model_card`); the model name defaults to the folder's name."""
+    path = Path(folder) / "README.md"
+    path.write_text(render_model_card(model, metrics, training, model_name or Path(folder).resolve().name), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def missing_files(folder: str | os.PathLike) -> list[str]:
+    """The files a complete saved folder holds that `folder` lacks (empty: complete)."""
+    folder = Path(folder)
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        missing.append("model.safetensors")
+    return missing
+
+
+def _is_model_folder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == ScaleVAEConfig.model_type
+    except (OSError, ValueError):
+        return False
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Replace `folder` by `new`: rename the old one aside, rename the new one in, then delete the old one. Each rename
+    is atomic, so `folder` is at every moment either the complete old folder, the complete new one, or (between the
+    two renames, if the process dies there) absent with the old one intact beside it, which the next save restores."""
+    if not folder.exists():
+        os.rename(new, folder)
+        return
+    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(folder, old)
+    try:
+        os.rename(new, folder)
+    except BaseException:
+        os.rename(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_interrupted_swap(folder: Path) -> None:
+    """If a save died between its two renames, `folder` is missing and the old folder sits aside: put it back."""
+    if folder.exists():
+        return
+    leftovers = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if leftovers and _is_model_folder(leftovers[-1]):
+        os.rename(leftovers[-1], folder)
+
+
+def save_model(
+    folder: str | os.PathLike,
+    model: ScaleVAEForLatentLM,
+    encoder_tokenizer,
+    decoder_tokenizer,
+    metrics: dict | None = None,
+    training: dict | None = None,
+) -> Path:
+    """Save a complete, Hub-ready folder, atomically: config.json (with `auto_map` and the scalevae version), the two
+    model code files, model.safetensors (scale factors included), generation_config.json, the encoder's tokenizer at
+    the root and the decoder's in `decoder_tokenizer/`, and the README.md model card (`render_model_card`).
+
+    Everything is written into a temporary sibling folder that then replaces `folder` whole (`_swap_in`): an error or
+    an interruption leaves the previous folder as it was. An existing `folder` that is not a saved ScaleVAE model (and
+    not empty) is refused rather than replaced.
+    """
+    folder = Path(folder).absolute()
+    _recover_interrupted_swap(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} exists and is not a folder.")
+        if any(folder.iterdir()) and not _is_model_folder(folder):
+            raise FileExistsError(
+                f"{folder} holds files but no ScaleVAE config.json: save_model replaces the whole folder, so it refuses "
+                "to overwrite it. Choose an empty or new folder."
+            )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model.config.scalevae_version = _installed_version()
+    new = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    new.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would end up on the saved folder
+    try:
+        model.save_pretrained(new)
+        save_tokenizers(new, encoder_tokenizer, decoder_tokenizer)
+        write_model_card(new, model, metrics, training, model_name=(training or {}).get("model_name") or folder.name)
+        missing = missing_files(new)
+        if missing:
+            raise RuntimeError(f"save_model wrote an incomplete folder (missing {', '.join(missing)}); nothing replaced.")
+        _swap_in(new, folder)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pushing to the Hub
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def folder_files(folder: str | os.PathLike) -> list[str]:
+    """The files of a saved folder, as repository paths (POSIX, relative), sorted."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def push_to_hub(
+    folder_or_model,
+    repo_id: str,
+    *,
+    encoder_tokenizer=None,
+    decoder_tokenizer=None,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    commit_message: str = "Upload ScaleVAE model",
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    delete_stale: bool = True,
+):
+    """Upload a saved folder (or a model, saved first with its two tokenizers) to the Hub repository `repo_id`, in a
+    single commit: the repository changes from its old model to the new one at once, never half of each.
+
+    With `delete_stale`, files of the repository that the folder does not have (say, the shards of an earlier, larger
+    save) are deleted in the same commit; `.gitattributes` is kept. Returns huggingface_hub's `CommitInfo`.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if isinstance(folder_or_model, (str, os.PathLike)):
+            folder = Path(folder_or_model)
+            missing = missing_files(folder)
+            if missing:
+                raise FileNotFoundError(
+                    f"{folder} is not a complete saved ScaleVAE folder (missing {', '.join(missing)}); save it with "
+                    "scalevae.hub.save_model first."
+                )
+        else:
+            if encoder_tokenizer is None or decoder_tokenizer is None:
+                raise TypeError("push_to_hub(model, ...) needs encoder_tokenizer= and decoder_tokenizer=.")
+            folder = save_model(
+                Path(scratch) / repo_id.split("/")[-1], folder_or_model, encoder_tokenizer, decoder_tokenizer,
+                metrics=metrics, training=training,
+            )
+        files = folder_files(folder)
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+        if delete_stale:
+            try:
+                remote = api.list_repo_files(repo_id, revision=None if create_pr else revision, repo_type="model")
+            except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+                remote = []
+            keep = set(files) | {".gitattributes"}
+            operations = [CommitOperationDelete(path_in_repo=name) for name in remote if name not in keep] + operations
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )
+
+
+__all__ = [
+    "card_template_path",
+    "folder_files",
+    "missing_files",
+    "non_default_hyperparameters",
+    "push_to_hub",
+    "render_model_card",
+    "save_model",
+    "write_model_card",
+]
