@@ -37,7 +37,8 @@ def main():
         train_sentences=args.train_sentences, max_steps=args.max_steps, eval_sentences=args.eval_sentences,
         num_importance_samples=args.num_importance_samples, logging_steps=50,
     )
-    scale, vae = results["scale"]["metrics"], results["vae"]["metrics"]
+    scale = {**results["scale"]["metrics"], **results["scale"]["timing"]}
+    vae = {**results["vae"]["metrics"], **results["vae"]["timing"]}
     checks = {
         "more active units on the decoder's latent": scale["au_decoder"] > vae["au_decoder"],
         "better reconstruction (token accuracy from the mean)": scale["token_accuracy"] > vae["token_accuracy"],

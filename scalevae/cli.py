@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     quick.add_argument("--compare_vae", action="store_true", help="also train a plain VAE and print it beside")
     quick.add_argument("--max_steps", type=int, default=400)
     quick.add_argument("--batch_size", type=int, default=32)
-    quick.add_argument("--num_importance_samples", type=int, default=50)
+    quick.add_argument("--num_importance_samples", type=int, default=20)
     quick.add_argument("--eval_sentences", type=int, default=200)
     quick.add_argument("--seed", type=int, default=0)
 

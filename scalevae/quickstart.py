@@ -83,8 +83,9 @@ def train_and_evaluate(
     metrics = evaluate_model(model, loader, num_importance_samples=num_importance_samples,
                              generator=torch.Generator().manual_seed(seed))
     metrics["bleu"] = reconstruction_bleu_of(model, raw["test"]["text"], encoder_tokenizer, decoder_tokenizer, max_length)
-    metrics["train_seconds"] = train_seconds
-    metrics["seconds_per_step"] = train_seconds / max_steps
+    metrics.update(dataset=data_files["test"] if data_files else "embedded default corpus", split="test",
+                   num_importance_samples=num_importance_samples)
+    timing = dict(train_seconds=train_seconds, seconds_per_step=train_seconds / max_steps)
 
     folder = output_dir / "model"
     command = f"scalevae quickstart --collapse_strategy {collapse_strategy} --max_steps {max_steps} --seed {seed}"
@@ -94,14 +95,21 @@ def train_and_evaluate(
         steps=max_steps, batch_size=batch_size, max_length=max_length, learning_rate=learning_rate, seed=seed,
         truncated=truncation["train"], command=command,
         evaluation=f"{len(test)} test sentences, {num_importance_samples} importance samples",
+        training_time=f"{train_seconds:.0f} s ({timing['seconds_per_step']:.2f} s/step) on {describe_device()}",
     )
     save_model(folder, model, encoder_tokenizer, decoder_tokenizer, metrics=metrics, training=training)
 
     with torch.no_grad():
         latents = torch.cat([model.encode(b["input_ids"], b["attention_mask"]).decoder_mu for b in loader])
-    return dict(model=model, tokenizers=(encoder_tokenizer, decoder_tokenizer), metrics=metrics,
+    return dict(model=model, tokenizers=(encoder_tokenizer, decoder_tokenizer), metrics=metrics, timing=timing,
                 test_texts=raw["test"]["text"],
                 history=trainer.state.log_history, latents=latents, folder=folder)
+
+
+def describe_device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -138,7 +146,7 @@ def run(
     max_length: int = 32,
     latent_size: int = 32,
     learning_rate: float = 5e-4,
-    num_importance_samples: int = 50,
+    num_importance_samples: int = 20,
     eval_sentences: int = 200,
     seed: int = 0,
     logging_steps: int = 25,
@@ -160,7 +168,7 @@ def run(
     print("\n" + examples)
     curves = plot_training_curves({s: r["history"] for s, r in results.items()}, output / "training_curves.png")
     latent_map = plot_latent_map({s: r["latents"] for s, r in results.items()}, output / "latent_map.png")
-    summary = {s: r["metrics"] for s, r in results.items()}
+    summary = {s: {**r["metrics"], **r["timing"]} for s, r in results.items()}
     (output / "results.json").write_text(json.dumps(summary, indent=2))
     (output / "results.md").write_text(f"```\n{table}\n```\n\n```\n{examples}\n```\n")
     print(f"\nSaved: model folder(s) {', '.join(str(r['folder']) for r in results.values())}; plots {curves}, "
