@@ -18,6 +18,9 @@ and the data's options below. Example:
 class ModelArguments:
     encoder: str | None = field(default=None, metadata={"help": "BERT-style encoder path or Hub id (default: offline MiniLM)."})
     decoder: str | None = field(default=None, metadata={"help": "GPT-2 path or Hub id (default: a new small GPT-2)."})
+    decoder_layers: int = field(default=4, metadata={"help": "size of the new GPT-2 when --decoder is not given"})
+    decoder_width: int = 256
+    decoder_heads: int = 4
     latent_size: int = 32
     latent_injection: str = field(default="both", metadata={"help": "memory | embedding | both"})
     collapse_strategy: str = field(default="scale", metadata={"help": "scale | vae | free_bits | bn | ae"})
@@ -67,6 +70,8 @@ def train(argv: list[str]) -> None:
         scale_target_std=model_args.des_std, scale_schedule=model_args.scale_schedule,
         scale_freeze_epochs=model_args.f_epo, scale_momentum=model_args.scale_momentum,
         free_bits=model_args.free_bits, bn_gamma=model_args.bn_gamma, kl_weight=model_args.kl_max_weight,
+        decoder_config_overrides=dict(n_layer=model_args.decoder_layers, n_embd=model_args.decoder_width,
+                                      n_head=model_args.decoder_heads),
     )
     dataset, _ = tokenize_dataset(raw, encoder_tokenizer, decoder_tokenizer, data_args.max_length)
     total = training_args.max_steps if training_args.max_steps > 0 else None
@@ -112,7 +117,7 @@ def evaluate(args) -> None:
 def generate(args) -> None:
     from .text import LatentText
 
-    text = LatentText.from_pretrained(args.model, )
+    text = LatentText.from_pretrained(args.model)
     decoding = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     if args.do_sample:
         decoding.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)

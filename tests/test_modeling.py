@@ -312,6 +312,10 @@ def test_batch_of_one_everywhere():
     repeated = {k: batch[k].expand(5, -1) for k in ("decoder_input_ids", "labels", "decoder_attention_mask")}
     ll = model.log_likelihood(z, repeated["decoder_input_ids"], repeated["labels"], repeated["decoder_attention_mask"])
     assert ll.shape == (5,) and torch.isfinite(ll).all() and (ll < 0).all()
+    from scalevae.metrics import iw_log_likelihood
+
+    log_px = iw_log_likelihood(model, batch, num_samples=7, chunk_size=3)
+    assert log_px.shape == (1,) and torch.isfinite(log_px).all()
 
 
 def test_gradient_checkpointing_with_memory_is_refused_and_embedding_works():

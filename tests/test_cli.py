@@ -1,0 +1,66 @@
+"""The `scalevae` command on saved folders: evaluate, generate, train."""
+
+import json
+
+import pytest
+import torch
+
+from scalevae import build_model, save_tokenizers
+from scalevae.cli import main
+from scalevae.hub import save_model
+from tests.conftest import TINY_DECODER, shared_file
+
+
+@pytest.fixture(scope="module", params=["save_model", "save_pretrained"])
+def saved_folder(request, tmp_path_factory, tiny_encoder_path):
+    torch.manual_seed(0)
+    model, encoder_tokenizer, decoder_tokenizer = build_model(tiny_encoder_path, latent_size=4,
+                                                              decoder_config_overrides=TINY_DECODER)
+    folder = tmp_path_factory.mktemp(request.param) / "model"
+    if request.param == "save_model":
+        save_model(folder, model, encoder_tokenizer, decoder_tokenizer)
+    else:
+        model.save_pretrained(folder)
+        save_tokenizers(folder, encoder_tokenizer, decoder_tokenizer)
+    return folder
+
+
+def test_evaluate_prints_and_writes_every_metric(saved_folder, tmp_path, capsys):
+    data = shared_file("ptb.test.txt")
+    output = tmp_path / "metrics.json"
+    main(["evaluate", str(saved_folder), "--data", str(data), "--max_sentences", "6", "--num_samples", "3",
+          "--max_length", "16", "--output", str(output)])
+    metrics = json.loads(output.read_text())
+    for key in ("nll", "ppl", "elbo", "kl", "decoder_kl", "mi", "au", "au_decoder", "bleu", "shuffle_gap"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    assert metrics["num_sentences"] == 6
+    printed = capsys.readouterr().out
+    assert "nll" in printed and str(output) in printed
+
+
+@pytest.mark.parametrize("arguments, lines", [
+    (["--sample", "3", "--do_sample", "--top_p", "0.9"], 3),
+    (["--reconstruct", "the cat sat", "a dog ran"], 2),
+    (["--interpolate", "the cat sat", "a dog ran", "--steps", "4"], 4),
+    (["--analogy", "the cat", "the cats", "a dog"], 1),
+    (["--reconstruct", "the cat sat", "--num_beams", "3"], 1),
+])
+def test_generate_modes(saved_folder, capsys, arguments, lines):
+    main(["generate", str(saved_folder), "--max_new_tokens", "5", *arguments])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == lines
+
+
+def test_generate_needs_a_mode(saved_folder):
+    with pytest.raises(SystemExit):
+        main(["generate", str(saved_folder)])
+
+
+def test_train_command_trains_and_saves(tmp_path, tiny_encoder_path):
+    data = shared_file("ptb.valid.txt")
+    main(["train", "--output_dir", str(tmp_path), "--encoder", tiny_encoder_path, "--latent_size", "4",
+          "--train_file", str(data), "--max_length", "16", "--max_steps", "2", "--per_device_train_batch_size", "4",
+          "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--kl_schedule", "linear",
+          "--kl_warmup_steps", "2", "--decoder_layers", "1", "--decoder_width", "32"])
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert "scalevae train" in (tmp_path / "final" / "README.md").read_text()
