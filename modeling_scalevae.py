@@ -483,7 +483,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """log p(x|z) per example: summed over the label tokens that are not -100."""
         logits = self.decode(latents, decoder_input_ids, decoder_attention_mask).logits
-        return -_token_nll(logits, labels).sum(-1)
+        return -token_nll(logits, labels).sum(-1)
 
     # -- forward ------------------------------------------------------------------------------------------------------
 
@@ -533,7 +533,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             output.kl_loss = self.collapse.kl_in_loss(kl_per_example_dim).mean()
             output.decoder_kl = gaussian_kl(posterior.decoder_mu, logvar, posterior.prior_std).sum(-1).mean()
         if labels is not None:
-            output.reconstruction_loss = _token_nll(logits, labels).sum(-1).mean()
+            output.reconstruction_loss = token_nll(logits, labels).sum(-1).mean()
             output.loss = output.reconstruction_loss
             if output.kl_loss is not None:
                 output.loss = output.loss + self.config.kl_weight * output.kl_loss
@@ -598,7 +598,7 @@ def default_decoder_config(vocab_size: int, **overrides) -> "GPT2Config":
     return GPT2Config(**{**defaults, **overrides})
 
 
-def _token_nll(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
     """Per-token negative log-likelihood (batch, length), zero where labels are -100."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels have shape {tuple(labels.shape)} but the decoder produced {tuple(logits.shape[:2])}.")

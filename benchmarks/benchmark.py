@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scalevae import build_model  # noqa: E402
-from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset  # noqa: E402
+from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_texts  # noqa: E402
 from scalevae.metrics import iw_log_likelihood  # noqa: E402
 
 
@@ -69,10 +69,12 @@ def peak_memory_child(strategy: str, args) -> None:
 
 
 def collate(texts, enc, dec, max_length):
-    from datasets import Dataset
-
-    data, _ = tokenize_dataset(Dataset.from_dict({"text": texts}), enc, dec, max_length)
-    return DataCollatorForLatentLM(enc, dec)([data[i] for i in range(len(data))])
+    """What one training batch costs on the data side if done on the fly: tokenising its texts with both tokenizers
+    (the work `tokenize_dataset` does once, cached, for a whole corpus) plus dynamic padding by the collator."""
+    columns = tokenize_texts(texts, enc, dec, max_length)
+    features = [{key: columns[key][i] for key in ("input_ids", "attention_mask", "decoder_input_ids", "labels")}
+                for i in range(len(texts))]
+    return DataCollatorForLatentLM(enc, dec)(features)
 
 
 def main():

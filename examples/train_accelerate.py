@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
 from scalevae.hub import save_model
@@ -64,7 +65,10 @@ def main():
     loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True)
     probe = [collator([dataset["validation"][i] for i in range(s, min(s + 64, 256, len(dataset["validation"])))])
              for s in range(0, min(256, len(dataset["validation"])), 64)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    # The Trainer's defaults (AdamW without weight decay, linear decay after a 5% warm-up), so both paths compare.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, args.max_steps // 20), args.max_steps)
+    # The scheduler stays unprepared: Accelerate's wrapper would step it once per process, per step.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     unwrapped = accelerator.unwrap_model(model)
     schedule = KLSchedule(args.kl_schedule, warmup_steps=args.max_steps // 2, total_steps=args.max_steps)
@@ -77,6 +81,7 @@ def main():
             out = model(**batch)
             accelerator.backward(out.loss)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad()
             step += 1
             progress.update()

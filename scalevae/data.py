@@ -202,6 +202,27 @@ def _encoder_truncated(encoder_tokenizer: Any, texts: list[str], ids: list[list[
     return flags
 
 
+def tokenize_texts(texts: list[str], encoder_tokenizer: Any, decoder_tokenizer: Any, max_length: int) -> dict[str, list]:
+    """One batch of texts as `tokenize_dataset` stores them (see there), with per-text truncation flags in
+    `_encoder_truncated` / `_decoder_truncated`."""
+    bos_id, eos_id = decoder_special_token_ids(decoder_tokenizer)
+    max_decoder_tokens = max_length - 1
+    encoded = encoder_tokenizer(texts, truncation=True, max_length=max_length, return_token_type_ids=False)
+    encoder_cut = _encoder_truncated(encoder_tokenizer, texts, encoded["input_ids"], max_length)
+    raw = decoder_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    decoder_cut = [len(ids) > max_decoder_tokens for ids in raw]
+    raw = [ids[:max_decoder_tokens] for ids in raw]
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "decoder_input_ids": [[bos_id, *ids] for ids in raw],
+        "labels": [[*ids, eos_id] for ids in raw],
+        # Counted after map, so that the numbers survive caching and num_proc.
+        "_encoder_truncated": encoder_cut,
+        "_decoder_truncated": decoder_cut,
+    }
+
+
 def tokenize_dataset(
     dataset: datasets.DatasetDict | datasets.Dataset,
     encoder_tokenizer: Any,
@@ -223,25 +244,9 @@ def tokenize_dataset(
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (BOS/EOS plus one token), got {max_length}")
-    bos_id, eos_id = decoder_special_token_ids(decoder_tokenizer)
-    max_decoder_tokens = max_length - 1
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list]:
-        texts = batch[TEXT_COLUMN]
-        encoded = encoder_tokenizer(texts, truncation=True, max_length=max_length, return_token_type_ids=False)
-        encoder_cut = _encoder_truncated(encoder_tokenizer, texts, encoded["input_ids"], max_length)
-        raw = decoder_tokenizer(texts, add_special_tokens=False)["input_ids"]
-        decoder_cut = [len(ids) > max_decoder_tokens for ids in raw]
-        raw = [ids[:max_decoder_tokens] for ids in raw]
-        return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "decoder_input_ids": [[bos_id, *ids] for ids in raw],
-            "labels": [[*ids, eos_id] for ids in raw],
-            # Counted after map, so that the numbers survive caching and num_proc.
-            "_encoder_truncated": encoder_cut,
-            "_decoder_truncated": decoder_cut,
-        }
+        return tokenize_texts(batch[TEXT_COLUMN], encoder_tokenizer, decoder_tokenizer, max_length)
 
     single = isinstance(dataset, datasets.Dataset)
     dataset_dict = datasets.DatasetDict({"train": dataset}) if single else dataset

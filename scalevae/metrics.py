@@ -21,9 +21,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from modeling_scalevae import gaussian_kl
+from modeling_scalevae import gaussian_kl, token_nll
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -91,12 +90,6 @@ def _require_density(model, what: str) -> None:
             "z = mu only and its posterior variance is never trained, so the model defines no density p(x) to "
             "estimate. Report reconstruction metrics for it instead."
         )
-
-
-def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood (batch, length) in float32, zero where labels are -100."""
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
-    return nll.view(labels.shape)
 
 
 def count_tokens(labels: torch.Tensor) -> int:
@@ -410,7 +403,7 @@ def evaluate_model(
 
             logits = model.decode(decoder_mu, decoder_input_ids, decoder_attention_mask).logits
             counted = labels != -100
-            sums["reconstruction_nll"] += float(_token_nll(logits, labels).double().sum())
+            sums["reconstruction_nll"] += float(token_nll(logits, labels).double().sum())
             sums["correct"] += int(((logits.argmax(-1) == labels) & counted).sum())
             sums["kl"] += float(gaussian_kl(mu.double(), logvar.double()).sum())
             decoder_kl = gaussian_kl(decoder_mu.double(), logvar.double(), posterior.prior_std.double())
@@ -450,7 +443,7 @@ def evaluate_model(
                     decoder_input_ids.to(device),
                     None if decoder_attention_mask is None else decoder_attention_mask.to(device),
                 ).logits
-                shuffled_nll += float(_token_nll(logits, labels.to(device)).double().sum())
+                shuffled_nll += float(token_nll(logits, labels.to(device)).double().sum())
             shuffle_gap = (shuffled_nll - sums["reconstruction_nll"]) / num_sentences
 
     nan = float("nan")

@@ -40,8 +40,11 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> 
     return _save(fig, path)
 
 
-def plot_latent_map(latents: dict[str, torch.Tensor], path: str | Path, colors: torch.Tensor | None = None) -> Path:
-    """The test set's latents projected on their first two principal components, one panel per run."""
+def plot_latent_map(
+    latents: dict[str, torch.Tensor], path: str | Path, colors: torch.Tensor | None = None, color_label: str = ""
+) -> Path:
+    """The test set's latents projected on their first two principal components, one panel per run, coloured by
+    `colors` (e.g. sentence length) when given."""
     fig, axes = plt.subplots(1, len(latents), figsize=(5 * len(latents), 4.5), squeeze=False)
     for ax, (run, z) in zip(axes[0], latents.items()):
         z = z.float().cpu()
@@ -49,7 +52,10 @@ def plot_latent_map(latents: dict[str, torch.Tensor], path: str | Path, colors: 
         _, s, v = torch.linalg.svd(centred, full_matrices=False)
         coords = centred @ v[:2].T
         explained = (s[:2] ** 2 / (s**2).sum()).tolist()
-        ax.scatter(coords[:, 0], coords[:, 1], s=6, alpha=0.6, c=None if colors is None else colors.cpu())
+        points = ax.scatter(coords[:, 0], coords[:, 1], s=6, alpha=0.7, c=None if colors is None else colors.cpu(),
+                            cmap="viridis")
+        if colors is not None:
+            fig.colorbar(points, ax=ax, label=color_label)
         ax.set_title(f"{run}: PCA of test latents")
         ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)")
         ax.set_ylabel(f"PC2 ({explained[1]:.0%})")

@@ -101,8 +101,9 @@ def train_and_evaluate(
 
     with torch.no_grad():
         latents = torch.cat([model.encode(b["input_ids"], b["attention_mask"]).decoder_mu for b in loader])
+    lengths = torch.tensor([len(labels) for labels in test["labels"]], dtype=torch.float)
     return dict(model=model, tokenizers=(encoder_tokenizer, decoder_tokenizer), metrics=metrics, timing=timing,
-                test_texts=raw["test"]["text"],
+                test_texts=raw["test"]["text"], lengths=lengths,
                 history=trainer.state.log_history, latents=latents, folder=folder)
 
 
@@ -170,7 +171,8 @@ def run(
     examples = show_examples(main["model"], main["tokenizers"], main["test_texts"][:4], seed)
     print("\n" + examples)
     curves = plot_training_curves({s: r["history"] for s, r in results.items()}, output / "training_curves.png")
-    latent_map = plot_latent_map({s: r["latents"] for s, r in results.items()}, output / "latent_map.png")
+    latent_map = plot_latent_map({s: r["latents"] for s, r in results.items()}, output / "latent_map.png",
+                                 colors=main["lengths"], color_label="sentence length (tokens)")
     summary = {s: {**r["metrics"], **r["timing"]} for s, r in results.items()}
     (output / "results.json").write_text(json.dumps(summary, indent=2))
     (output / "results.md").write_text(f"```\n{table}\n```\n\n```\n{examples}\n```\n")

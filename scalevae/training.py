@@ -112,7 +112,7 @@ def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str
         n = batch["input_ids"].shape[0]
         mus.append(out.mu)
         logvars.append(out.logvar)
-        decoder_mus.append(model.encode(batch["input_ids"], batch["attention_mask"]).decoder_mu)
+        decoder_mus.append(out.mu * model.prior_std())  # in eval mode the decoder's mean is f ⊙ mu, f the saved one
         rec, kl, decoder_kl = rec + out.reconstruction_loss.item() * n, kl + out.kl.item() * n, decoder_kl + out.decoder_kl.item() * n
         count += n
     model.train(was_training)

@@ -385,3 +385,21 @@ def test_real_minilm_encoder_trains_and_generates(minilm_path):
     outputs = text.reconstruct(["the cat sat on the mat ."], max_new_tokens=5)
     assert len(outputs) == 1 and isinstance(outputs[0], str)
     assert len(text.interpolate("a cat", "a dog", steps=3, max_new_tokens=4)) == 3
+
+
+def test_from_encoder_decoder_pretrained_routes_part_kwargs(tmp_path, tiny_encoder_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2, n_positions=40))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(
+        tiny_encoder_path, str(tmp_path / "gpt2"), encoder_hidden_dropout_prob=0.0, decoder_resid_pdrop=0.0,
+        latent_size=6, collapse_strategy="free_bits", free_bits=0.1,
+    )
+    assert model.config.encoder.hidden_dropout_prob == 0.0 and model.config.decoder.resid_pdrop == 0.0
+    assert (model.config.latent_size, model.config.collapse_strategy, model.config.free_bits) == (6, "free_bits", 0.1)
+    assert torch.equal(model.decoder.transformer.h[0].attn.c_attn.weight, gpt2.transformer.h[0].attn.c_attn.weight)
+    default = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(tiny_encoder_path)
+    assert (default.config.decoder.n_layer, default.config.decoder.n_embd, default.config.decoder.vocab_size) == (
+        4, 256, default.config.encoder.vocab_size)
