@@ -51,7 +51,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    accelerator = Accelerator()
+    # Without a GPU, Accelerate forms a multi-process group (gloo) only when told it runs on the CPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     model, encoder_tokenizer, decoder_tokenizer = build_model(
         args.encoder, args.decoder, latent_size=args.latent_size, collapse_strategy=args.collapse_strategy,
