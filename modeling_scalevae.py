@@ -299,16 +299,12 @@ class ScaleVAEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear) and not any(module is m for m in self.encoder.modules()) and not any(
-            module is m for m in self.decoder.modules()
-        ):
+        """The new layers only (latent head, strategies, injection): transformers hands the modules of the encoder
+        and the decoder, themselves `PreTrainedModel`s, to their own `_init_weights`."""
+        if isinstance(module, nn.Linear):
             module.weight.data.normal_(mean=0.0, std=self.config.decoder.initializer_range)
             if module.bias is not None:
                 module.bias.data.zero_()
-        elif any(module is m for m in self.encoder.modules()):
-            self.encoder._init_weights(module)
-        elif any(module is m for m in self.decoder.modules()):
-            self.decoder._init_weights(module)
 
 
 class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
