@@ -5,14 +5,21 @@ Reading order: outputs -> latent head -> collapse strategies (Scale-VAE is `Scal
 torch, transformers (and safetensors, which transformers requires) and its sibling configuration file.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, DynamicCache, GenerationConfig, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers import (
+    AutoModel,
+    DynamicCache,
+    GenerationConfig,
+    GenerationMixin,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput, logging
 
@@ -585,11 +592,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         return self.decoder.get_output_embeddings()
 
 
-def default_decoder_config(vocab_size: int, **overrides) -> "GPT2Config":
+def default_decoder_config(vocab_size: int, **overrides) -> GPT2Config:
     """The small GPT-2 used when no pretrained decoder is given: 4 layers, 256 wide, 4 heads, 128 positions
     (about 3.2M parameters besides the vocab_size × 256 tied embedding)."""
-    from transformers import GPT2Config
-
     defaults = dict(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=vocab_size)
     return GPT2Config(**{**defaults, **overrides})
 

@@ -21,6 +21,7 @@ import datasets
 import torch
 
 from scalevae.corpus import default_corpus_files
+from scalevae.text import decoder_special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -165,30 +166,6 @@ def load_text_dataset(
 
 
 # ------------------------------------------------------------------------ tokenising
-
-
-def decoder_special_token_ids(decoder_tokenizer: Any) -> tuple[int, int]:
-    """Return the decoder's ``(bos_id, eos_id)``, falling back to CLS/SEP (BERT-style vocabularies).
-
-    Raises:
-        ValueError: the tokenizer has neither a BOS nor a CLS token (or neither EOS nor SEP).
-    """
-    bos_id = decoder_tokenizer.bos_token_id
-    if bos_id is None:
-        bos_id = decoder_tokenizer.cls_token_id
-    if bos_id is None:
-        raise ValueError(
-            "decoder tokenizer has no bos_token (nor cls_token) to start generation with; "
-            "load it with bos_token=... set"
-        )
-    eos_id = decoder_tokenizer.eos_token_id
-    if eos_id is None:
-        eos_id = decoder_tokenizer.sep_token_id
-    if eos_id is None:
-        raise ValueError(
-            "decoder tokenizer has no eos_token (nor sep_token) to end sentences with; load it with eos_token=... set"
-        )
-    return int(bos_id), int(eos_id)
 
 
 def _encoder_truncated(encoder_tokenizer: Any, texts: list[str], ids: list[list[int]], max_length: int) -> list[bool]:

@@ -24,6 +24,8 @@ import torch
 
 from modeling_scalevae import gaussian_kl, token_nll
 
+from .text import LatentText
+
 LOG_2PI = math.log(2 * math.pi)
 
 __all__ = [
@@ -320,20 +322,10 @@ def reconstruction_bleu_of(
     casing and tokenisation artefacts are the same on both sides; it is not truncated. See `reconstruction_bleu`."""
     texts = list(texts)
     references = [decoder_tokenizer.decode(decoder_tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    hypotheses = []
+    text = LatentText(model, encoder_tokenizer, decoder_tokenizer, max_length=max_length)
     with _evaluating(model):
-        device = _model_device(model)
-        for start in range(0, len(texts), batch_size):
-            encoded = encoder_tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            latents = model.encode(encoded["input_ids"], encoded.get("attention_mask")).decoder_mu
-            ids = model.generate(latents=latents, max_new_tokens=max_length, do_sample=False)
-            hypotheses.extend(decoder_tokenizer.batch_decode(ids, skip_special_tokens=True))
+        hypotheses = [out for start in range(0, len(texts), batch_size)
+                      for out in text.reconstruct(texts[start : start + batch_size], do_sample=False)]
     return reconstruction_bleu(references, hypotheses)
 
 

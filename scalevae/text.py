@@ -25,12 +25,34 @@ def decoder_tokenizer_from_encoder(encoder_tokenizer_path: str) -> PreTrainedTok
     BERT-style tokenizers have no BOS/EOS: their [CLS]/[SEP] (RoBERTa: <s>/</s>) take those roles.
     """
     tokenizer = AutoTokenizer.from_pretrained(encoder_tokenizer_path)
-    bos = tokenizer.bos_token or tokenizer.cls_token
-    eos = tokenizer.eos_token or tokenizer.sep_token
-    if bos is None or eos is None:
-        raise ValueError(f"The tokenizer at {encoder_tokenizer_path} has neither BOS/EOS nor CLS/SEP tokens.")
-    tokenizer.add_special_tokens({"bos_token": bos, "eos_token": eos})
+    bos_id, eos_id = decoder_special_token_ids(tokenizer)
+    tokenizer.add_special_tokens({"bos_token": tokenizer.convert_ids_to_tokens(bos_id),
+                                  "eos_token": tokenizer.convert_ids_to_tokens(eos_id)})
     return tokenizer
+
+
+def decoder_special_token_ids(decoder_tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """Return the decoder's ``(bos_id, eos_id)``, falling back to CLS/SEP (BERT-style vocabularies).
+
+    Raises:
+        ValueError: the tokenizer has neither a BOS nor a CLS token (or neither EOS nor SEP).
+    """
+    bos_id = decoder_tokenizer.bos_token_id
+    if bos_id is None:
+        bos_id = decoder_tokenizer.cls_token_id
+    if bos_id is None:
+        raise ValueError(
+            "decoder tokenizer has no bos_token (nor cls_token) to start generation with; "
+            "load it with bos_token=... set"
+        )
+    eos_id = decoder_tokenizer.eos_token_id
+    if eos_id is None:
+        eos_id = decoder_tokenizer.sep_token_id
+    if eos_id is None:
+        raise ValueError(
+            "decoder tokenizer has no eos_token (nor sep_token) to end sentences with; load it with eos_token=... set"
+        )
+    return int(bos_id), int(eos_id)
 
 
 def prepare_decoder_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

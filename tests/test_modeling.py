@@ -2,10 +2,9 @@ import math
 
 import pytest
 import torch
-from transformers import RobertaConfig
 
 from modeling_scalevae import ScaleVAEForLatentLM, gaussian_kl
-from tests.conftest import random_batch, tiny_config, tiny_model
+from tests.conftest import random_batch, tiny_model
 
 INJECTIONS = ["memory", "embedding", "both"]
 STRATEGIES = ["scale", "vae", "free_bits", "bn", "ae"]
