@@ -5,6 +5,10 @@ import os
 # Nothing in the tests may reach the Hub: every model and tokenizer is a local folder. (Set before transformers and
 # huggingface_hub are imported: they read it once.)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Bit-exact comparisons across processes (the fresh-venv test compares logits exactly): MKL's results may otherwise
+# depend on buffer alignment and on how many threads it picks under load. Subprocesses inherit these settings.
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 from pathlib import Path  # noqa: E402
 
