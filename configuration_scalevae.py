@@ -13,6 +13,7 @@ SCALEVAE_FORMAT_VERSION = 1
 LATENT_INJECTIONS = ("memory", "embedding", "both")
 COLLAPSE_STRATEGIES = ("scale", "vae", "free_bits", "bn", "ae")
 SCALE_SCHEDULES = ("running", "epoch")
+PRIORS = ("fitted", "scaled")
 
 # The fields every format-1 config.json holds (`save_pretrained` writes them all). A saved config missing one was
 # truncated or hand-edited: loading it refuses rather than silently using a default. Fields added later, within
@@ -70,6 +71,18 @@ class ScaleVAEConfig(PreTrainedConfig):
         bn_gamma (`float`, defaults to 0.5):
             BN-VAE's fixed γ: μ is batch-normalised with scale γ, which bounds the expected KL below by
             latent_size · γ² / 2.
+        prior (`str`, defaults to `"fitted"`):
+            The generative model's prior p(z), used by `sample_prior`, `decoder_kl`, the ELBO and the importance-weighted
+            NLL (training's loss keeps the KL of the original posterior to N(0, I) either way). `"fitted"`: a diagonal
+            Gaussian N(m, diag s²) fitted to the aggregate of the decoder's posterior N(f ⊙ μ, σ²) over training data
+            (a running estimate while training; `fit_prior` refits it exactly on a pass over data). `"scaled"`:
+            N(0, diag f²), the standard normal pushed through the scale factors (f = 1 but for Scale-VAE). Folders saved
+            before this field existed load with `"scaled"`, which is what they were trained and evaluated with.
+        prior_momentum (`float`, defaults to 0.01):
+            Momentum of the fitted prior's running estimate of the aggregate posterior's moments.
+        freeze_encoder (`bool` or `int`, defaults to `False`):
+            `True` freezes the whole pretrained encoder (only the latent head and the decoder train); an integer k
+            freezes its embeddings and lower k layers. Frozen parameters get `requires_grad=False`.
         scalevae_version (`str`, *optional*):
             The version of the scalevae package that saved this config (`scalevae.hub.save_model` records it); error
             messages about a folder quote it next to the installed version.
@@ -95,6 +108,9 @@ class ScaleVAEConfig(PreTrainedConfig):
     scale_freeze_epochs: int = 1
     free_bits: float = 0.5
     bn_gamma: float = 0.5
+    prior: str = "fitted"
+    prior_momentum: float = 0.01
+    freeze_encoder: bool | int = False
     scalevae_format_version: int = SCALEVAE_FORMAT_VERSION
     scalevae_version: str | None = None
 
@@ -115,6 +131,7 @@ class ScaleVAEConfig(PreTrainedConfig):
             f"{_installed_scalevae_version()} (format {SCALEVAE_FORMAT_VERSION})"
         )
         if config_dict.get("model_type") == cls.model_type:
+            config_dict = {"prior": "scaled", **config_dict}  # saved before the fitted prior existed
             missing = [field for field in FORMAT_1_FIELDS if field not in config_dict]
             if missing:
                 raise ValueError(
@@ -137,6 +154,7 @@ class ScaleVAEConfig(PreTrainedConfig):
             "latent_injection": LATENT_INJECTIONS,
             "collapse_strategy": COLLAPSE_STRATEGIES,
             "scale_schedule": SCALE_SCHEDULES,
+            "prior": PRIORS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -147,13 +165,16 @@ class ScaleVAEConfig(PreTrainedConfig):
         for field, value in positive_int.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field}={value!r} must be an integer >= 1.")
-        ranges = {  # field: (low, high, low inclusive)
-            "kl_weight": (0.0, float("inf"), True),
-            "scale_target_std": (0.0, float("inf"), False),
+        # field: (low, high, low inclusive). The upper bounds keep float32 arithmetic finite: f = target / std with
+        # std ≥ scale_min_std, and exp-free KL terms of size kl_weight · γ² stay far below float32's range.
+        ranges = {
+            "kl_weight": (0.0, 1e6, True),
+            "scale_target_std": (0.0, 1e3, False),
             "scale_momentum": (0.0, 1.0, False),
-            "scale_min_std": (0.0, float("inf"), False),
-            "free_bits": (0.0, float("inf"), True),
-            "bn_gamma": (0.0, float("inf"), False),
+            "scale_min_std": (0.0, 1e3, False),
+            "free_bits": (0.0, 1e3, True),
+            "bn_gamma": (0.0, 1e3, False),
+            "prior_momentum": (0.0, 1.0, False),
         }
         for field, (low, high, inclusive) in ranges.items():
             value = getattr(self, field)
@@ -162,6 +183,14 @@ class ScaleVAEConfig(PreTrainedConfig):
             if not ok:
                 bracket = "[" if inclusive else "("
                 raise ValueError(f"{field}={value!r} must be a finite number in {bracket}{low}, {high}].")
+        layers = getattr(self.encoder, "num_hidden_layers", None)
+        frozen = self.freeze_encoder
+        if not isinstance(frozen, (bool, int)) or (
+            not isinstance(frozen, bool) and not (0 <= frozen <= (layers if layers is not None else frozen))
+        ):
+            raise ValueError(
+                f"freeze_encoder={frozen!r} must be True, False or a number of lower encoder layers in [0, {layers}]."
+            )
         if self.decoder.model_type != "gpt2":
             raise ValueError(f"decoder.model_type={self.decoder.model_type!r}: the decoder must be a GPT-2 config.")
 

@@ -350,11 +350,24 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             self._keys_to_ignore_on_save = ["decoder.lm_head.weight"]
         self.set_attn_implementation(config._attn_implementation)
         self.post_init()
+        self._freeze_encoder(config.freeze_encoder)
         self.generation_config = GenerationConfig(
             bos_token_id=config.decoder.bos_token_id,
             eos_token_id=config.decoder.eos_token_id,
             pad_token_id=config.decoder.pad_token_id,
         )
+
+    def _freeze_encoder(self, frozen: bool | int) -> None:
+        """`config.freeze_encoder`: True freezes the whole encoder, k its embeddings and lower k layers."""
+        if frozen is False or frozen == 0 and not isinstance(frozen, bool):
+            return
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        if frozen is True or layers is None:
+            modules = [self.encoder]
+        else:
+            modules = [self.encoder.embeddings, *layers[:frozen]]
+        for module in modules:
+            module.requires_grad_(False)
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
