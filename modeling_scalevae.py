@@ -46,13 +46,15 @@ class ScaleVAEEncoderOutput(ModelOutput):
             The encoder's ("original") posterior; the paper's KL is computed on it.
         decoder_mu (`torch.FloatTensor` of shape `(batch_size, latent_size)`):
             Mean of the decoder's posterior N(f ⊙ mu, exp(logvar)) (equal to `mu` for every strategy but Scale-VAE).
-        prior_std (`torch.FloatTensor` of shape `(latent_size,)`):
-            Std of the decoder's prior N(0, diag(prior_std²)): the scale factors f for Scale-VAE, ones otherwise.
+        prior_mean, prior_std (`torch.FloatTensor` of shape `(latent_size,)`):
+            The generative model's prior N(prior_mean, diag(prior_std²)) (`config.prior`, or the `prior` asked for):
+            the fitted aggregate Gaussian, or N(0, diag f²) with f the scale factors (ones but for Scale-VAE).
     """
 
     mu: torch.FloatTensor | None = None
     logvar: torch.FloatTensor | None = None
     decoder_mu: torch.FloatTensor | None = None
+    prior_mean: torch.FloatTensor | None = None
     prior_std: torch.FloatTensor | None = None
 
 
@@ -73,9 +75,11 @@ class ScaleVAEOutput(ModelOutput):
             over dimensions, batch mean. This is the paper's KL.
         kl_per_dim (`torch.FloatTensor` of shape `(latent_size,)`): `kl` per dimension, batch mean.
         kl_loss (`torch.FloatTensor` of shape `()`): the KL that enters the loss (free bits thresholds it, AE zeroes it).
-        decoder_kl (`torch.FloatTensor` of shape `()`): KL of the decoder's posterior N(f ⊙ mu, σ²) to the decoder's
-            prior N(0, f²), batch mean: the KL of a true ELBO for the generative model that `sample()` draws from.
+        decoder_kl (`torch.FloatTensor` of shape `()`): KL of the decoder's posterior N(f ⊙ mu, σ²) to the generative
+            prior (`config.prior`), batch mean: the KL of a true ELBO for the model that `sample_prior()` draws from.
         mu, logvar (`torch.FloatTensor` of shape `(batch_size, latent_size)`): the encoder's posterior.
+        decoder_mu (`torch.FloatTensor` of shape `(batch_size, latent_size)`): the decoder's posterior mean f ⊙ mu.
+        prior_mean, prior_std (`torch.FloatTensor` of shape `(latent_size,)`): the generative prior's parameters.
         latents (`torch.FloatTensor` of shape `(batch_size, latent_size)`): the z the decoder saw.
         cache (`Cache`, *optional*): the decoder's key/value cache (generation).
     """
@@ -89,12 +93,22 @@ class ScaleVAEOutput(ModelOutput):
     decoder_kl: torch.FloatTensor | None = None
     mu: torch.FloatTensor | None = None
     logvar: torch.FloatTensor | None = None
+    decoder_mu: torch.FloatTensor | None = None
+    prior_mean: torch.FloatTensor | None = None
+    prior_std: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
     cache: Cache | None = None
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_std: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-dimension KL(N(mu, e^logvar) || N(0, prior_std²))."""
+def gaussian_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_std: torch.Tensor | None = None,
+    prior_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-dimension KL(N(mu, e^logvar) || N(prior_mean, prior_std²)); the prior defaults to N(0, 1)."""
+    if prior_mean is not None:
+        mu = mu - prior_mean
     if prior_std is None:
         return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1)
     prior_var = prior_std.pow(2)
@@ -150,6 +164,13 @@ class CollapseStrategy(nn.Module):
         """The KL term of each example, shape (batch,), from per-example per-dimension KLs."""
         return kl_per_dim.sum(-1)
 
+    def end_epoch(self) -> None:
+        """Called at each epoch's end by the training glue; a schedule that changes with epochs overrides it."""
+
+    @torch.no_grad()
+    def calibrate(self, mus: torch.Tensor) -> None:
+        """Refit statistics that evaluation uses from the pre-normalisation means of a whole dataset (N, d)."""
+
 
 class AEStrategy(CollapseStrategy):
     """Deterministic autoencoder: z = mu and no KL in the loss (the KL is still reported)."""
@@ -174,18 +195,47 @@ class FreeBitsStrategy(CollapseStrategy):
 
 class BNStrategy(CollapseStrategy):
     """BN-VAE (Zhu et al. 2020): mu is batch-normalised with a fixed scale γ and a learned shift β, so the batch mean
-    of mu_d² is at least γ² and the expected KL at least latent_size · γ² / 2."""
+    of mu_d² is at least γ² and the expected KL at least latent_size · γ² / 2.
+
+    Two changes from a plain `BatchNorm1d(affine=False)` keep that guarantee outside the training batch:
+
+    - No additive eps under the variance. With BatchNorm's eps = 1e-5 the normalised mean is (mu − m) / sqrt(v + eps),
+      and the KL term pays the encoder to shrink v far below eps, where the output is ≈ 0 and the bound is gone (on
+      real text the pre-norm variance fell to 1e-14). Without eps the objective does not depend on the scale of the
+      pre-norm mean, so nothing pulls it down; a floor of 1e-20 only guards a batch of identical sentences.
+    - Evaluation uses population statistics. Running averages with momentum lag a scale that moves during training;
+      `calibrate` (called by `ScaleVAEForLatentLM.fit_prior` after training) replaces them with the exact mean and
+      variance over a dataset, as "precise BN" does.
+    """
+
+    variance_floor = 1e-20
 
     def __init__(self, config: ScaleVAEConfig):
         super().__init__(config)
-        self.norm = nn.BatchNorm1d(config.latent_size, affine=False)
+        self.momentum = 0.1
         self.register_buffer("gamma", torch.tensor(float(config.bn_gamma)))
         self.beta = nn.Parameter(torch.zeros(config.latent_size))
+        self.register_buffer("running_mean", torch.zeros(config.latent_size))
+        self.register_buffer("running_var", torch.ones(config.latent_size))
 
     def normalize_mean(self, mu: torch.Tensor) -> torch.Tensor:
-        if self.training and mu.shape[0] == 1:
-            raise ValueError("collapse_strategy='bn' cannot train on a batch of one: batch-norm needs two examples.")
-        return self.gamma * self.norm(mu) + self.beta
+        mu = mu.float()
+        if self.training:
+            if mu.shape[0] == 1:
+                raise ValueError("collapse_strategy='bn' cannot train on a batch of one: batch-norm needs two examples.")
+            mean, var = mu.mean(0), mu.var(0, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                unbiased = var.detach() * mu.shape[0] / (mu.shape[0] - 1)
+                self.running_var.lerp_(unbiased, self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return self.gamma * (mu - mean) * var.clamp(min=self.variance_floor).rsqrt() + self.beta
+
+    @torch.no_grad()
+    def calibrate(self, mus: torch.Tensor) -> None:
+        self.running_mean.copy_(mus.double().mean(0))
+        self.running_var.copy_(mus.double().var(0))
 
 
 class ScaleStrategy(CollapseStrategy):
@@ -194,7 +244,10 @@ class ScaleStrategy(CollapseStrategy):
     f carries no gradient and is shared by every instance; the KL is that of the unscaled posterior, so the encoder is
     not pushed to raise it, while the scaled means stay discriminative for the decoder. The running estimate of f in
     `scale_factors` (saved with the model) serves evaluation, encoding and generation, and the frozen phase of a
-    schedule.
+    schedule. The statistics and the estimate are kept in float32 or float64 whatever the autocast dtype of mu.
+
+    The schedule state is saved as buffers (a resumed run continues where it stopped) and mirrored in Python ints, so
+    that the training step branches on it without reading a tensor back from the device.
     """
 
     def __init__(self, config: ScaleVAEConfig):
@@ -206,54 +259,70 @@ class ScaleStrategy(CollapseStrategy):
         self.freeze_steps = config.scale_freeze_steps
         self.freeze_epochs = config.scale_freeze_epochs
         self.register_buffer("scale_factors", torch.ones(config.latent_size))
-        # Schedule state, saved so that a resumed run continues where it stopped.
         self.register_buffer("frozen", torch.tensor(False))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("epochs", torch.tensor(0, dtype=torch.long))
         self.register_buffer("epoch_factor_sum", torch.zeros(config.latent_size, dtype=torch.float64))
         self.register_buffer("epoch_batches", torch.tensor(0, dtype=torch.long))
+        self._steps, self._frozen, self._epochs, self._epoch_batches = 0, False, 0, 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps, self._frozen = int(self.steps), bool(self.frozen)
+        self._epochs, self._epoch_batches = int(self.epochs), int(self.epoch_batches)
 
     @torch.no_grad()
     def batch_factors(self, mu: torch.Tensor) -> torch.Tensor | None:
-        """target / std over the (global, under DDP) batch of each dimension of mu; None for a batch of one."""
+        """target / std over the (global, under DDP) batch of each dimension of mu, float32; None for a batch of one."""
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if mu.shape[0] * (dist.get_world_size() if distributed else 1) < 2:
+            return None
         stats = torch.stack([mu.new_full((mu.shape[1],), mu.shape[0]), mu.sum(0), mu.pow(2).sum(0)]).double()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             # Reduce the sums, not the factors: every rank then holds the global batch's factors.
             dist.all_reduce(stats)
         count, total, total_sq = stats
-        if count[0] < 2:
-            return None
         var = (total_sq - total.pow(2) / count) / (count - 1)
         std = var.clamp(min=0).sqrt().clamp(min=self.min_std)
-        return (self.target_std / std).to(mu.dtype)
+        return (self.target_std / std).to(self.scale_factors.dtype)
 
     def scale_factors_for(self, mu: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.frozen:
+        if not self.training or self._frozen:
             return self.scale_factors
-        factors = self.batch_factors(mu)
+        factors = self.batch_factors(mu.detach())
         if factors is None:  # a batch of one has no spread: fall back to the running estimate
+            logger.warning_once(
+                "Scale-VAE got a training batch of one sentence: its scale factors need the spread of a batch, so "
+                "this batch uses the running estimate (ones before any larger batch). Train with a batch size of at "
+                "least 2 (16 or more for a stable estimate)."
+            )
             return self.scale_factors
         with torch.no_grad():
-            if self.steps == 0:
+            if self._steps == 0:
                 self.scale_factors.copy_(factors)
             else:
                 self.scale_factors.lerp_(factors, self.momentum)
-            self.steps += 1
-            self.epoch_factor_sum += factors.double()
-            self.epoch_batches += 1
-            if self.schedule == "running" and self.freeze_steps is not None and self.steps >= self.freeze_steps:
+            self._steps += 1
+            self.steps.add_(1)
+            self.epoch_factor_sum.add_(factors.double())
+            self._epoch_batches += 1
+            self.epoch_batches.add_(1)
+            if self.schedule == "running" and self.freeze_steps is not None and self._steps >= self.freeze_steps:
+                self._frozen = True
                 self.frozen.fill_(True)
         return factors
 
     @torch.no_grad()
     def end_epoch(self):
-        """Called at each epoch's end (the training glue does it); the `"epoch"` schedule freezes after f_epo epochs
-        to the mean of the last epoch's per-batch factors."""
-        self.epochs += 1
-        if self.schedule == "epoch" and not self.frozen and self.epochs >= self.freeze_epochs and self.epoch_batches:
-            self.scale_factors.copy_((self.epoch_factor_sum / self.epoch_batches).to(self.scale_factors.dtype))
+        """The `"epoch"` schedule freezes after f_epo epochs to the mean of the last epoch's per-batch factors."""
+        self._epochs += 1
+        self.epochs.add_(1)
+        if self.schedule == "epoch" and not self._frozen and self._epochs >= self.freeze_epochs and self._epoch_batches:
+            self.scale_factors.copy_((self.epoch_factor_sum / self._epoch_batches).to(self.scale_factors.dtype))
+            self._frozen = True
             self.frozen.fill_(True)
         self.epoch_factor_sum.zero_()
+        self._epoch_batches = 0
         self.epoch_batches.zero_()
 
 
@@ -264,6 +333,41 @@ COLLAPSE_STRATEGY_CLASSES = {
     "bn": BNStrategy,
     "scale": ScaleStrategy,
 }
+
+
+class FittedPrior(nn.Module):
+    """The prior N(loc, diag(scale²)) fitted to the aggregate of the decoder's posterior N(f ⊙ mu, σ²).
+
+    Its moments are those of the mixture over sentences: loc = E[f ⊙ mu], scale² = Var(f ⊙ mu) + E[σ²]. Among
+    diagonal Gaussians it is the one closest (in KL from the aggregate) to where the decoder's latents are; any fixed
+    prior gives a valid bound, and this one does not pay for the gap between N(0, diag f²) and that aggregate. While
+    training, an exponential moving average of the moments (momentum `prior_momentum`) tracks it; `fit` sets it to a
+    dataset's exact moments.
+    """
+
+    def __init__(self, config: ScaleVAEConfig):
+        super().__init__()
+        self.momentum = config.prior_momentum
+        # Saved only when the config uses it, so folders saved before the fitted prior existed load strictly.
+        persistent = config.prior == "fitted"
+        self.register_buffer("loc", torch.zeros(config.latent_size), persistent=persistent)
+        self.register_buffer("scale", torch.ones(config.latent_size), persistent=persistent)
+
+    @torch.no_grad()
+    def update(self, decoder_mu: torch.Tensor, logvar: torch.Tensor) -> None:
+        mean = decoder_mu.float().mean(0)
+        second_moment = (decoder_mu.float().pow(2) + logvar.float().exp()).mean(0)
+        running_second_moment = self.scale.pow(2) + self.loc.pow(2)
+        self.loc.lerp_(mean, self.momentum)
+        second = running_second_moment.lerp_(second_moment, self.momentum)
+        self.scale.copy_((second - self.loc.pow(2)).clamp(min=1e-12).sqrt())
+
+    @torch.no_grad()
+    def fit(self, decoder_mu: torch.Tensor, logvar: torch.Tensor) -> None:
+        """Exact moments of the aggregate posterior of N sentences ((N, d) means and log-variances)."""
+        decoder_mu, variance = decoder_mu.double(), logvar.double().exp()
+        self.loc.copy_(decoder_mu.mean(0))
+        self.scale.copy_((decoder_mu.var(0, unbiased=False) + variance.mean(0)).sqrt())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,8 +423,10 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     A text VAE: BERT-style encoder -> Gaussian latent z -> GPT-2 decoder conditioned on z (Optimus-style injection),
     with a swappable posterior-collapse remedy (`config.collapse_strategy`, Scale-VAE by default).
 
-    The generative model is z ~ N(0, diag(f²)) (the standard normal pushed through the scale factors; f = 1 for every
-    strategy but Scale-VAE), x ~ p(x|z). `sample`, `decoder_kl` and the importance-weighted NLL all refer to it.
+    The generative model is z ~ p(z), x ~ p(x|z), with p(z) chosen by `config.prior`: the Gaussian fitted to the
+    aggregate of the decoder's posterior (`"fitted"`), or N(0, diag(f²)), the standard normal pushed through the scale
+    factors (`"scaled"`; f = 1 for every strategy but Scale-VAE). `sample_prior`, `decoder_kl`, the ELBO and the
+    importance-weighted NLL all refer to it.
     """
 
     def __init__(
@@ -344,6 +450,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         self.decoder = decoder
         self.latent_head = LatentHead(config.encoder.hidden_size, config.latent_size)
         self.collapse = COLLAPSE_STRATEGY_CLASSES[config.collapse_strategy](config)
+        self.fitted_prior = FittedPrior(config)
         self.injection = LatentInjection(config)
         if config.decoder.tie_word_embeddings:
             # Saved once as the embedding; naming it lets Trainer re-tie it instead of warning on resume.
@@ -378,12 +485,14 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         A tensor the config expects but the weights file lacks, one the file holds but the config does not use, or one
         of another shape raises a `ValueError` naming the config values on both sides, never a silently initialised
         layer (`ignore_mismatched_sizes=True` still allows, on request, shape changes such as a new vocabulary). A
-        truncated or corrupted safetensors file raises an `OSError` naming it. `output_loading_info=True` works as
-        usual.
+        truncated or corrupted safetensors file raises an `OSError` naming it, and so does one whose tensors differ from
+        the checksum recorded when it was saved (`verify_weights=False` skips that check; files saved without a
+        checksum load as before). `output_loading_info=True` works as usual.
         """
         from safetensors import SafetensorError
 
         return_loading_info = kwargs.pop("output_loading_info", False)
+        verify_weights = kwargs.pop("verify_weights", True)
         allow_resize = kwargs.pop("ignore_mismatched_sizes", False)
         try:  # collect the mismatches instead of transformers' generic error, then explain them below
             model, info = super().from_pretrained(
@@ -405,7 +514,31 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
                 + "\nA ScaleVAE folder loads only into the config it was saved with: drop the config overrides, or "
                 "fix config.json to the values the weights were trained with."
             )
+        if verify_weights:
+            _verify_weights_checksums(_resolved_weights_files(pretrained_model_name_or_path, kwargs))
         return (model, info) if return_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained` (also behind Trainer checkpoints and `push_to_hub`), plus: each weights
+        file records a checksum of its tensors and the time of the save (`from_pretrained` verifies the checksum), and
+        config.json names local encoder/decoder folders by their name only, not by their path on this machine."""
+        import os
+
+        configs = [self.config, self.config.encoder, self.config.decoder]
+        names = [getattr(config, "_name_or_path", "") for config in configs]
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+        try:
+            for config, name in zip(configs, names):
+                config._name_or_path = _public_name(name)
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            for config, name in zip(configs, names):
+                config._name_or_path = name
+        if kwargs.get("is_main_process", True):
+            _record_weights_checksums(save_directory)
+        if push_to_hub:  # after the checksums: push_to_hub saves a fresh copy and uploads that
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
 
     # -- construction from pretrained parts ------------------------------------------------------------------------
 
@@ -438,27 +571,82 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
 
     # -- the latent ---------------------------------------------------------------------------------------------------
 
-    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> ScaleVAEEncoderOutput:
-        """The posterior of each sentence. Outside training the scale factors are the saved running estimate."""
+    def encode(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        prior: str | None = None,
+    ) -> ScaleVAEEncoderOutput:
+        """The posterior of each sentence and the generative prior (`prior` overrides `config.prior`). Outside training
+        the scale factors are the saved running estimate."""
+        _check_encoder_inputs(self.config, input_ids, attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mu, logvar = self.latent_head(hidden, attention_mask)
         mu = self.collapse.normalize_mean(mu)
         factors = self.collapse.scale_factors_for(mu)
-        prior_std = factors if factors is not None else torch.ones_like(mu[0])
-        return ScaleVAEEncoderOutput(mu=mu, logvar=logvar, decoder_mu=prior_std * mu, prior_std=prior_std)
+        decoder_mu = mu if factors is None else factors * mu
+        prior_mean, prior_std = self.prior_parameters(prior, factors)
+        return ScaleVAEEncoderOutput(
+            mu=mu, logvar=logvar, decoder_mu=decoder_mu, prior_mean=prior_mean, prior_std=prior_std
+        )
 
-    def prior_std(self) -> torch.Tensor:
-        """Std of the generative model's prior N(0, diag(f²)) at inference."""
-        factors = getattr(self.collapse, "scale_factors", None)
-        return factors if factors is not None else torch.ones(self.config.latent_size, device=self.device)
+    def prior_parameters(
+        self, prior: str | None = None, factors: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the generative prior: `prior` (default `config.prior`) is `"fitted"` or `"scaled"`;
+        `factors` are the scale factors of the scaled prior (default: the saved running estimate)."""
+        prior = prior or self.config.prior
+        if prior == "fitted":
+            return self.fitted_prior.loc, self.fitted_prior.scale
+        if prior != "scaled":
+            raise ValueError(f"prior={prior!r} is not one of ('fitted', 'scaled').")
+        if factors is None:
+            factors = getattr(self.collapse, "scale_factors", None)
+        std = factors if factors is not None else self.fitted_prior.scale.new_ones(self.config.latent_size)
+        return torch.zeros_like(std), std
 
-    def sample_prior(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z ~ N(0, diag(f²)): the prior as the decoder sees it."""
-        std = self.prior_std()
+    def sample_prior(
+        self, num_samples: int, generator: torch.Generator | None = None, prior: str | None = None
+    ) -> torch.Tensor:
+        """z ~ p(z), the generative prior (`config.prior`, or `prior`) as the decoder sees it."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
+        mean, std = self.prior_parameters(prior)
         noise = torch.randn(num_samples, std.shape[0], generator=generator, device=std.device, dtype=std.dtype)
-        return noise * std
+        return mean + noise * std
+
+    @torch.no_grad()
+    def fit_prior(self, batches) -> None:
+        """Fit the generative model's statistics to data, in eval mode: first the strategy's (BN-VAE's population mean
+        and variance), then the fitted prior to the exact moments of the aggregate decoder posterior. `batches`: an
+        iterable (a DataLoader or a list) of dicts with the encoder's `input_ids` and `attention_mask`; the training
+        glue calls it after training on (a sample of) the training set."""
+        was_training = self.training
+        self.eval()
+        batches = list(batches)
+
+        def posteriors():
+            for batch in batches:
+                ids = batch["input_ids"].to(self.device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
+                hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                yield self.latent_head(hidden, mask)
+
+        if type(self.collapse).calibrate is not CollapseStrategy.calibrate:
+            self.collapse.calibrate(torch.cat([mu.float() for mu, _ in posteriors()]))
+        decoder_mus, logvars = [], []
+        for mu, logvar in posteriors():
+            mu = self.collapse.normalize_mean(mu)
+            factors = self.collapse.scale_factors_for(mu)
+            decoder_mus.append(mu if factors is None else factors * mu)
+            logvars.append(logvar)
+        if not decoder_mus:
+            raise ValueError("fit_prior got no batches.")
+        self.fitted_prior.fit(torch.cat(decoder_mus), torch.cat(logvars))
+        self.train(was_training)
 
     # -- the decoder --------------------------------------------------------------------------------------------------
 
@@ -471,7 +659,13 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         use_cache: bool = False,
     ):
         """Teacher-forced decoder pass conditioned on z; returns the GPT-2 `CausalLMOutput` (logits, cache)."""
-        _check_latents(latents, decoder_input_ids.shape[0], self.config.latent_size)
+        latents = _as_model_latents(latents, self.dtype, self.device)
+        _check_decoder_inputs(self.config, decoder_input_ids, cache, self.injection.to_memory is not None)
+        # The value check reads a tensor back to the host: once per call (not per generated token), never in a
+        # training step or under torch.compile.
+        first_call = cache is None or cache.get_seq_length() == 0
+        check_values = first_call and not self.training and not torch.compiler.is_compiling()
+        _check_latents(latents, decoder_input_ids.shape[0], self.config.latent_size, check_values)
         embeds = self.decoder.transformer.wte(decoder_input_ids)
         if self.injection.to_embedding is not None:
             embeds = embeds + self.injection.to_embedding(latents).unsqueeze(1).to(embeds.dtype)
@@ -523,37 +717,55 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         latents: a given z of shape `(batch_size, latent_size)`; it bypasses the encoder (teacher-forced decoding
             from z, e.g. for importance sampling), and the KL fields are then None.
         """
+        _check_forward_inputs(self.config, input_ids, decoder_input_ids, labels, latents)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("Pass decoder_input_ids or labels: the decoder needs its inputs.")
             decoder_input_ids, decoder_attention_mask = self._shift_labels_right(labels)
-        mu = logvar = kl_per_example_dim = None
+        mu = logvar = posterior = kl_per_example_dim = None
         if latents is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (encoder tokens) or latents: the decoder needs a latent.")
             posterior = self.encode(input_ids, attention_mask)
-            mu, logvar = posterior.mu, posterior.logvar
+            mu, logvar = posterior.mu.float(), posterior.logvar.float()
             latents = posterior.decoder_mu
             if self.collapse.stochastic:
-                latents = latents + torch.randn_like(mu) * (0.5 * logvar).exp()
+                latents = latents + torch.randn_like(latents) * (0.5 * posterior.logvar).exp()
+            if self.training:
+                self.fitted_prior.update(posterior.decoder_mu.detach(), logvar.detach())
             kl_per_example_dim = gaussian_kl(mu, logvar)
         decoder_outputs = self.decode(latents, decoder_input_ids, decoder_attention_mask, cache=cache, use_cache=bool(use_cache))
         logits = decoder_outputs.logits
 
-        output = ScaleVAEOutput(logits=logits, mu=mu, logvar=logvar, latents=latents)
-        if use_cache:
-            output.cache = decoder_outputs.cache
+        loss = reconstruction_loss = kl = kl_per_dim = kl_loss = decoder_kl = None
         if kl_per_example_dim is not None:
-            output.kl_per_dim = kl_per_example_dim.mean(0)
-            output.kl = kl_per_example_dim.sum(-1).mean()
-            output.kl_loss = self.collapse.kl_in_loss(kl_per_example_dim).mean()
-            output.decoder_kl = gaussian_kl(posterior.decoder_mu, logvar, posterior.prior_std).sum(-1).mean()
+            kl_per_dim = kl_per_example_dim.mean(0)
+            kl = kl_per_example_dim.sum(-1).mean()
+            kl_loss = self.collapse.kl_in_loss(kl_per_example_dim).mean()
+            decoder_kl = gaussian_kl(
+                posterior.decoder_mu.float(), logvar, posterior.prior_std, posterior.prior_mean
+            ).sum(-1).mean()
         if labels is not None:
-            output.reconstruction_loss = token_nll(logits, labels).sum(-1).mean()
-            output.loss = output.reconstruction_loss
-            if output.kl_loss is not None:
-                output.loss = output.loss + self.config.kl_weight * output.kl_loss
-        return output
+            reconstruction_loss = token_nll(logits, labels).sum(-1).mean()
+            loss = reconstruction_loss if kl_loss is None else reconstruction_loss + self.config.kl_weight * kl_loss
+        output = ScaleVAEOutput(  # loss first: outputs[0] and to_tuple()[0] are the loss, transformers' convention
+            loss=loss,
+            logits=logits,
+            reconstruction_loss=reconstruction_loss,
+            kl=kl,
+            kl_per_dim=kl_per_dim,
+            kl_loss=kl_loss,
+            decoder_kl=decoder_kl,
+            mu=mu,
+            logvar=logvar,
+            decoder_mu=None if posterior is None else posterior.decoder_mu,
+            prior_mean=None if posterior is None else posterior.prior_mean,
+            prior_std=None if posterior is None else posterior.prior_std,
+            latents=latents,
+            cache=decoder_outputs.cache if use_cache else None,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return output if return_dict else output.to_tuple()
 
     def _shift_labels_right(self, labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
         bos, pad = self.config.decoder.bos_token_id, self.config.decoder.pad_token_id
@@ -581,6 +793,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         Give `latents`, or encoder `input_ids` whose posterior mean (as the decoder sees it) is decoded. The decoder
         starts from `decoder_input_ids` (a prompt) or from its BOS token. Returns decoder token ids, BOS included.
         """
+        _check_generation_length(self, decoder_input_ids, latents, generation_kwargs)
         if latents is None:
             if input_ids is None:
                 raise ValueError("generate() needs latents= or encoder input_ids= to know what to decode.")
@@ -711,13 +924,260 @@ def _weights_config_mismatches(model: "ScaleVAEForLatentLM", info: dict, allow_r
     return problems
 
 
-def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int) -> None:
+def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int, check_values: bool = True) -> None:
     if latents.dim() != 2 or latents.shape[1] != latent_size or latents.shape[0] != batch_size:
         raise ValueError(
             f"latents must have shape (batch_size={batch_size}, latent_size={latent_size}), got {tuple(latents.shape)}."
         )
-    if not torch.isfinite(latents).all():
+    if check_values and not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or infinite values.")
+
+
+# -- inputs -------------------------------------------------------------------------------------------------------------
+# Each check reads a few numbers back to the host, before any work: a bad id or shape then fails with its name, value
+# and valid range instead of an IndexError deep inside an embedding.
+
+
+def _check_token_ids(name: str, ids: torch.Tensor | None, vocab_size: int, part: str, ignore_index=None) -> None:
+    if ids is None or ids.numel() == 0:
+        return
+    valid = ids if ignore_index is None else ids[ids != ignore_index]
+    if valid.numel() == 0:
+        return
+    low, high = torch.stack([valid.min(), valid.max()]).tolist()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        allowed = f" (or {ignore_index} for ignored positions)" if ignore_index is not None else ""
+        raise ValueError(
+            f"{name} holds the token id {bad}, outside the {part}'s vocabulary: valid ids are 0 to {vocab_size - 1}"
+            f"{allowed} (config.{part}.vocab_size={vocab_size}). Were they made by the {part}'s own tokenizer?"
+        )
+
+
+def _check_encoder_inputs(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    _check_token_ids("input_ids", input_ids, config.encoder.vocab_size, "encoder")
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > 0:
+        empty = (attention_mask == 0).all(dim=1)
+        if bool(empty.any()):
+            logger.warning_once(
+                f"attention_mask has rows of zeros only (row {int(empty.nonzero()[0, 0])} of {tuple(attention_mask.shape)}"
+                "): the encoder then sees no token of that sentence, and every such row gets the same posterior."
+            )
+
+
+def _check_decoder_inputs(config, decoder_input_ids: torch.Tensor, cache, memory_slot: bool) -> None:
+    _check_token_ids("decoder_input_ids", decoder_input_ids, config.decoder.vocab_size, "decoder")
+    past = cache.get_seq_length() if cache is not None else 0
+    slot = int(memory_slot and past == 0)  # the latent's key/value pair takes the first position
+    needed = past + slot + decoder_input_ids.shape[-1]
+    if needed > config.decoder.n_positions:
+        raise ValueError(
+            f"decoder_input_ids of length {decoder_input_ids.shape[-1]} (after {past} cached positions"
+            f"{' and the latent slot' if slot else ''}) need {needed} positions, but the decoder has "
+            f"config.decoder.n_positions={config.decoder.n_positions}."
+        )
+
+
+def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents) -> None:
+    sizes = {
+        name: tensor.shape[0]
+        for name, tensor in (("input_ids", input_ids), ("latents", latents), ("decoder_input_ids", decoder_input_ids),
+                             ("labels", labels))
+        if tensor is not None and tensor.dim() > 0
+    }
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            "The inputs disagree on the batch size: " + ", ".join(f"{k} has {v}" for k, v in sizes.items())
+            + ". Each row of the encoder's and the decoder's inputs is one sentence."
+        )
+    _check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100)
+
+
+def _check_generation_length(model, decoder_input_ids, latents, generation_kwargs: dict) -> None:
+    """Generating past the decoder's positions would fail after producing every token up to them: refuse first."""
+    n_positions = model.config.decoder.n_positions
+    prompt = decoder_input_ids.shape[-1] if decoder_input_ids is not None else 1  # the BOS token
+    slot = int(model.injection.to_memory is not None)
+    generation_config = generation_kwargs.get("generation_config") or model.generation_config
+    max_new_tokens = generation_kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+    if max_new_tokens is not None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+        if prompt + slot + max_new_tokens > n_positions:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} is too many: a prompt of {prompt} token(s)"
+                f"{', the latent slot' if slot else ''} and {max_new_tokens} new tokens need "
+                f"{prompt + slot + max_new_tokens} positions, but the decoder has config.decoder.n_positions="
+                f"{n_positions}; use max_new_tokens <= {n_positions - prompt - slot}."
+            )
+        return
+    max_length = generation_kwargs.get("max_length", generation_config.max_length)
+    if max_length is not None and max_length + slot > n_positions:
+        raise ValueError(
+            f"max_length={max_length} is too long: with{' the latent slot and' if slot else ''} a prompt of {prompt} "
+            f"token(s) the decoder has config.decoder.n_positions={n_positions}; use max_length <= "
+            f"{n_positions - slot} (or max_new_tokens <= {n_positions - prompt - slot})."
+        )
+
+
+def _as_model_latents(latents, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Latents of another float type (numpy arrays, float16/float64 tensors) in the model's dtype and device."""
+    if not isinstance(latents, torch.Tensor):
+        latents = torch.as_tensor(latents)
+    if not latents.is_floating_point():
+        raise ValueError(f"latents must be floating point, got dtype {latents.dtype}.")
+    return latents.to(device=device, dtype=dtype)
+
+
+# -- weights integrity --------------------------------------------------------------------------------------------------
+# Every save records, in each safetensors file's metadata, a checksum of its tensors and the time of the save;
+# `from_pretrained` recomputes the checksum. Its data part is two 64-bit sums over the file's tensor bytes read as
+# 64-bit words (all words, and the rows of 1024 words weighted by their position): any flipped bit, zeroed page or
+# moved block changes it, and torch reads the bytes at memory speed, where a cryptographic hash of a large model costs
+# more than loading it. It guards against damage, not against someone who rewrites the file and its checksum alike.
+
+WEIGHTS_DIGEST_KEY = "scalevae_weights_checksum"
+WEIGHTS_SAVED_AT_KEY = "scalevae_saved_at"
+_CHECKSUM_VERSION = "scalevae-checksum-1"
+_CHECKSUM_ROW_WORDS = 1024
+
+
+def _weights_files_in(folder) -> list[str]:
+    """The safetensors weights files of a local folder: model.safetensors, or the shards its index lists."""
+    import json
+    import os
+
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle).get("weight_map", {}).values()))
+        return [os.path.join(folder, shard) for shard in shards]
+    return []
+
+
+def _read_safetensors_header(path) -> tuple[int, dict]:
+    """(header length in bytes, parsed header) of a safetensors file."""
+    import json
+
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return length, json.loads(handle.read(length))
+
+
+def _weights_checksum(path, header_length: int, header: dict) -> str:
+    import hashlib
+    import json
+    import mmap
+
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    digest = hashlib.sha256(json.dumps(tensors, sort_keys=True, separators=(",", ":")).encode())
+    start = 8 + header_length
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as data:
+        rows = (len(data) - start) // (8 * _CHECKSUM_ROW_WORDS)
+        end = start + rows * 8 * _CHECKSUM_ROW_WORDS
+        if rows:  # copy-on-write mapping: a writable buffer for torch, nothing is copied or written
+            words = torch.frombuffer(data, dtype=torch.int64, offset=start, count=end - start >> 3)
+            row_sums = words.view(rows, _CHECKSUM_ROW_WORDS).sum(1)
+            weighted = (row_sums * torch.arange(1, rows + 1, dtype=torch.int64)).sum()
+            sums = torch.stack([row_sums.sum(), weighted]).tolist()
+            del words, row_sums, weighted
+        else:
+            sums = [0, 0]
+        for value in sums:
+            digest.update((value & (2**64 - 1)).to_bytes(8, "little"))
+        digest.update(data[end:])
+    return f"{_CHECKSUM_VERSION}:{digest.hexdigest()}"
+
+
+def _record_weights_checksum(path, saved_at: int) -> None:
+    """Rewrite a safetensors file with its checksum and save time in the metadata; the new file gets the folder's
+    usual mode (0o666 less the umask), like every other file of a save."""
+    import json
+    import os
+    import shutil
+
+    length, header = _read_safetensors_header(path)
+    metadata = dict(header.get("__metadata__") or {})
+    metadata[WEIGHTS_DIGEST_KEY] = _weights_checksum(path, length, header)
+    metadata[WEIGHTS_SAVED_AT_KEY] = str(saved_at)
+    new_header = json.dumps({**header, "__metadata__": metadata}, separators=(",", ":")).encode()
+    new_header += b" " * (-len(new_header) % 8)  # the data stays 8-byte aligned
+    partial = f"{path}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
+            out.write(len(new_header).to_bytes(8, "little"))
+            out.write(new_header)
+            source.seek(8 + length)
+            shutil.copyfileobj(source, out, 16 << 20)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+
+
+def _record_weights_checksums(folder) -> None:
+    import time
+
+    saved_at = time.time_ns()
+    for path in _weights_files_in(folder):
+        _record_weights_checksum(path, saved_at)
+
+
+def _verify_weights_checksums(files) -> None:
+    """Raise an OSError naming the first weights file whose tensors differ from the checksum recorded at its save.
+    A file saved without one (older versions of scalevae) passes."""
+    for path in files:
+        length, header = _read_safetensors_header(path)
+        recorded = (header.get("__metadata__") or {}).get(WEIGHTS_DIGEST_KEY)
+        if recorded is None:
+            continue
+        if not recorded.startswith(_CHECKSUM_VERSION + ":"):
+            logger.warning_once(f"{path}: unknown weights checksum {recorded.split(':')[0]!r}, not verified.")
+            continue
+        if _weights_checksum(path, length, header) != recorded:
+            raise OSError(
+                f"{path} is corrupted: its tensors do not match the checksum recorded when it was saved "
+                f"({WEIGHTS_DIGEST_KEY} in its metadata). Re-download or re-save the model (or pass "
+                "verify_weights=False to load it anyway)."
+            )
+
+
+def _resolved_weights_files(path, kwargs: dict) -> list[str]:
+    """The weights files `from_pretrained` read: a local folder's, or the Hub cache's copies of a repository's."""
+    import os
+
+    subfolder = kwargs.get("subfolder") or ""
+    folder = os.path.join(str(path), subfolder)
+    if os.path.isdir(folder):
+        return _weights_files_in(folder)
+    from transformers.utils import cached_file
+
+    options = dict(subfolder=subfolder, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"),
+                   local_files_only=True, _raise_exceptions_for_missing_entries=False,
+                   _raise_exceptions_for_connection_errors=False)
+    try:
+        single = cached_file(path, "model.safetensors", **options)
+        if single is not None:
+            return [single]
+        index = cached_file(path, "model.safetensors.index.json", **options)
+    except (OSError, ValueError):
+        return []
+    return _weights_files_in(os.path.dirname(index)) if index is not None else []
+
+
+def _public_name(name: str) -> str:
+    """A part's `_name_or_path` as a saved folder may show it: a Hub id as it is, a local path as its folder's name
+    only (the rest of the path belongs to the machine that saved it)."""
+    import os
+
+    if not name or not (os.path.isabs(name) or os.path.exists(name) or name.startswith(("~", "."))):
+        return name
+    return os.path.basename(os.path.normpath(os.path.expanduser(name)))
 
 
 __all__ = ["ScaleVAEForLatentLM", "ScaleVAEPreTrainedModel", "ScaleVAEOutput", "ScaleVAEEncoderOutput"]

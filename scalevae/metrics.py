@@ -10,7 +10,8 @@ Conventions (every function states its own definition; these are the common ones
   is the perplexity.
 * There are two posteriors. The encoder's ("original") posterior q(z|x) = N(mu, σ²) is the one whose KL the paper
   reports. The decoder's posterior q'(z|x) = N(decoder_mu, σ²), decoder_mu = f ⊙ mu, with the generative model's prior
-  p(z) = N(0, diag(prior_std²)), is the pair of a true ELBO for the model that generates text (f = prior_std = 1 for
+  p(z) = N(prior_mean, diag(prior_std²)) (`config.prior`: the fitted aggregate Gaussian, or N(0, diag f²)), is the
+  pair of a true ELBO for the model that generates text (f = 1 for
   every strategy but Scale-VAE, where the two pairs coincide).
 * The model is evaluated in eval mode (Scale-VAE then uses its saved running scale factors, BN-VAE its running
   statistics) under `torch.no_grad()`; the previous train/eval mode is restored afterwards.
@@ -111,13 +112,27 @@ def _log_normal(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator) -> torch.Tensor:
+def _priors_of(model, posterior, priors: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (mean, std) of each prior; "" is the posterior's own (the config's, or the one `encode` was given)."""
+    params = {}
+    for name in priors:
+        if name:
+            params[name] = model.prior_parameters(name)
+        else:
+            std = posterior.prior_std
+            params[name] = (posterior.prior_mean if posterior.prior_mean is not None else torch.zeros_like(std), std)
+    return params
+
+
+def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator, priors=("",)) -> dict:
+    """name -> importance-weighted log p(x) (batch,) under each prior, from the same samples of q'(z|x)."""
     decoder_input_ids, decoder_attention_mask = _decoder_inputs(model, batch)
     labels = batch["labels"]
-    mean, logvar, prior_std = posterior.decoder_mu, posterior.logvar, posterior.prior_std
+    mean, logvar = posterior.decoder_mu, posterior.logvar
+    priors = _priors_of(model, posterior, priors)
     std = (0.5 * logvar).exp()
     batch_size, latent_size = mean.shape
-    log_weights = []
+    log_weights = {name: [] for name in priors}
     for start in range(0, num_samples, chunk_size):
         c = min(chunk_size, num_samples - start)
         # Sample j of sentence i sits at row i * c + j, the order of repeat_interleave.
@@ -128,10 +143,14 @@ def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generat
             labels.repeat_interleave(c, dim=0),
             None if decoder_attention_mask is None else decoder_attention_mask.repeat_interleave(c, dim=0),
         ).double()
-        log_pz = _log_normal(z, torch.zeros_like(z), prior_std.expand_as(z))
         log_qz = _log_normal(z, mean.repeat_interleave(c, dim=0), std.repeat_interleave(c, dim=0))
-        log_weights.append((log_px_z + log_pz - log_qz).view(batch_size, c))
-    return torch.logsumexp(torch.cat(log_weights, dim=1), dim=1) - math.log(num_samples)
+        for name, (prior_mean, prior_std) in priors.items():
+            log_pz = _log_normal(z, prior_mean.expand_as(z), prior_std.expand_as(z))
+            log_weights[name].append((log_px_z + log_pz - log_qz).view(batch_size, c))
+    return {
+        name: torch.logsumexp(torch.cat(weights, dim=1), dim=1) - math.log(num_samples)
+        for name, weights in log_weights.items()
+    }
 
 
 def iw_log_likelihood(
@@ -140,13 +159,16 @@ def iw_log_likelihood(
     num_samples: int = 500,
     chunk_size: int = 50,
     generator: torch.Generator | None = None,
+    prior: str | None = None,
 ) -> torch.Tensor:
     """Importance-weighted estimate of log p(x) per sentence (Burda et al. 2016), shape `(batch,)`, float64, nats.
 
     Definition: the encoder runs once per sentence; k = `num_samples` latents z_1..z_k are drawn from the decoder's
     posterior q'(z|x) = N(decoder_mu, diag(exp(logvar))), and
 
-        log p(x) ≈ logsumexp_k [ log p(x|z_k) + log N(z_k; 0, diag(prior_std²)) − log q'(z_k|x) ] − log k,
+        log p(x) ≈ logsumexp_k [ log p(x|z_k) + log p(z_k) − log q'(z_k|x) ] − log k,
+
+    with p(z) the generative prior (`prior`, default `config.prior`: the fitted aggregate Gaussian or N(0, diag f²)),
 
     where log p(x|z) is summed over the counted tokens (labels != -100: the sentence's tokens and its EOS; not BOS,
     not padding). The latent is integrated out, so there is no separate KL term: −this is the NLL with the KL
@@ -163,25 +185,34 @@ def iw_log_likelihood(
         raise ValueError(f"num_samples={num_samples} and chunk_size={chunk_size} must both be >= 1.")
     with _evaluating(model):
         batch = _to_device(batch, _model_device(model))
-        posterior = model.encode(batch["input_ids"], batch.get("attention_mask"))
-        return _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator)
+        posterior = model.encode(batch["input_ids"], batch.get("attention_mask"), prior=prior)
+        return _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator)[""]
 
 
-def _elbo_from_posterior(model, batch, posterior, generator) -> torch.Tensor:
+def _decoder_kl(posterior, prior_mean, prior_std) -> torch.Tensor:
+    """KL(q'(z|x) || p(z)) per sentence, float64."""
+    return gaussian_kl(
+        posterior.decoder_mu.double(), posterior.logvar.double(), prior_std.double(), prior_mean.double()
+    ).sum(-1)
+
+
+def _elbo_from_posterior(model, batch, posterior, generator, priors=("",)) -> dict:
+    """name -> single-sample ELBO (batch,) under each prior, from the same z."""
     decoder_input_ids, decoder_attention_mask = _decoder_inputs(model, batch)
     mean, logvar = posterior.decoder_mu, posterior.logvar
     z = mean + (0.5 * logvar).exp() * _randn(mean.shape, mean, generator)
     log_px_z = model.log_likelihood(z, decoder_input_ids, batch["labels"], decoder_attention_mask).double()
-    kl = gaussian_kl(mean.double(), logvar.double(), posterior.prior_std.double()).sum(-1)
-    return log_px_z - kl
+    return {name: log_px_z - _decoder_kl(posterior, *params) for name, params in _priors_of(model, posterior, priors).items()}
 
 
-def elbo(model, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+def elbo(
+    model, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None, prior: str | None = None
+) -> torch.Tensor:
     """The evidence lower bound per sentence, shape `(batch,)`, float64, nats (a log-likelihood: higher is better).
 
     Definition: ELBO(x) = log p(x|z) − KL(q'(z|x) || p(z)) with ONE z ~ q'(z|x) = N(decoder_mu, diag(exp(logvar))),
     log p(x|z) summed over the counted tokens (labels != -100), and the KL analytic: the decoder's posterior against the
-    generative prior N(0, diag(prior_std²)) (`gaussian_kl(decoder_mu, logvar, prior_std)`, the model's `decoder_kl`),
+    generative prior (`prior`, default `config.prior`; the model's `decoder_kl`),
     summed over latent dimensions. For Scale-VAE this KL differs from the paper's KL of the original posterior; it is
     the one that makes the bound a bound on the p(x) of the model that generates. −ELBO = reconstruction NLL + KL
     ("KL inside the NLL"). A deterministic autoencoder raises a `ValueError`.
@@ -189,8 +220,8 @@ def elbo(model, batch: Mapping[str, torch.Tensor], generator: torch.Generator | 
     _require_density(model, "The ELBO")
     with _evaluating(model):
         batch = _to_device(batch, _model_device(model))
-        posterior = model.encode(batch["input_ids"], batch.get("attention_mask"))
-        return _elbo_from_posterior(model, batch, posterior, generator)
+        posterior = model.encode(batch["input_ids"], batch.get("attention_mask"), prior=prior)
+        return _elbo_from_posterior(model, batch, posterior, generator)[""]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,9 +373,12 @@ def evaluate_model(
     max_batches: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    priors: Sequence[str] = (),
 ) -> dict:
     """Every corpus-level metric in one pass over `dataloader` (at most `max_batches` batches); a flat dict of floats
-    (ints for the counts). N = `num_sentences`, T = `num_tokens` (counted tokens: labels != -100, i.e. each sentence's
+    (ints for the counts). The density figures (`nll`, `ppl`, `elbo`, `decoder_kl`) are under the model's prior
+    (`config.prior`); each name in `priors` (`"fitted"`, `"scaled"`) adds them under that prior as `nll_fitted`, ...,
+    computed from the same importance samples. N = `num_sentences`, T = `num_tokens` (counted tokens: labels != -100, i.e. each sentence's
     tokens and its EOS; not BOS, not padding). All NLLs are in nats.
 
     - `nll`: −IW log p(x) (`iw_log_likelihood` with k = `num_importance_samples` samples from the decoder's posterior),
@@ -372,7 +406,9 @@ def evaluate_model(
 
     stochastic = model.collapse.stochastic
     use_iw = stochastic and bool(num_importance_samples)
-    sums = dict(iw_nll=0.0, elbo=0.0, reconstruction_nll=0.0, kl=0.0, decoder_kl=0.0, correct=0)
+    prior_names = ["", *priors]
+    density = {(key, name): 0.0 for key in ("iw_nll", "elbo", "decoder_kl") for name in prior_names}
+    sums = dict(reconstruction_nll=0.0, kl=0.0, correct=0)
     num_sentences = num_tokens = 0
     mus, logvars, decoder_mus, decoder_batches = [], [], [], []
     try:
@@ -398,13 +434,16 @@ def evaluate_model(
             sums["reconstruction_nll"] += float(token_nll(logits, labels).double().sum())
             sums["correct"] += int(((logits.argmax(-1) == labels) & counted).sum())
             sums["kl"] += float(gaussian_kl(mu.double(), logvar.double()).sum())
-            decoder_kl = gaussian_kl(decoder_mu.double(), logvar.double(), posterior.prior_std.double())
-            sums["decoder_kl"] += float(decoder_kl.sum())
+            for name, (prior_mean, prior_std) in _priors_of(model, posterior, prior_names).items():
+                density["decoder_kl", name] += float(_decoder_kl(posterior, prior_mean, prior_std).sum())
             if use_iw:
-                iw = _iw_from_posterior(model, batch, posterior, num_importance_samples, chunk_size, generator)
-                sums["iw_nll"] -= float(iw.sum())
+                iw = _iw_from_posterior(model, batch, posterior, num_importance_samples, chunk_size, generator, prior_names)
+                for name in prior_names:
+                    density["iw_nll", name] -= float(iw[name].sum())
             if stochastic:
-                sums["elbo"] += float(_elbo_from_posterior(model, batch, posterior, generator).sum())
+                bound = _elbo_from_posterior(model, batch, posterior, generator, prior_names)
+                for name in prior_names:
+                    density["elbo", name] += float(bound[name].sum())
 
             num_sentences += labels.shape[0]
             num_tokens += int(counted.sum())
@@ -439,13 +478,20 @@ def evaluate_model(
             shuffle_gap = (shuffled_nll - sums["reconstruction_nll"]) / num_sentences
 
     nan = float("nan")
+    per_prior = {}
+    for name in prior_names:
+        suffix = f"_{name}" if name else ""
+        iw_nll = density["iw_nll", name]
+        per_prior.update({
+            f"nll{suffix}": iw_nll / num_sentences if use_iw else nan,
+            f"ppl{suffix}": math.exp(iw_nll / num_tokens) if use_iw and num_tokens else nan,
+            f"elbo{suffix}": density["elbo", name] / num_sentences if stochastic else nan,
+            f"decoder_kl{suffix}": density["decoder_kl", name] / num_sentences,
+        })
     return {
-        "nll": sums["iw_nll"] / num_sentences if use_iw else nan,
-        "ppl": math.exp(sums["iw_nll"] / num_tokens) if use_iw and num_tokens else nan,
-        "elbo": sums["elbo"] / num_sentences if stochastic else nan,
+        **per_prior,
         "reconstruction_nll": sums["reconstruction_nll"] / num_sentences,
         "kl": sums["kl"] / num_sentences,
-        "decoder_kl": sums["decoder_kl"] / num_sentences,
         "mi": mutual_information(mu, logvar, generator=generator),
         "mi_decoder": mutual_information(decoder_mu.double(), logvar, generator=generator),
         "au": active_units(mu) if num_sentences > 1 else 0,

@@ -112,12 +112,14 @@ def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str
         n = batch["input_ids"].shape[0]
         mus.append(out.mu)
         logvars.append(out.logvar)
-        decoder_mus.append(out.mu * model.prior_std())  # in eval mode the decoder's mean is f ⊙ mu, f the saved one
+        decoder_mus.append(out.decoder_mu)
         rec, kl, decoder_kl = rec + out.reconstruction_loss.item() * n, kl + out.kl.item() * n, decoder_kl + out.decoder_kl.item() * n
         count += n
     model.train(was_training)
     mu, logvar, decoder_mu = torch.cat(mus), torch.cat(logvars), torch.cat(decoder_mus)
-    factors = model.prior_std()
+    factors = getattr(model.collapse, "scale_factors", None)
+    if factors is None:
+        factors = torch.ones(1)
     return {
         "reconstruction_loss": rec / count,
         "kl": kl / count,

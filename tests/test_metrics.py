@@ -118,7 +118,7 @@ class LinearGaussianVAE(torch.nn.Module):
             mean, var = mean + 0.4, var * 1.8
         return mean, var
 
-    def encode(self, input_ids, attention_mask=None):
+    def encode(self, input_ids, attention_mask=None, prior=None):
         mean, var = self.posterior(input_ids)
         return ScaleVAEEncoderOutput(mu=mean / self.f, logvar=var.log(), decoder_mu=mean, prior_std=self.f)
 

@@ -62,7 +62,7 @@ def test_kl_is_the_analytic_kl_of_the_unscaled_posterior():
 
 
 def test_running_estimate_is_saved_and_used_outside_training(tmp_path):
-    model = tiny_model(scale_momentum=0.5)
+    model = tiny_model(scale_momentum=0.5, prior="scaled")
     train_steps(model, steps=3)
     saved = model.collapse.scale_factors.clone()
     assert not torch.allclose(saved, torch.ones_like(saved))
