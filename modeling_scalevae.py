@@ -764,7 +764,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             latents=latents,
             cache=decoder_outputs.cache if use_cache else None,
         )
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 
     def _shift_labels_right(self, labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:

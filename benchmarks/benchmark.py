@@ -2,6 +2,8 @@
 
     python benchmarks/benchmark.py                 # MiniLM encoder + the default small GPT-2, batch 32
     python benchmarks/benchmark.py --quick         # a tiny random model, for a smoke run
+    python benchmarks/benchmark.py --device cuda   # the same ratios on a GPU, plus throughput figures
+                                                   # (results_gpu.json; --extended adds them on a CPU too)
 
 Targets (ROADMAP.md): training step Scale-VAE / VAE <= 1.03; generation from a latent >= 0.9x the decoder's plain
 `generate` and >= 5x a cache-less loop; IW-NLL with k samples <= 1.25x the floor of k batched teacher-forced decoder
@@ -27,12 +29,22 @@ from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_t
 from scalevae.metrics import iw_log_likelihood  # noqa: E402
 
 
+DEVICE = torch.device("cpu")
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_times(contenders: dict, rounds: int) -> dict[str, float]:
     times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -41,15 +53,17 @@ def setup(strategy: str, args):
     torch.manual_seed(0)
     overrides = dict(n_layer=1, n_embd=64, n_head=2) if args.quick else {}
     model, enc, dec = build_model(args.encoder, latent_size=32, collapse_strategy=strategy, decoder_config_overrides=overrides)
-    return model, enc, dec
+    return model.to(DEVICE), enc, dec
 
 
-def training_step_fn(model, batch):
+def training_step_fn(model, batch, dtype=None):
+    """One optimizer step; `dtype` (torch.bfloat16) runs forward under autocast, as Trainer's --bf16 does."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
     def step():
-        loss = model(**batch).loss
+        with torch.autocast(DEVICE.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -74,7 +88,7 @@ def collate(texts, enc, dec, max_length):
     columns = tokenize_texts(texts, enc, dec, max_length)
     features = [{key: columns[key][i] for key in ("input_ids", "attention_mask", "decoder_input_ids", "labels")}
                 for i in range(len(texts))]
-    return DataCollatorForLatentLM(enc, dec)(features)
+    return {key: value.to(DEVICE) for key, value in DataCollatorForLatentLM(enc, dec)(features).items()}
 
 
 def main():
@@ -85,9 +99,14 @@ def main():
     parser.add_argument("--max_length", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--importance_samples", type=int, default=50)
-    parser.add_argument("--output", default="benchmarks/results.json")
+    parser.add_argument("--output", default=None, help="default: benchmarks/results.json (results_gpu.json on cuda)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--extended", action="store_true", help="throughput figures also on a CPU (always on cuda)")
+    parser.add_argument("--large_batch", type=int, default=256, help="the large batch of the throughput figures")
     parser.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args._memory_child:
         return peak_memory_child(args._memory_child, args)
 
@@ -103,6 +122,13 @@ def main():
         fn()  # warm-up
     t = median_times(steps, args.rounds)
     results["train_step_scale_over_vae"] = t["scale"] / t["vae"]
+    steps_bf16 = {"scale": training_step_fn(scale, batch, torch.bfloat16), "vae": training_step_fn(vae, batch, torch.bfloat16)}
+    for fn in steps_bf16.values():
+        fn()
+    t_bf16 = median_times(steps_bf16, args.rounds)
+    results["train_step_scale_over_vae_bf16"] = t_bf16["scale"] / t_bf16["vae"]
+    throughput = {"train_sentences_per_s_fp32": args.batch_size / t["scale"],
+                  "train_sentences_per_s_bf16": args.batch_size / t_bf16["scale"]}
 
     # 2. Tokenisation + collation against a training step.
     t_data = median_times({"data": lambda: collate(texts, enc, dec, args.max_length)}, args.rounds)["data"]
@@ -111,7 +137,7 @@ def main():
     # 3. Generation from a latent: our cached generate, GPT-2's own generate, and a cache-less loop.
     scale.eval()
     z = scale.encode(batch["input_ids"], batch["attention_mask"]).decoder_mu.detach()
-    bos = torch.full((z.shape[0], 1), dec.bos_token_id)
+    bos = torch.full((z.shape[0], 1), dec.bos_token_id, device=DEVICE)
     new_tokens = args.max_length
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
@@ -132,14 +158,14 @@ def main():
     # 4. IW-NLL with k samples against its floor: k teacher-forced decoder forwards, batched the same way.
     k, chunk = args.importance_samples, 50
     sub = {key: v[:8] for key, v in batch.items()}
-    gen_z = torch.Generator().manual_seed(0)
+    gen_z = torch.Generator(device=DEVICE).manual_seed(0)
 
     @torch.no_grad()
     def floor():
         for start in range(0, k, chunk):
             c = min(chunk, k - start)
             rep = {key: v.repeat_interleave(c, 0) for key, v in sub.items()}
-            scale.log_likelihood(torch.randn(rep["labels"].shape[0], 32), rep["decoder_input_ids"], rep["labels"],
+            scale.log_likelihood(torch.randn(rep["labels"].shape[0], 32, device=DEVICE), rep["decoder_input_ids"], rep["labels"],
                                  rep["decoder_attention_mask"])
 
     t = median_times({"iw": lambda: iw_log_likelihood(scale, sub, k, chunk, gen_z), "floor": floor},
@@ -157,6 +183,25 @@ def main():
 
     results["peak_memory_scale_over_ae"] = peak("scale") / peak("ae")
 
+    # 6. Throughput (on a GPU, or with --extended): latent generation at batch 1 and a large batch against the
+    # decoder's plain generate, IW-NLL sentences/s, peak GPU memory of a training step.
+    if DEVICE.type == "cuda" or args.extended:
+        for size in (1, args.large_batch):
+            zs = z[:1].expand(size, -1).contiguous()
+            start_ids = torch.full((size, 1), dec.bos_token_id, device=DEVICE)
+            t = median_times({
+                "ours": lambda: scale.generate(latents=zs, **gen),
+                "gpt2": lambda: scale.decoder.generate(start_ids, attention_mask=torch.ones_like(start_ids), **gen),
+            }, 3)
+            results[f"generate_speed_vs_plain_gpt2_batch{size}"] = t["gpt2"] / t["ours"]
+            throughput[f"generate_tokens_per_s_batch{size}"] = size * new_tokens / t["ours"]
+        t_iw = median_times({"iw": lambda: iw_log_likelihood(scale, sub, k, chunk, gen_z)}, 3)["iw"]
+        throughput[f"iw_nll_sentences_per_s_k{k}"] = sub["labels"].shape[0] / t_iw
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            steps["scale"]()
+            throughput["peak_gpu_memory_mib_train_step"] = torch.cuda.max_memory_allocated() / 2**20
+
     targets = {
         "train_step_scale_over_vae": ("<=", 1.03),
         "data_over_train_step": ("<", 0.05),
@@ -164,15 +209,23 @@ def main():
         "generate_speedup_vs_cacheless": (">=", 5.0),
         "iw_nll_over_decoder_floor": ("<=", 1.25),
         "peak_memory_scale_over_ae": ("<=", 1.1),
+        "train_step_scale_over_vae_bf16": ("<=", 1.03),
+        "generate_speed_vs_plain_gpt2_batch1": (">=", 0.9),
+        f"generate_speed_vs_plain_gpt2_batch{args.large_batch}": (">=", 0.9),
     }
     print(f"{'ratio':36}{'measured':>10}  target")
     for name, value in results.items():
         op, bound = targets[name]
         ok = {"<=": value <= bound, "<": value < bound, ">=": value >= bound}[op]
         print(f"{name:36}{value:10.3f}  {op} {bound}  {'ok' if ok else 'MISSED'}")
+    for name, value in throughput.items():
+        print(f"{name:36}{value:10.1f}")
     setting = "tiny random model" if args.quick else "MiniLM-L6 encoder + 4x256 GPT-2 decoder"
-    Path(args.output).write_text(json.dumps(dict(setting=setting, batch_size=args.batch_size,
-                                                 max_length=args.max_length, results=results), indent=2))
+    card = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    output = args.output or ("benchmarks/results_gpu.json" if DEVICE.type == "cuda" else "benchmarks/results.json")
+    Path(output).write_text(json.dumps(dict(setting=setting, device=card, torch=torch.__version__,
+                                            batch_size=args.batch_size, max_length=args.max_length,
+                                            results=results, throughput=throughput), indent=2))
 
 
 if __name__ == "__main__":

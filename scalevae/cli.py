@@ -48,15 +48,27 @@ class DataArguments:
 
 
 def train(argv: list[str]) -> None:
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import HfArgumentParser, TrainingArguments, enable_full_determinism, set_seed
 
     from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-    from .hub import save_model
+    from .hub import checkpoint_config_differences, public_command, save_model
     from .text import build_model
     from .training import KLSchedule, make_trainer
 
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), description=TRAIN_HELP)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(
+            f"--max_steps {training_args.max_steps}: give a number of optimizer steps >= 1, or leave it out (-1) to "
+            "train for --num_train_epochs."
+        )
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise ValueError(f"--num_train_epochs {training_args.num_train_epochs} must be > 0 (or give --max_steps >= 1).")
+    # The model's random initialisation is part of the run: seed before building it (Trainer seeds only itself).
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
     if data_args.train_file:
         files = {"train": data_args.train_file}
         if data_args.validation_file:
@@ -73,19 +85,29 @@ def train(argv: list[str]) -> None:
         decoder_config_overrides=dict(n_layer=model_args.decoder_layers, n_embd=model_args.decoder_width,
                                       n_head=model_args.decoder_heads),
     )
+    if training_args.resume_from_checkpoint:
+        differences = checkpoint_config_differences(model.config, training_args.resume_from_checkpoint)
+        if differences:
+            raise ValueError(
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint} was trained with another model: "
+                + "; ".join(differences) + ". Resume with the options the checkpoint was trained with."
+            )
     dataset, _ = tokenize_dataset(raw, encoder_tokenizer, decoder_tokenizer, data_args.max_length)
     total = training_args.max_steps if training_args.max_steps > 0 else None
     schedule = KLSchedule(
         model_args.kl_schedule, model_args.kl_max_weight, model_args.kl_warmup_steps, total or 1,
         model_args.kl_n_cycle, model_args.kl_ratio_zero, model_args.kl_ratio_increase,
     )
+    # The card's record: no credentials, no local paths (render_model_card scrubs them).
+    recipe = dict(data=data_args.train_file or data_args.dataset_name or "embedded default corpus",
+                  command=public_command(["scalevae", "train", *argv]))
     trainer = make_trainer(
         model, training_args, dataset["train"], DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer),
         eval_dataset=dataset.get("validation"), kl_schedule=schedule, processing_class=encoder_tokenizer,
+        training=recipe,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    recipe = dict(data=data_args.train_file or data_args.dataset_name or "embedded default corpus",
-                  steps=trainer.state.global_step, command="scalevae train " + " ".join(argv))
+    recipe["steps"] = trainer.state.global_step
     save_model(Path(training_args.output_dir) / "final", model, encoder_tokenizer, decoder_tokenizer, training=recipe)
     print(f"saved {Path(training_args.output_dir) / 'final'}")
 
@@ -98,6 +120,7 @@ def evaluate(args) -> None:
     from .text import load_pretrained
 
     model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model)
+    model.to(resolve_device(args.device))
     texts = load_text_dataset({"test": args.data})["test"]
     if args.max_sentences:
         texts = texts.select(range(min(args.max_sentences, len(texts))))
@@ -118,6 +141,7 @@ def generate(args) -> None:
     from .text import LatentText
 
     text = LatentText.from_pretrained(args.model)
+    text.model.to(resolve_device(args.device))
     decoding = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     if args.do_sample:
         decoding.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
@@ -137,6 +161,19 @@ def generate(args) -> None:
         print(line)
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """`--device`: the name given, else CUDA when there is a GPU, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SystemExit(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps): {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this torch build or machine has no CUDA GPU; use --device cpu.")
+    return device
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
@@ -148,8 +185,14 @@ def main(argv: list[str] | None = None) -> None:
     quick.add_argument("--output_dir", default="outputs/quickstart")
     quick.add_argument("--collapse_strategy", default="scale", choices=["scale", "vae", "free_bits", "bn", "ae"])
     quick.add_argument("--compare_vae", action="store_true", help="also train a plain VAE and print it beside")
-    quick.add_argument("--max_steps", type=int, default=400)
+    quick.add_argument("--train_minutes", type=float, default=7.0, help="wall-clock training budget of each run")
+    quick.add_argument("--max_steps", type=int, default=None, help="train exactly this many steps instead (reproducible)")
     quick.add_argument("--batch_size", type=int, default=32)
+    quick.add_argument("--learning_rate", type=float, default=1e-3, help="constant after 50 warm-up steps")
+    quick.add_argument("--des_std", type=float, default=1.0, help="Scale-VAE's target std of the scaled means")
+    quick.add_argument("--freeze_encoder", default="all",
+                       help="'all' (default: only the latent head and decoder train), 'none', or a number of lower layers")
+    quick.add_argument("--decoder_vocab_size", type=int, default=4096, help="size of the BPE fitted to the training text")
     quick.add_argument("--num_importance_samples", type=int, default=20)
     quick.add_argument("--eval_sentences", type=int, default=200)
     quick.add_argument("--seed", type=int, default=0)
@@ -164,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--max_length", type=int, default=64)
     ev.add_argument("--batch_size", type=int, default=16)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     ev.add_argument("--output", default=None, help="JSON file (default: MODEL/eval_results.json)")
 
     gen = commands.add_parser("generate", help="sample, reconstruct, interpolate or do latent arithmetic")
@@ -180,13 +224,45 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top_p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+
+    cmp = commands.add_parser(
+        "compare",
+        help="train every collapse remedy with the same model, data and seeds; write a table, JSON and PNGs",
+        description="Trains VAE, VAE + cyclical KL annealing, free bits, BN-VAE, AE and Scale-VAE (running and f_epo "
+        "schedules, and a des_std sweep) with the same encoder, decoder, data, steps, optimizer and seeds, evaluates "
+        "each under both priors, and writes OUTPUT/results.md, results.json and PNGs. Rerun the same command to resume.",
+    )
+    from .compare import PRESETS
+
+    cmp.add_argument("--preset", default="ptb-cpu", choices=sorted(PRESETS))
+    cmp.add_argument("--output_dir", default=None, help="default: outputs/compare-PRESET")
+    cmp.add_argument("--data_dir", default=None, help="folder of the preset's files (default: ../shared/data)")
+    cmp.add_argument("--encoder", default=None, help="BERT-style encoder path or Hub id (default: offline MiniLM)")
+    cmp.add_argument("--runs", nargs="+", default=None, help="a subset of the runs, e.g. vae bn scale_0.5")
+    cmp.add_argument("--seeds", nargs="+", type=int, default=None)
+    cmp.add_argument("--max_steps", type=int, default=None, help="override the preset's steps")
 
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        from .compare import run_comparison
+
+        summary = run_comparison(args.preset, args.output_dir or f"outputs/compare-{args.preset}", args.data_dir,
+                                 args.encoder, args.runs, args.seeds, args.max_steps)
+        print((Path(args.output_dir or f"outputs/compare-{args.preset}") / "results.md").read_text())
+        return summary
     if args.command == "quickstart":
         from .quickstart import run
 
+        frozen = {"all": True, "none": False}.get(args.freeze_encoder)
+        if frozen is None:
+            if not args.freeze_encoder.isdigit():
+                parser.error(f"--freeze_encoder {args.freeze_encoder!r}: give all, none or a number of layers")
+            frozen = int(args.freeze_encoder)
         run(output_dir=args.output_dir, collapse_strategy=args.collapse_strategy, compare_vae=args.compare_vae,
-            max_steps=args.max_steps, batch_size=args.batch_size, num_importance_samples=args.num_importance_samples,
+            train_minutes=args.train_minutes, max_steps=args.max_steps, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, des_std=args.des_std, freeze_encoder=frozen,
+            decoder_vocab_size=args.decoder_vocab_size, num_importance_samples=args.num_importance_samples,
             eval_sentences=args.eval_sentences, seed=args.seed)
     elif args.command == "evaluate":
         evaluate(args)

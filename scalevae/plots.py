@@ -35,7 +35,8 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> 
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a run too short to log has nothing to label
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -70,3 +71,61 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_comparison(results: list[dict], summary: dict, output_dir: str | Path) -> list[Path]:
+    """The comparison's three figures: training curves per run (first seed), test IW-NLL against MI of the
+    decoder's latent (mean ± sd over seeds), and Scale-VAE's des_std sweep."""
+    output_dir = Path(output_dir)
+    runs = summary["runs"]
+    first_seed = {}
+    for result in results:
+        first_seed.setdefault(result["run"], result)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, (key, title) in zip(axes, [("reconstruction_loss", "reconstruction NLL (nats / sentence)"),
+                                       ("kl", "KL, original posterior (nats)"),
+                                       ("mi_decoder", "MI, decoder's latent (nats)")]):
+        for name, result in first_seed.items():
+            points = [(h["step"], h[key]) for h in result["history"] if key in h]
+            if points:
+                ax.plot(*zip(*points), label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths = [_save(fig, output_dir / "comparison_curves.png")]
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, row in runs.items():
+        (nll, nll_sd), (mi, mi_sd) = row["test"]["nll_fitted"], row["test"]["mi_decoder"]
+        if nll == nll:  # AE has no density
+            ax.errorbar(mi, nll, xerr=mi_sd, yerr=nll_sd, fmt="o", capsize=3)
+            ax.annotate(name, (mi, nll), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("MI of the decoder's latent (nats)")
+    ax.set_ylabel("test IW-NLL, fitted prior (nats / sentence)")
+    ax.set_title("density against latent use (lower right is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(_save(fig, output_dir / "comparison_nll_vs_mi.png"))
+
+    sweep = sorted((float(n[len("scale_"):]), row) for n, row in runs.items()
+                   if n.startswith("scale_") and n != "scale_epoch")
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        des = [d for d, _ in sweep]
+        for key, label in [("nll_fitted", "IW-NLL, fitted prior"), ("nll_scaled", "IW-NLL, N(0, diag f²)")]:
+            ax.errorbar(des, [r["test"][key][0] for _, r in sweep], yerr=[r["test"][key][1] for _, r in sweep],
+                        marker="o", capsize=3, label=label)
+        ax.set_xlabel("des_std")
+        ax.set_ylabel("test IW-NLL (nats / sentence)")
+        twin = ax.twinx()
+        twin.errorbar(des, [r["test"]["mi_decoder"][0] for _, r in sweep],
+                      yerr=[r["test"]["mi_decoder"][1] for _, r in sweep], marker="s", color="tab:green",
+                      capsize=3, label="MI, decoder's latent")
+        twin.set_ylabel("MI (nats)")
+        fig.legend(loc="upper center", fontsize=8, ncol=3)
+        ax.grid(alpha=0.3)
+        fig.tight_layout(rect=(0, 0, 1, 0.92))
+        paths.append(_save(fig, output_dir / "comparison_des_std_sweep.png"))
+    return paths
