@@ -960,8 +960,8 @@ def _check_encoder_inputs(config, input_ids: torch.Tensor, attention_mask: torch
         empty = (attention_mask == 0).all(dim=1)
         if bool(empty.any()):
             logger.warning_once(
-                f"attention_mask has rows of zeros only (row {int(empty.nonzero()[0, 0])} of {tuple(attention_mask.shape)}"
-                "): the encoder then sees no token of that sentence, and every such row gets the same posterior."
+                "attention_mask has a row of zeros only: the encoder sees no token of that sentence, and every such "
+                "row gets the same posterior. Is the mask inverted, or is a sentence empty?"
             )
 
 
@@ -1071,15 +1071,22 @@ def _weights_checksum(path, header_length: int, header: dict) -> str:
     import hashlib
     import json
     import mmap
+    import warnings
 
     tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
     digest = hashlib.sha256(json.dumps(tensors, sort_keys=True, separators=(",", ":")).encode())
     start = 8 + header_length
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as data:
+    populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page at once, not one page fault at a time
+    with open(path, "rb") as handle, (
+        mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ) if populate
+        else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    ) as data:
         rows = (len(data) - start) // (8 * _CHECKSUM_ROW_WORDS)
         end = start + rows * 8 * _CHECKSUM_ROW_WORDS
-        if rows:  # copy-on-write mapping: a writable buffer for torch, nothing is copied or written
-            words = torch.frombuffer(data, dtype=torch.int64, offset=start, count=end - start >> 3)
+        if rows:
+            with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is only read
+                warnings.simplefilter("ignore", UserWarning)
+                words = torch.frombuffer(data, dtype=torch.int64, offset=start, count=end - start >> 3)
             row_sums = words.view(rows, _CHECKSUM_ROW_WORDS).sum(1)
             weighted = (row_sums * torch.arange(1, rows + 1, dtype=torch.int64)).sum()
             sums = torch.stack([row_sums.sum(), weighted]).tolist()

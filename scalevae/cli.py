@@ -133,7 +133,8 @@ def evaluate(args) -> None:
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
     output = Path(args.output or Path(args.model) / "eval_results.json")
-    output.write_text(json.dumps(metrics, indent=2))
+    # NaN marks a figure not computed (e.g. NLL with --num_samples 0): JSON has no NaN, null says the same.
+    output.write_text(json.dumps({k: None if v != v else v for k, v in metrics.items()}, indent=2, allow_nan=False))
     print(f"wrote {output}")
 
 

@@ -42,7 +42,8 @@ __all__ = [
 
 
 def check_text_file(path: str | Path) -> None:
-    """Raise ``ValueError`` unless ``path`` is a UTF-8 text file with a non-blank line.
+    """Raise ``ValueError`` unless ``path`` is a UTF-8 text file with a non-blank line; warn (naming the line) if it
+    holds NUL bytes, which `load_text_dataset` reads as spaces.
 
     ``datasets`` would otherwise fail deep inside a worker with an error that does not
     name the file, or silently build an empty split.
@@ -52,11 +53,21 @@ def check_text_file(path: str | Path) -> None:
         raise ValueError(f"text file not found: {path}")
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
+    lines = 0
     has_text = False
+    nul_seen = False
     with open(path, "rb") as handle:
         while True:
             chunk = handle.read(_CHECK_CHUNK_BYTES)
             final = not chunk
+            if not nul_seen and b"\x00" in chunk:
+                nul_seen = True
+                line = lines + chunk.count(b"\n", 0, chunk.index(b"\x00")) + 1
+                logger.warning(
+                    "%s holds NUL bytes (first on line %d): each is read as a space, so the words around it stay apart. "
+                    "Is it a text file?", path, line,
+                )
+            lines += chunk.count(b"\n")
             try:
                 text = decoder.decode(chunk, final=final)
             except UnicodeDecodeError as error:
@@ -85,7 +96,9 @@ def _normalise_data_files(data_files: Mapping[str, str | Path] | str | Path) -> 
 def _strip_and_drop_empty(dataset: datasets.DatasetDict, num_proc: int | None) -> datasets.DatasetDict:
     # PTB-style files pad every line with a leading and trailing space; Hub datasets may hold None.
     stripped = dataset.map(
-        lambda batch: {TEXT_COLUMN: ["" if text is None else str(text).strip() for text in batch[TEXT_COLUMN]]},
+        # A NUL byte separates words (tokenizers would drop it and merge them; check_text_file warns).
+        lambda batch: {TEXT_COLUMN: ["" if text is None else str(text).replace("\x00", " ").strip()
+                                     for text in batch[TEXT_COLUMN]]},
         batched=True,
         num_proc=num_proc,
         desc="Stripping lines",

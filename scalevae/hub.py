@@ -14,6 +14,8 @@ registers the classes with `AutoConfig`/`AutoModel` in-process, so the package's
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import string
 import tempfile
@@ -23,7 +25,13 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel
 
 from configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
-from modeling_scalevae import ScaleVAEForLatentLM
+from modeling_scalevae import (
+    WEIGHTS_SAVED_AT_KEY,
+    ScaleVAEForLatentLM,
+    _read_safetensors_header,
+    _verify_weights_checksums,
+    _weights_files_in,
+)
 
 from .text import DECODER_TOKENIZER_SUBFOLDER, save_tokenizers
 
@@ -94,6 +102,81 @@ _NOT_HYPERPARAMETERS = {
     "output_hidden_states",
     "return_dict",
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a published folder may say about the machine that made it
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Command-line flags whose values are credentials: never written into a card.
+_SECRET_FLAG = re.compile(r"token|passw|secret|key|credential", re.IGNORECASE)
+# Hugging Face access tokens, wherever they appear.
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
+HIDDEN = "***"
+
+
+def _is_local_path(value: str) -> bool:
+    return bool(value) and (os.path.isabs(value) or value.startswith("~") or os.path.exists(value))
+
+
+def public_value(value):
+    """`value` as a published folder may show it: a local path becomes "local file `name`" / "local folder `name`"
+    (its base name only: the rest of the path belongs to the machine), an access token becomes ***; anything else
+    is returned as it is."""
+    if not isinstance(value, str):
+        return value
+    if _is_local_path(value):
+        path = Path(os.path.expanduser(value))
+        kind = "folder" if path.is_dir() else "file"
+        return f"local {kind} `{path.name or path.resolve().name}`"
+    return _HF_TOKEN.sub(HIDDEN, value)
+
+
+def public_command(command) -> str:
+    """A command line fit for a model card: the values of flags named like credentials (`--*token*`, `*password*`,
+    `*secret*`, `*key*`) are replaced by ***, and local paths by their base name."""
+    words = shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
+    public, hide_next = [], False
+    for word in words:
+        if hide_next and not word.startswith("-"):
+            public.append(HIDDEN)
+            hide_next = False
+            continue
+        hide_next = False
+        if word.startswith("-"):
+            name, equals, value = word.partition("=")
+            if _SECRET_FLAG.search(name):
+                hide_next = not equals
+                public.append(f"{name}={HIDDEN}" if equals else name)
+            else:
+                public.append(f"{name}={_public_word(value)}" if equals else word)
+        else:
+            public.append(_public_word(word))
+    return shlex.join(_HF_TOKEN.sub(HIDDEN, word) for word in public)
+
+
+def _public_word(word: str) -> str:
+    if _is_local_path(word):
+        return Path(os.path.expanduser(word)).name or word
+    return word
+
+
+def _public_training(training: dict) -> dict:
+    """The card's training record without local paths or credentials. A local `dataset` is not a Hub dataset: it
+    moves to the description of the data."""
+    public = {}
+    for key, value in training.items():
+        if key == "command":
+            public[key] = public_command(value)
+        elif _SECRET_FLAG.search(key) and key not in ("dataset",):
+            continue
+        else:
+            public[key] = public_value(value)
+    dataset = training.get("dataset")
+    if isinstance(dataset, str) and _is_local_path(dataset):
+        public.pop("dataset")
+        public.setdefault("data", public_value(dataset))
+    return public
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,6 +253,25 @@ def _flat_config(config) -> dict:
     return flat
 
 
+# Settings a run changes while it trains (the KL schedule sets the weight at every step): not part of a run's identity.
+_RUNTIME_SETTINGS = {"kl_weight"}
+
+
+def checkpoint_config_differences(config: ScaleVAEConfig, checkpoint: str | os.PathLike) -> list[str]:
+    """Every setting of `config` that the checkpoint folder's config.json holds with another value, in words naming
+    the field and both values (empty: the checkpoint was trained with this model's settings, or has no config.json,
+    which the Trainer reports itself)."""
+    if not (Path(checkpoint) / "config.json").is_file():
+        return []
+    values = _flat_config(config)
+    saved = _flat_config(ScaleVAEConfig.from_pretrained(checkpoint))
+    return [
+        f"{key}={values.get(key, NOT_SET)!r} now, {saved.get(key, NOT_SET)!r} in the checkpoint"
+        for key in sorted(set(values) | set(saved))
+        if key not in _RUNTIME_SETTINGS and values.get(key, NOT_SET) != saved.get(key, NOT_SET)
+    ]
+
+
 def non_default_hyperparameters(config: ScaleVAEConfig) -> dict[str, tuple]:
     """Every config value that differs from `ScaleVAEConfig()`'s, as name -> (value, default); the parts' settings
     are named `encoder.*` / `decoder.*` (their defaults: `BertConfig()` and `GPT2Config()`). A setting the default
@@ -225,10 +327,10 @@ def _installed_version() -> str:
 def _architecture(model: ScaleVAEForLatentLM, base_model: str | None = None) -> str:
     config = model.config
     enc, dec = config.encoder, config.decoder
-    encoder_source = base_model or getattr(enc, "_name_or_path", "") or ""
-    if os.path.isabs(encoder_source) or os.path.exists(encoder_source):
-        encoder_source = ""  # a path on the machine that trained it: meaningless to readers (and private)
-    encoder_source = f" from `{encoder_source}`" if encoder_source else ""
+    encoder_source = public_value(base_model or getattr(enc, "_name_or_path", "") or "")
+    if encoder_source and not encoder_source.startswith("local "):
+        encoder_source = f"`{encoder_source}`"
+    encoder_source = f" from {encoder_source}" if encoder_source else ""
     params = sum(p.numel() for p in model.parameters())
     return "\n".join(
         [
@@ -336,8 +438,9 @@ def render_model_card(
     pretrained encoder's Hub id), `model_name`, and any training argument (learning rate, batch size, ...). The
     non-default model hyperparameters come from `model.config`.
     """
-    training = dict(training or {})
+    training = _public_training(dict(training or {}))
     known, other, settings = _split_metrics(metrics)
+    settings = {key: public_value(value) for key, value in settings.items()}
     model_name = model_name or training.get("model_name") or "scalevae-model"
     config = model.config
     if config.collapse_strategy == "scale":
@@ -400,7 +503,8 @@ def _is_model_folder(folder: Path) -> bool:
 def _swap_in(new: Path, folder: Path) -> None:
     """Replace `folder` by `new`: rename the old one aside, rename the new one in, then delete the old one. Each rename
     is atomic, so `folder` is at every moment either the complete old folder, the complete new one, or (between the
-    two renames, if the process dies there) absent with the old one intact beside it, which the next save restores."""
+    two renames, if the process dies there) absent with both complete folders beside it, which the next save
+    restores (`recover_interrupted_save`)."""
     if not folder.exists():
         os.rename(new, folder)
         return
@@ -414,13 +518,48 @@ def _swap_in(new: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _recover_interrupted_swap(folder: Path) -> None:
-    """If a save died between its two renames, `folder` is missing and the old folder sits aside: put it back."""
-    if folder.exists():
-        return
-    leftovers = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if leftovers and _is_model_folder(leftovers[-1]):
-        os.rename(leftovers[-1], folder)
+def _leftovers(folder: Path) -> list[Path]:
+    """The folders that killed saves of `folder` left beside it: `.NAME.tmp-*` (a new save being written) and
+    `.NAME.old-*` (a replaced folder being deleted, or set aside just before a kill)."""
+    return [p for p in folder.parent.glob(f".{folder.name}.*-*")
+            if p.is_dir() and p.name.startswith((f".{folder.name}.tmp-", f".{folder.name}.old-"))]
+
+
+def save_time(folder: str | os.PathLike) -> int | None:
+    """When the save that wrote `folder` ran (nanoseconds since the epoch, recorded in its weights' metadata; 0 for a
+    folder saved before scalevae recorded it), or None when `folder` is not a complete saved folder whose weights
+    match their checksum. Recovery trusts this, not the folder's mtime, which deleting files inside it changes."""
+    folder = Path(folder)
+    if missing_files(folder) or not _is_model_folder(folder):
+        return None
+    try:
+        files = _weights_files_in(str(folder))
+        stamps = [(_read_safetensors_header(path)[1].get("__metadata__") or {}).get(WEIGHTS_SAVED_AT_KEY)
+                  for path in files]
+        _verify_weights_checksums(files)
+    except (OSError, ValueError):
+        return None
+    return max((int(stamp) for stamp in stamps if stamp and stamp.isdigit()), default=0) if files else None
+
+
+def recover_interrupted_save(folder: str | os.PathLike) -> Path | None:
+    """Undo what killed saves of `folder` left (`save_model` calls it first): if `folder` is missing, put back the
+    newest complete folder among the leftovers, chosen by the save time recorded inside each (`save_time`), never by
+    mtime; then delete the other leftovers. Returns the folder it restored, or None. Leftovers with nothing complete
+    among them are kept while `folder` is missing, for the user to inspect."""
+    folder = Path(folder).absolute()
+    leftovers, restored = _leftovers(folder), None
+    if not folder.exists():
+        complete = [(stamp, path) for path in leftovers if (stamp := save_time(path)) is not None]
+        if not complete:
+            return None
+        newest = max(complete, key=lambda item: item[0])[1]
+        os.rename(newest, folder)
+        leftovers.remove(newest)
+        restored = folder
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return restored
 
 
 def save_model(
@@ -440,7 +579,7 @@ def save_model(
     not empty) is refused rather than replaced.
     """
     folder = Path(folder).absolute()
-    _recover_interrupted_swap(folder)
+    recover_interrupted_save(folder)
     if folder.exists():
         if not folder.is_dir():
             raise NotADirectoryError(f"{folder} exists and is not a folder.")
@@ -464,6 +603,8 @@ def save_model(
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
+    for path in _leftovers(folder):  # of saves killed earlier (this one's own are gone)
+        shutil.rmtree(path, ignore_errors=True)
     return folder
 
 
@@ -541,11 +682,16 @@ def push_to_hub(
 
 __all__ = [
     "card_template_path",
+    "checkpoint_config_differences",
     "folder_files",
     "missing_files",
     "non_default_hyperparameters",
     "push_to_hub",
+    "recover_interrupted_save",
+    "public_command",
+    "public_value",
     "render_model_card",
     "save_model",
+    "save_time",
     "write_model_card",
 ]

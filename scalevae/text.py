@@ -103,16 +103,59 @@ def save_tokenizers(path: str | os.PathLike, encoder_tokenizer, decoder_tokenize
     decoder_tokenizer.save_pretrained(Path(path) / DECODER_TOKENIZER_SUBFOLDER)
 
 
+def _check_saved_folder(path: str | os.PathLike) -> None:
+    """Refuse, before loading anything, a local path that does not exist or a folder without both tokenizers, with
+    what to do about it (AutoTokenizer would say that sentencepiece or tiktoken is missing)."""
+    name = str(path)
+    if not os.path.isdir(name):
+        looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
+        if os.path.exists(name):
+            raise NotADirectoryError(f"{name} is a file: give the folder of a saved model.")
+        if looks_local:
+            raise FileNotFoundError(f"{name} does not exist: give the folder of a saved model (or a Hub repository id).")
+        return  # a Hub id: the Hub says whether it exists
+    fix = (
+        "A folder written by `model.save_pretrained` (or a Trainer checkpoint of scalevae before 0.2) holds the model "
+        "but not its tokenizers: add them with `scalevae.save_tokenizers(folder, encoder_tokenizer, "
+        "decoder_tokenizer)`, the two tokenizers the model was trained with, or save with `scalevae.hub.save_model`."
+    )
+    tokenizer_files = ("tokenizer_config.json", "tokenizer.json")
+    if not any(os.path.isfile(os.path.join(name, file)) for file in tokenizer_files):
+        raise FileNotFoundError(f"{name} has no encoder tokenizer (no tokenizer_config.json at its root). {fix}")
+    decoder_folder = os.path.join(name, DECODER_TOKENIZER_SUBFOLDER)
+    if not any(os.path.isfile(os.path.join(decoder_folder, file)) for file in tokenizer_files):
+        raise FileNotFoundError(
+            f"{name} has no decoder tokenizer (no {DECODER_TOKENIZER_SUBFOLDER}/ folder with a tokenizer_config.json). "
+            f"{fix}"
+        )
+
+
 def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """The encoder's tokenizer (the folder's root) and the decoder's (`decoder_tokenizer/`) of a saved folder.
+
+    Raises:
+        FileNotFoundError: the local path does not exist, or it lacks one of the tokenizers (the message says how
+            to add them).
+    """
+    _check_saved_folder(path)
     encoder_tokenizer = AutoTokenizer.from_pretrained(path)
-    decoder_tokenizer = AutoTokenizer.from_pretrained(path, subfolder=DECODER_TOKENIZER_SUBFOLDER)
+    try:
+        decoder_tokenizer = AutoTokenizer.from_pretrained(path, subfolder=DECODER_TOKENIZER_SUBFOLDER)
+    except (OSError, ValueError) as error:  # a Hub repository without the subfolder
+        raise FileNotFoundError(
+            f"{path} has no loadable decoder tokenizer in {DECODER_TOKENIZER_SUBFOLDER}/ ({error}). Save the model "
+            "with scalevae.hub.save_model, which writes both tokenizers."
+        ) from error
     return encoder_tokenizer, decoder_tokenizer
 
 
 def load_pretrained(path: str | os.PathLike, **kwargs):
-    """A saved folder's model (in eval mode) and both tokenizers."""
+    """A saved folder's model (in eval mode) and both tokenizers; `kwargs` go to `ScaleVAEForLatentLM.from_pretrained`
+    (e.g. `verify_weights=False`). A folder without its tokenizers is refused before the model is loaded."""
+    _check_saved_folder(path)
+    tokenizers = load_tokenizers(path)
     model = ScaleVAEForLatentLM.from_pretrained(path, **kwargs).eval()
-    return (model, *load_tokenizers(path))
+    return (model, *tokenizers)
 
 
 class LatentText:
@@ -137,15 +180,28 @@ class LatentText:
         return self.model.encode(batch["input_ids"], batch["attention_mask"]).decoder_mu
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, **generation_kwargs) -> list[str]:
-        generation_kwargs.setdefault("max_new_tokens", self.max_length)
-        ids = self.model.generate(latents=latents.to(self.model.device), **generation_kwargs)
+    def decode(self, latents, **generation_kwargs) -> list[str]:
+        """Generate a text from each latent (a tensor or a numpy array of shape (n, latent_size), any float type:
+        it is cast to the model's). Without `max_new_tokens` / `max_length`, up to `max_length` tokens, fewer if the
+        decoder has fewer positions."""
+        if not isinstance(latents, torch.Tensor):
+            latents = torch.as_tensor(latents)
+        if not latents.is_floating_point():
+            raise ValueError(f"latents must be floating point, got dtype {latents.dtype}.")
+        latents = latents.to(device=self.model.device, dtype=self.model.dtype)
+        if "max_length" not in generation_kwargs:
+            # the BOS token and, with memory injection, the latent's slot take positions too
+            room = self.model.config.decoder.n_positions - 1 - int(self.model.config.latent_injection != "embedding")
+            generation_kwargs.setdefault("max_new_tokens", min(self.max_length, room))
+        ids = self.model.generate(latents=latents, **generation_kwargs)
         return self.decoder_tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def reconstruct(self, texts: list[str], **generation_kwargs) -> list[str]:
         return self.decode(self.encode(texts), **generation_kwargs)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None, **generation_kwargs) -> list[str]:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r} must be a whole number >= 1.")
         return self.decode(self.model.sample_prior(num_samples, generator=generator), **generation_kwargs)
 
     def interpolate(self, text_a: str, text_b: str, steps: int = 5, **generation_kwargs) -> list[str]:

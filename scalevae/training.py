@@ -8,10 +8,13 @@ from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
 
 from .metrics import active_units, mutual_information
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -134,6 +137,29 @@ def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str
     }
 
 
+class CompleteCheckpointCallback(TrainerCallback):
+    """Makes every Trainer checkpoint a complete saved folder: beside the model (whose weights carry their checksum)
+    and the optimizer state, both tokenizers and a model card, so `LatentText.from_pretrained("…/checkpoint-N")`
+    loads it like a `save_model` folder."""
+
+    def __init__(self, encoder_tokenizer, decoder_tokenizer, training: dict | None = None):
+        self.encoder_tokenizer, self.decoder_tokenizer = encoder_tokenizer, decoder_tokenizer
+        self.training = dict(training or {})
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        import os
+
+        from .hub import write_model_card
+        from .text import save_tokenizers
+
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not args.should_save or not os.path.isdir(folder):
+            return
+        save_tokenizers(folder, self.encoder_tokenizer, self.decoder_tokenizer)
+        if model is not None:
+            write_model_card(folder, _unwrap(model), training={**self.training, "steps": state.global_step})
+
+
 def make_trainer(
     model,
     args,
@@ -144,10 +170,17 @@ def make_trainer(
     probe_size: int = 256,
     **trainer_kwargs,
 ) -> Trainer:
-    """A stock `Trainer` with the KL schedule, the Scale-VAE epoch hook and the latent monitor attached."""
+    """A stock `Trainer` with the KL schedule, the Scale-VAE epoch hook and the latent monitor attached; with a
+    `DataCollatorForLatentLM`, every checkpoint also gets both tokenizers and a model card (`training`: the card's
+    training record, see `scalevae.hub.render_model_card`)."""
+    training = trainer_kwargs.pop("training", None)
     callbacks = [ScaleEpochCallback()]
     if kl_schedule is not None:
         callbacks.append(KLScheduleCallback(kl_schedule))
+    encoder_tokenizer = getattr(data_collator, "encoder_tokenizer", None)
+    decoder_tokenizer = getattr(data_collator, "decoder_tokenizer", None)
+    if encoder_tokenizer is not None and decoder_tokenizer is not None:
+        callbacks.append(CompleteCheckpointCallback(encoder_tokenizer, decoder_tokenizer, training))
     trainer = Trainer(
         model=model,
         args=args,
@@ -158,6 +191,12 @@ def make_trainer(
         **trainer_kwargs,
     )
     probe_source = eval_dataset if eval_dataset is not None else train_dataset
+    if len(probe_source) < 2 and probe_source is not train_dataset and len(train_dataset) >= 2:
+        logger.warning("The validation set has one sentence; the latent monitor probes the training set instead.")
+        probe_source = train_dataset
+    if len(probe_source) < 2:  # MI and active units are spreads across sentences
+        logger.warning("The latent monitor is off: it needs at least two sentences (found %d).", len(probe_source))
+        return trainer
     probe = probe_source.select(range(min(probe_size, len(probe_source))))
     batch_size = args.per_device_eval_batch_size
     probe_batches = [data_collator([probe[i] for i in range(s, min(s + batch_size, len(probe)))])
