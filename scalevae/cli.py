@@ -77,7 +77,7 @@ def train(argv: list[str]) -> None:
     else:
         raw = load_text_dataset(dataset_name=data_args.dataset_name, text_column=data_args.text_column)
     model, encoder_tokenizer, decoder_tokenizer = build_model(
-        model_args.encoder, model_args.decoder, latent_size=model_args.latent_size,
+        model_args.encoder, model_args.decoder, train_texts=raw["train"]["text"], latent_size=model_args.latent_size,
         latent_injection=model_args.latent_injection, collapse_strategy=model_args.collapse_strategy,
         scale_target_std=model_args.des_std, scale_schedule=model_args.scale_schedule,
         scale_freeze_epochs=model_args.f_epo, scale_momentum=model_args.scale_momentum,

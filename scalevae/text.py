@@ -2,10 +2,11 @@
 (reconstruct, sample, interpolate, analogy)."""
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from modeling_scalevae import ScaleVAEForLatentLM, default_decoder_config
 
@@ -29,6 +30,40 @@ def decoder_tokenizer_from_encoder(encoder_tokenizer_path: str) -> PreTrainedTok
     tokenizer.add_special_tokens({"bos_token": tokenizer.convert_ids_to_tokens(bos_id),
                                   "eos_token": tokenizer.convert_ids_to_tokens(eos_id)})
     return tokenizer
+
+
+DECODER_SPECIAL_TOKENS = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def fit_decoder_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's scheme) fitted to `texts`, for a new decoder trained on them.
+
+    A new decoder learns every output row from the training data alone, so a few thousand tokens that the corpus
+    actually uses train far faster than a pretrained 30k vocabulary (whose softmax also costs a third of a step).
+    Byte-level BPE has no unknown token and decodes back to exactly the text it encoded. The ids of `<pad>`, `<s>` and
+    `</s>` are 0, 1 and 2. The fit is deterministic: same texts, same tokenizer.
+
+    Raises:
+        ValueError: `vocab_size` leaves no room for merges (below the 256 bytes plus the 3 special tokens).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [DECODER_SPECIAL_TOKENS[name] for name in ("pad_token", "bos_token", "eos_token")]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(f"vocab_size={vocab_size} must be at least {len(alphabet) + len(specials)} (bytes + specials).")
+    tokenizer = Tokenizer(models.BPE())
+    # No prefix space: a sentence's first word keeps the form it has at the start of a line.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    # Cleaning up spaces would turn "a , b" into "a, b": decoding must give back the bytes that were encoded.
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False,
+                                   **DECODER_SPECIAL_TOKENS)
 
 
 def decoder_special_token_ids(decoder_tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
@@ -67,17 +102,35 @@ def prepare_decoder_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedT
 def build_model(
     encoder: str | None = None,
     decoder: str | None = None,
-    decoder_tokenizer: str | None = None,
+    decoder_tokenizer: str | PreTrainedTokenizerBase | None = None,
     decoder_config_overrides: dict | None = None,
+    train_texts: Iterable[str] | None = None,
+    decoder_vocab_size: int = 4096,
     **config_kwargs,
 ) -> tuple[ScaleVAEForLatentLM, PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
-    """A model and its two tokenizers. `encoder`: a BERT-style model path or Hub id (default: the offline MiniLM);
-    `decoder`: a GPT-2 path or Hub id (default: a new small GPT-2 on the encoder's vocabulary, see
-    `default_decoder_config`). The decoder's special-token ids are read from its tokenizer, never hard-coded."""
+    """A model and its two tokenizers.
+
+    Args:
+        encoder: a BERT-style model path or Hub id (default: the offline MiniLM). Its tokenizer is the encoder's.
+        decoder: a GPT-2 path or Hub id; default: a new small GPT-2 (`default_decoder_config`, resized by
+            `decoder_config_overrides`) on the decoder tokenizer's vocabulary.
+        decoder_tokenizer: a tokenizer object or a path / Hub id (for a new decoder, a BERT-style one gets BOS/EOS
+            from CLS/SEP). Default: the pretrained decoder's own; for a new decoder, a byte-level BPE of
+            `decoder_vocab_size` tokens fitted to `train_texts` (`fit_decoder_tokenizer`), or the encoder's vocabulary
+            when no texts are given.
+        train_texts: the training texts the new decoder's tokenizer is fitted to.
+        **config_kwargs: `ScaleVAEConfig` fields (`latent_size`, `collapse_strategy`, `freeze_encoder`, ...).
+
+    The decoder's special-token ids are read from its tokenizer, never hard-coded.
+    """
     encoder = encoder or offline_encoder_path()
     encoder_tokenizer = AutoTokenizer.from_pretrained(encoder)
-    if decoder is not None:
+    if isinstance(decoder_tokenizer, PreTrainedTokenizerBase):
+        dec_tokenizer = prepare_decoder_tokenizer(decoder_tokenizer)
+    elif decoder is not None:
         dec_tokenizer = prepare_decoder_tokenizer(AutoTokenizer.from_pretrained(decoder_tokenizer or decoder))
+    elif decoder_tokenizer is None and train_texts is not None:
+        dec_tokenizer = prepare_decoder_tokenizer(fit_decoder_tokenizer(train_texts, decoder_vocab_size))
     else:
         dec_tokenizer = prepare_decoder_tokenizer(decoder_tokenizer_from_encoder(decoder_tokenizer or encoder))
     special = dict(
