@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     quick.add_argument("--train_minutes", type=float, default=7.0, help="wall-clock training budget of each run")
     quick.add_argument("--max_steps", type=int, default=None, help="train exactly this many steps instead (reproducible)")
     quick.add_argument("--batch_size", type=int, default=32)
-    quick.add_argument("--learning_rate", type=float, default=1e-3, help="constant after 50 warm-up steps")
+    quick.add_argument("--learning_rate", type=float, default=5e-4, help="constant after 50 warm-up steps")
     quick.add_argument("--des_std", type=float, default=1.0, help="Scale-VAE's target std of the scaled means")
     quick.add_argument("--freeze_encoder", default="all",
                        help="'all' (default: only the latent head and decoder train), 'none', or a number of lower layers")

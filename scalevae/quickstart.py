@@ -41,11 +41,11 @@ TABLE_ROWS = [
     ("token_accuracy", "token accuracy from mean z", ".3f"),
     ("bleu", "reconstruction BLEU", ".1f"),
     ("prior_distinct_2", "distinct bigrams, 20 prior samples", ".2f"),
+    ("longest_repeat", "longest same-token run, printed text", "d"),
 ]
 NAMES = {"scale": "Scale-VAE", "vae": "VAE", "free_bits": "free bits", "bn": "BN-VAE", "ae": "AE"}
 SHOWN = dict(reconstructions=3, samples=4, interpolation=5)
 PRIOR_SAMPLES = 20
-PRIOR_FIT_SENTENCES = 2048
 # Printed text is decoded as the README shows it: greedy for reconstructions and interpolations, nucleus sampling for
 # prior samples, always blocking repeated trigrams (a short-trained decoder otherwise loops on frequent words).
 GREEDY = dict(do_sample=False, no_repeat_ngram_size=3)
@@ -64,6 +64,7 @@ class TimeBudgetCallback(TrainerCallback):
     def __init__(self, seconds: float | None, stop_every: int, desc: str):
         self.seconds, self.stop_every, self.desc = seconds, stop_every, desc
         self.bar, self.start, self.last_check, self.loss = None, 0.0, 0.0, None
+        self.elapsed = 0.0  # seconds from the first step's start to the last step's end
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_check = time.perf_counter()
@@ -79,6 +80,7 @@ class TimeBudgetCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
         elapsed, step = now - self.start, state.global_step
+        self.elapsed = elapsed
         self.bar.set_postfix_str(f"step {step}" + (f", loss {self.loss:.1f}" if self.loss is not None else ""),
                                  refresh=False)
         self.bar.update((min(elapsed, self.seconds) if self.seconds else step) - self.bar.n)
@@ -168,22 +170,17 @@ def train_and_evaluate(
     trainer.remove_callback(PrinterCallback)  # the budget's bar shows the loss; the full logs go to TensorBoard
     trainer.remove_callback(ProgressCallback)
     name = NAMES.get(collapse_strategy, collapse_strategy)
-    trainer.add_callback(TimeBudgetCallback(None if max_steps else train_seconds, logging_steps, f"train {name}"))
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
-    steps = trainer.state.global_step
-    # The generative model's statistics (the fitted prior that samples are drawn from, BN-VAE's population moments)
-    # from a sample of the training set: 2,048 sentences pin 32 means and variances down well.
-    sample = dataset["train"].select(range(min(PRIOR_FIT_SENTENCES, len(dataset["train"]))))
-    model.fit_prior(DataLoader(sample, batch_size=64, collate_fn=collator))
+    budget = TimeBudgetCallback(None if max_steps else train_seconds, logging_steps, f"train {name}")
+    trainer.add_callback(budget)
+    trainer.train()  # make_trainer's FitPriorCallback refits the prior (that samples come from) when training ends
+    train_seconds, steps = budget.elapsed, trainer.state.global_step
 
     model.eval()
     loader = DataLoader(test, batch_size=32, collate_fn=collator)
     metrics = evaluate_model(model, loader, num_importance_samples=num_importance_samples,
                              generator=torch.Generator().manual_seed(seed))
     metrics["bleu"] = reconstruction_bleu_of(model, raw["test"]["text"], encoder_tokenizer, decoder_tokenizer, max_length)
-    samples = prior_samples(model, (encoder_tokenizer, decoder_tokenizer), PRIOR_SAMPLES, seed)
+    samples = prior_samples(model, (encoder_tokenizer, decoder_tokenizer), PRIOR_SAMPLES, seed, max_length)
     metrics["prior_distinct_2"] = distinct_bigrams(samples)
     metrics.update(dataset=data_files["test"] if data_files else "embedded default corpus", split="test",
                    num_importance_samples=num_importance_samples)
@@ -210,13 +207,13 @@ def train_and_evaluate(
                              for b in loader]).cpu()
     lengths = torch.tensor([len(labels) for labels in test["labels"]], dtype=torch.float)
     return dict(model=model, tokenizers=(encoder_tokenizer, decoder_tokenizer), metrics=metrics, timing=timing,
-                test_texts=raw["test"]["text"], lengths=lengths, samples=samples,
+                test_texts=raw["test"]["text"], lengths=lengths, samples=samples, max_length=max_length,
                 history=trainer.state.log_history, latents=latents, folder=folder)
 
 
-def prior_samples(model, tokenizers, num_samples: int, seed: int) -> list[str]:
+def prior_samples(model, tokenizers, num_samples: int, seed: int, max_length: int = 32) -> list[str]:
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    return LatentText(model, *tokenizers, max_length=32).sample(num_samples, generator=generator, **NUCLEUS)
+    return LatentText(model, *tokenizers, max_length=max_length).sample(num_samples, generator=generator, **NUCLEUS)
 
 
 def distinct_bigrams(texts: list[str]) -> float:
@@ -225,11 +222,11 @@ def distinct_bigrams(texts: list[str]) -> float:
     return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
-def longest_repeat(text: str) -> int:
-    """The longest run of one word repeated back to back ("the the the" → 3)."""
-    words, longest, run = text.split(), 0, 0
-    for i, word in enumerate(words):
-        run = run + 1 if i and word == words[i - 1] else 1
+def longest_repeat(tokens: list) -> int:
+    """The longest run of one token repeated back to back ([5, 7, 7, 7] → 3)."""
+    longest, run = 0, 0
+    for i, token in enumerate(tokens):
+        run = run + 1 if i and token == tokens[i - 1] else 1
         longest = max(longest, run)
     return longest
 
@@ -253,12 +250,14 @@ def show_examples(result: dict, seed: int) -> tuple[str, list[str]]:
     """Held-out reconstructions, prior samples and an interpolation between two test sentences; also every printed
     generated line (for the repetition check)."""
     model, tokenizers, texts = result["model"], result["tokenizers"], result["test_texts"]
-    text = LatentText(model, *tokenizers, max_length=32)
+    text = LatentText(model, *tokenizers, max_length=result["max_length"])
     sources = texts[: SHOWN["reconstructions"]]
     reconstructions = text.reconstruct(sources, **GREEDY)
     samples = result["samples"][: SHOWN["samples"]]
     ends = texts[SHOWN["reconstructions"] : SHOWN["reconstructions"] + 2]
     path = text.interpolate(*ends, steps=SHOWN["interpolation"], **GREEDY)
+    # One line each: an undertrained decoder may write newlines or tabs, which would break the layout.
+    reconstructions, samples, path = ([" ".join(line.split()) for line in lines] for lines in (reconstructions, samples, path))
     prior = "fitted" if model.config.prior == "fitted" else "N(0, diag f²)"
     lines = ["Reconstructions of test sentences (greedy, from the posterior mean):"]
     for source, output in zip(sources, reconstructions):
@@ -305,7 +304,7 @@ def run(
     batch_size: int = 32,
     max_length: int = 32,
     latent_size: int = 32,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 5e-4,
     warmup_steps: int = 50,
     num_importance_samples: int = 20,
     eval_sentences: int = 200,
@@ -341,10 +340,10 @@ def run(
                 logging_steps, freeze_encoder, decoder_vocab_size, des_std, encoder,
             )
     main = results[collapse_strategy]
-    table = format_table(results)
     examples, printed = show_examples(main, seed)
-    longest = max(longest_repeat(line) for line in printed + main["samples"])
-    main["metrics"]["longest_repeat"] = longest
+    printed_ids = main["tokenizers"][1](printed + main["samples"], add_special_tokens=False)["input_ids"]
+    main["metrics"]["longest_repeat"] = max(longest_repeat(ids) for ids in printed_ids)
+    table = format_table(results)
     notes = [explain(main["metrics"]), contrast(results)]
     if collapse_strategy == "scale" and not compare_vae:
         notes.append("Add --compare_vae to train a plain VAE the same way and see its posterior collapse beside.")

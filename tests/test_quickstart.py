@@ -15,7 +15,7 @@ from scalevae.corpus import default_corpus_files
 from scalevae.quickstart import TimeBudgetCallback, distinct_bigrams, longest_repeat
 from tests.conftest import TINY_DECODER
 
-TINY_RUN = dict(max_steps=4, eval_sentences=8, batch_size=8, num_importance_samples=2, logging_steps=2,
+TINY_RUN = dict(max_steps=4, max_length=16, eval_sentences=8, batch_size=8, num_importance_samples=2, logging_steps=2,
                 decoder_vocab_size=512, warmup_steps=2)
 
 
@@ -53,7 +53,8 @@ def test_budget_stops_on_a_logging_step_within_the_budget(monkeypatch):
 
 
 def test_repetition_and_diversity_measures():
-    assert longest_repeat("return the the the value") == 3 and longest_repeat("a b a b") == 1
+    assert longest_repeat("return the the the value".split()) == 3 and longest_repeat([1, 2, 1, 2]) == 1
+    assert longest_repeat([]) == 0
     assert distinct_bigrams(["a b c", "a b d"]) == 0.75 and distinct_bigrams(["one"]) == 0.0
 
 
