@@ -579,7 +579,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     ) -> ScaleVAEEncoderOutput:
         """The posterior of each sentence and the generative prior (`prior` overrides `config.prior`). Outside training
         the scale factors are the saved running estimate."""
-        _check_encoder_inputs(self.config, input_ids, attention_mask)
+        _check_encoder_inputs(self.config, input_ids, attention_mask, self.training)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -660,7 +660,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     ):
         """Teacher-forced decoder pass conditioned on z; returns the GPT-2 `CausalLMOutput` (logits, cache)."""
         latents = _as_model_latents(latents, self.dtype, self.device)
-        _check_decoder_inputs(self.config, decoder_input_ids, cache, self.injection.to_memory is not None)
+        _check_decoder_inputs(self.config, decoder_input_ids, cache, self.injection.to_memory is not None, self.training)
         # The value check reads a tensor back to the host: once per call (not per generated token), never in a
         # training step or under torch.compile.
         first_call = cache is None or cache.get_seq_length() == 0
@@ -717,7 +717,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         latents: a given z of shape `(batch_size, latent_size)`; it bypasses the encoder (teacher-forced decoding
             from z, e.g. for importance sampling), and the KL fields are then None.
         """
-        _check_forward_inputs(self.config, input_ids, decoder_input_ids, labels, latents)
+        _check_forward_inputs(self.config, input_ids, decoder_input_ids, labels, latents, self.training)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("Pass decoder_input_ids or labels: the decoder needs its inputs.")
@@ -938,8 +938,16 @@ def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int, che
 # and valid range instead of an IndexError deep inside an embedding.
 
 
-def _check_token_ids(name: str, ids: torch.Tensor | None, vocab_size: int, part: str, ignore_index=None) -> None:
-    if ids is None or ids.numel() == 0:
+def _may_read_values(tensor: torch.Tensor | None, training: bool) -> bool:
+    """Whether a check may read `tensor`'s values: always on the CPU (no device sync there), outside training on an
+    accelerator (a training step never waits on the host), never while torch.compile traces."""
+    return (tensor is not None and not torch.compiler.is_compiling()
+            and (tensor.device.type == "cpu" or not training))
+
+
+def _check_token_ids(name: str, ids: torch.Tensor | None, vocab_size: int, part: str, ignore_index=None,
+                     training: bool = False) -> None:
+    if ids is None or ids.numel() == 0 or not _may_read_values(ids, training):
         return
     valid = ids if ignore_index is None else ids[ids != ignore_index]
     if valid.numel() == 0:
@@ -954,9 +962,11 @@ def _check_token_ids(name: str, ids: torch.Tensor | None, vocab_size: int, part:
         )
 
 
-def _check_encoder_inputs(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-    _check_token_ids("input_ids", input_ids, config.encoder.vocab_size, "encoder")
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > 0:
+def _check_encoder_inputs(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          training: bool = False) -> None:
+    _check_token_ids("input_ids", input_ids, config.encoder.vocab_size, "encoder", training=training)
+    if (attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > 0
+            and _may_read_values(attention_mask, training)):
         empty = (attention_mask == 0).all(dim=1)
         if bool(empty.any()):
             logger.warning_once(
@@ -965,9 +975,12 @@ def _check_encoder_inputs(config, input_ids: torch.Tensor, attention_mask: torch
             )
 
 
-def _check_decoder_inputs(config, decoder_input_ids: torch.Tensor, cache, memory_slot: bool) -> None:
-    _check_token_ids("decoder_input_ids", decoder_input_ids, config.decoder.vocab_size, "decoder")
+def _check_decoder_inputs(config, decoder_input_ids: torch.Tensor, cache, memory_slot: bool,
+                          training: bool = False) -> None:
     past = cache.get_seq_length() if cache is not None else 0
+    if past == 0:  # later steps of generate() decode the model's own tokens
+        _check_token_ids("decoder_input_ids", decoder_input_ids, config.decoder.vocab_size, "decoder",
+                         training=training)
     slot = int(memory_slot and past == 0)  # the latent's key/value pair takes the first position
     needed = past + slot + decoder_input_ids.shape[-1]
     if needed > config.decoder.n_positions:
@@ -978,7 +991,7 @@ def _check_decoder_inputs(config, decoder_input_ids: torch.Tensor, cache, memory
         )
 
 
-def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents) -> None:
+def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents, training: bool = False) -> None:
     sizes = {
         name: tensor.shape[0]
         for name, tensor in (("input_ids", input_ids), ("latents", latents), ("decoder_input_ids", decoder_input_ids),
@@ -990,7 +1003,7 @@ def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents)
             "The inputs disagree on the batch size: " + ", ".join(f"{k} has {v}" for k, v in sizes.items())
             + ". Each row of the encoder's and the decoder's inputs is one sentence."
         )
-    _check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100)
+    _check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100, training=training)
 
 
 def _check_generation_length(model, decoder_input_ids, latents, generation_kwargs: dict) -> None:
@@ -1184,7 +1197,9 @@ def _public_name(name: str) -> str:
 
     if not name or not (os.path.isabs(name) or os.path.exists(name) or name.startswith(("~", "."))):
         return name
-    return os.path.basename(os.path.normpath(os.path.expanduser(name)))
+    head, base = os.path.split(os.path.normpath(os.path.expanduser(name)))
+    # a folder named only "model" (e.g. inside the offline MiniLM's package) says more with its parent's name
+    return f"{os.path.basename(head)}/{base}" if base in ("model", "models", "final") and os.path.basename(head) else base
 
 
 __all__ = ["ScaleVAEForLatentLM", "ScaleVAEPreTrainedModel", "ScaleVAEOutput", "ScaleVAEEncoderOutput"]

@@ -28,6 +28,7 @@ from configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
 from modeling_scalevae import (
     WEIGHTS_SAVED_AT_KEY,
     ScaleVAEForLatentLM,
+    _public_name,
     _read_safetensors_header,
     _verify_weights_checksums,
     _weights_files_in,
@@ -327,9 +328,11 @@ def _installed_version() -> str:
 def _architecture(model: ScaleVAEForLatentLM, base_model: str | None = None) -> str:
     config = model.config
     enc, dec = config.encoder, config.decoder
-    encoder_source = public_value(base_model or getattr(enc, "_name_or_path", "") or "")
-    if encoder_source and not encoder_source.startswith("local "):
-        encoder_source = f"`{encoder_source}`"
+    encoder_source = base_model or getattr(enc, "_name_or_path", "") or ""
+    if _is_local_path(encoder_source):
+        encoder_source = f"local folder `{_public_name(encoder_source)}`"
+    elif encoder_source:
+        encoder_source = f"`{public_value(encoder_source)}`"
     encoder_source = f" from {encoder_source}" if encoder_source else ""
     params = sum(p.numel() for p in model.parameters())
     return "\n".join(
@@ -613,10 +616,20 @@ def save_model(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# What a Trainer checkpoint holds besides the model: the state to resume training, not part of a published model.
+# (training_args.bin is the pickled TrainingArguments, access token included.)
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin",
+                       "trainer_state.json")
+
+
 def folder_files(folder: str | os.PathLike) -> list[str]:
-    """The files of a saved folder, as repository paths (POSIX, relative), sorted."""
+    """The files of a saved folder, as repository paths (POSIX, relative), sorted; a Trainer checkpoint's training
+    state (`TRAINER_STATE_FILES`, per-process RNG states) is left out: it is never uploaded."""
     folder = Path(folder)
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*")
+        if p.is_file() and not (p.parent == folder and (p.name in TRAINER_STATE_FILES or p.name.startswith("rng_state")))
+    )
 
 
 def push_to_hub(

@@ -437,9 +437,10 @@ def test_mismatch_is_caught_through_remote_code_too(remote_code_only, small_fold
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header", "empty"])
-def test_damaged_weights_fail_clearly(remote_code_only, small_folders, tmp_path, damage):
+def test_damaged_weights_fail_clearly(remote_code_only, small_folders, tmp_path, damage, tokenizers):
     folder = unique(tmp_path)
     shutil.copytree(small_folders["both"], folder)
+    scalevae.save_tokenizers(folder, *tokenizers)  # load_pretrained checks for them first
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes({"truncated": data[: len(data) // 2], "header": data[:8] + b"#" * 40 + data[48:], "empty": b""}[damage])
