@@ -69,12 +69,26 @@ class KLScheduleCallback(TrainerCallback):
 
 
 class ScaleEpochCallback(TrainerCallback):
-    """Tells a Scale-VAE that an epoch ended (the `f_epo` schedule freezes its factors after that many epochs)."""
+    """Tells the collapse strategy that an epoch ended (Scale-VAE's `f_epo` schedule freezes its factors then)."""
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        end_epoch = getattr(_unwrap(model).collapse, "end_epoch", None)
-        if end_epoch is not None:
-            end_epoch()
+        _unwrap(model).collapse.end_epoch()
+
+
+class FitPriorCallback(TrainerCallback):
+    """At the end of training, fits the generative model's statistics exactly (`ScaleVAEForLatentLM.fit_prior`: BN-VAE's
+    population statistics, then the fitted prior) on up to `num_sentences` training sentences, so the saved model
+    samples and scores with the prior of the model it is, not a running average of earlier ones."""
+
+    def __init__(self, train_dataset, data_collator, num_sentences: int = 4000, batch_size: int = 128):
+        self.dataset, self.collator = train_dataset, data_collator
+        self.num_sentences, self.batch_size = num_sentences, batch_size
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        from torch.utils.data import DataLoader
+
+        sample = self.dataset.select(range(min(self.num_sentences, len(self.dataset))))
+        _unwrap(model).fit_prior(DataLoader(sample, batch_size=self.batch_size, collate_fn=self.collator))
 
 
 class LatentMonitorCallback(TrainerCallback):
@@ -174,7 +188,7 @@ def make_trainer(
     `DataCollatorForLatentLM`, every checkpoint also gets both tokenizers and a model card (`training`: the card's
     training record, see `scalevae.hub.render_model_card`)."""
     training = trainer_kwargs.pop("training", None)
-    callbacks = [ScaleEpochCallback()]
+    callbacks = [ScaleEpochCallback(), FitPriorCallback(train_dataset, data_collator)]
     if kl_schedule is not None:
         callbacks.append(KLScheduleCallback(kl_schedule))
     encoder_tokenizer = getattr(data_collator, "encoder_tokenizer", None)
