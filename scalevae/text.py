@@ -191,7 +191,14 @@ def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, P
             to add them).
     """
     _check_saved_folder(path)
-    encoder_tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        encoder_tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        if os.path.isdir(str(path)):
+            raise
+        raise FileNotFoundError(
+            f"{path} does not exist as a local folder, and loading it from the Hub failed: {error}"
+        ) from error
     try:
         decoder_tokenizer = AutoTokenizer.from_pretrained(path, subfolder=DECODER_TOKENIZER_SUBFOLDER)
     except (OSError, ValueError) as error:  # a Hub repository without the subfolder
