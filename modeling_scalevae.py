@@ -721,7 +721,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("Pass decoder_input_ids or labels: the decoder needs its inputs.")
-            decoder_input_ids, decoder_attention_mask = self._shift_labels_right(labels)
+            decoder_input_ids, decoder_attention_mask = self.shift_labels_right(labels)
         mu = logvar = posterior = kl_per_example_dim = None
         if latents is None:
             if input_ids is None:
@@ -767,7 +767,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 
-    def _shift_labels_right(self, labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
+    def shift_labels_right(self, labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Teacher-forcing inputs from labels (as `EncoderDecoderModel`): BOS, then the labels shifted right, with
+        ignored positions (-100) filled with the pad id; returns `(decoder_input_ids, decoder_attention_mask)`."""
         bos, pad = self.config.decoder.bos_token_id, self.config.decoder.pad_token_id
         if bos is None:
             raise ValueError("config.decoder.bos_token_id is None: set it from the decoder tokenizer's BOS token.")

@@ -76,7 +76,7 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
 def _decoder_inputs(model, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor | None]:
     if batch.get("decoder_input_ids") is not None:
         return batch["decoder_input_ids"], batch.get("decoder_attention_mask")
-    return model._shift_labels_right(batch["labels"])  # the model's own rule: BOS, then the labels shifted right
+    return model.shift_labels_right(batch["labels"])  # the model's own rule: BOS, then the labels shifted right
 
 
 def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -298,6 +298,11 @@ def linear_probe_accuracy(features, labels, seed: int = 0, test_size: float = 0.
     with `test_size` of the examples held out. `features`: (N, d) tensor or array (e.g. posterior means); `labels`:
     N class labels."""
     import numpy as np
+
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as error:
+        raise ImportError("linear_probe_accuracy needs scikit-learn: pip install 'scalevae[probe]'.") from error
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
