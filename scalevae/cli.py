@@ -85,6 +85,14 @@ def train(argv: list[str]) -> None:
         decoder_config_overrides=dict(n_layer=model_args.decoder_layers, n_embd=model_args.decoder_width,
                                       n_head=model_args.decoder_heads),
     )
+    # decoder sequences are at most max_length long, and with memory injection the latent takes one more position
+    longest = model.config.decoder.n_positions - int(model.config.latent_injection != "embedding")
+    if data_args.max_length > longest:
+        raise ValueError(
+            f"--max_length {data_args.max_length} does not fit the decoder's {model.config.decoder.n_positions} "
+            f"positions (the latent takes one with --latent_injection {model.config.latent_injection}): use "
+            f"--max_length <= {longest}."
+        )
     if training_args.resume_from_checkpoint:
         differences = checkpoint_config_differences(model.config, training_args.resume_from_checkpoint)
         if differences:

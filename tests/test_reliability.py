@@ -90,6 +90,11 @@ def test_max_steps_zero_is_refused(tmp_path, tiny_encoder_path, train_data, step
     assert not (tmp_path / "final").exists()
 
 
+def test_max_length_beyond_the_decoder_positions_is_refused(tmp_path, tiny_encoder_path, train_data):
+    with pytest.raises(ValueError, match=r"--max_length 200 does not fit the decoder's 128 positions.*<= 127"):
+        main(train_args(tmp_path, tiny_encoder_path, train_data, "--max_steps", "1") + ["--max_length", "200"])
+
+
 def test_one_sentence_files_train(tmp_path, tiny_encoder_path):
     one = tmp_path / "one.txt"
     one.write_text("the only sentence of this file\n")
