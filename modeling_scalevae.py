@@ -660,7 +660,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     ):
         """Teacher-forced decoder pass conditioned on z; returns the GPT-2 `CausalLMOutput` (logits, cache)."""
         latents = _as_model_latents(latents, self.dtype, self.device)
-        _check_decoder_inputs(self.config, decoder_input_ids, cache, self.injection.to_memory is not None, self.training)
+        _check_decoder_inputs(
+            self.config, decoder_input_ids, cache, self.injection.to_memory is not None, self.training
+        )
         # The value check reads a tensor back to the host: once per call (not per generated token), never in a
         # training step or under torch.compile.
         first_call = cache is None or cache.get_seq_length() == 0
@@ -935,7 +937,7 @@ def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int, che
         raise ValueError("latents contain NaN or infinite values.")
 
 
-# -- inputs -------------------------------------------------------------------------------------------------------------
+# -- inputs -----------------------------------------------------------------------------------------------------------
 # Each check reads a few numbers back to the host, before any work: a bad id or shape then fails with its name, value
 # and valid range instead of an IndexError deep inside an embedding.
 
@@ -1044,7 +1046,7 @@ def _as_model_latents(latents, dtype: torch.dtype, device: torch.device) -> torc
     return latents.to(device=device, dtype=dtype)
 
 
-# -- weights integrity --------------------------------------------------------------------------------------------------
+# -- weights integrity ------------------------------------------------------------------------------------------------
 # Every save records, in each safetensors file's metadata, a checksum of its tensors and the time of the save;
 # `from_pretrained` recomputes the checksum. Its data part is two 64-bit sums over the file's tensor bytes read as
 # 64-bit words (all words, and the rows of 1024 words weighted by their position): any flipped bit, zeroed page or
@@ -1201,7 +1203,9 @@ def _public_name(name: str) -> str:
         return name
     head, base = os.path.split(os.path.normpath(os.path.expanduser(name)))
     # a folder named only "model" (e.g. inside the offline MiniLM's package) says more with its parent's name
-    return f"{os.path.basename(head)}/{base}" if base in ("model", "models", "final") and os.path.basename(head) else base
+    if base in ("model", "models", "final") and os.path.basename(head):
+        return f"{os.path.basename(head)}/{base}"
+    return base
 
 
 __all__ = ["ScaleVAEForLatentLM", "ScaleVAEPreTrainedModel", "ScaleVAEOutput", "ScaleVAEEncoderOutput"]

@@ -63,7 +63,9 @@ def train(argv: list[str]) -> None:
             "train for --num_train_epochs."
         )
     if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
-        raise ValueError(f"--num_train_epochs {training_args.num_train_epochs} must be > 0 (or give --max_steps >= 1).")
+        raise ValueError(
+            f"--num_train_epochs {training_args.num_train_epochs} must be > 0 (or give --max_steps >= 1)."
+        )
     # The model's random initialisation is part of the run: seed before building it (Trainer seeds only itself).
     if training_args.full_determinism:
         enable_full_determinism(training_args.seed)

@@ -64,8 +64,8 @@ def check_text_file(path: str | Path) -> None:
                 nul_seen = True
                 line = lines + chunk.count(b"\n", 0, chunk.index(b"\x00")) + 1
                 logger.warning(
-                    "%s holds NUL bytes (first on line %d): each is read as a space, so the words around it stay apart. "
-                    "Is it a text file?", path, line,
+                    "%s holds NUL bytes (first on line %d): each is read as a space, so the words around it stay "
+                    "apart. Is it a text file?", path, line,
                 )
             lines += chunk.count(b"\n")
             try:

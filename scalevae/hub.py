@@ -628,7 +628,8 @@ def folder_files(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     return sorted(
         p.relative_to(folder).as_posix() for p in folder.rglob("*")
-        if p.is_file() and not (p.parent == folder and (p.name in TRAINER_STATE_FILES or p.name.startswith("rng_state")))
+        if p.is_file()
+        and not (p.parent == folder and (p.name in TRAINER_STATE_FILES or p.name.startswith("rng_state")))
     )
 
 

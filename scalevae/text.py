@@ -165,7 +165,9 @@ def _check_saved_folder(path: str | os.PathLike) -> None:
         if os.path.exists(name):
             raise NotADirectoryError(f"{name} is a file: give the folder of a saved model.")
         if looks_local:
-            raise FileNotFoundError(f"{name} does not exist: give the folder of a saved model (or a Hub repository id).")
+            raise FileNotFoundError(
+                f"{name} does not exist: give the folder of a saved model (or a Hub repository id)."
+            )
         return  # a Hub id: the Hub says whether it exists
     fix = (
         "A folder written by `model.save_pretrained` (or a Trainer checkpoint of scalevae before 0.2) holds the model "
@@ -178,8 +180,8 @@ def _check_saved_folder(path: str | os.PathLike) -> None:
     decoder_folder = os.path.join(name, DECODER_TOKENIZER_SUBFOLDER)
     if not any(os.path.isfile(os.path.join(decoder_folder, file)) for file in tokenizer_files):
         raise FileNotFoundError(
-            f"{name} has no decoder tokenizer (no {DECODER_TOKENIZER_SUBFOLDER}/ folder with a tokenizer_config.json). "
-            f"{fix}"
+            f"{name} has no decoder tokenizer (no {DECODER_TOKENIZER_SUBFOLDER}/ folder with a "
+            f"tokenizer_config.json). {fix}"
         )
 
 

@@ -8,14 +8,13 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import scalevae
-from scalevae import LatentText, build_model, hub, save_tokenizers
+from scalevae import LatentText, build_model, hub
 from scalevae.cli import main
 from scalevae.data import load_text_dataset
 from tests.conftest import TINY_DECODER, random_batch, shared_file, tiny_model
@@ -58,7 +57,7 @@ def run_a(tmp_path_factory, tiny_encoder_path, train_data):
     return output
 
 
-# -- 1. reproducible and resumable training -----------------------------------------------------------------------------
+# -- 1. reproducible and resumable training ---------------------------------------------------------------------------
 
 
 def test_same_seed_gives_bit_identical_weights(run_a, tmp_path, tiny_encoder_path, train_data):
@@ -103,7 +102,7 @@ def test_one_sentence_files_train(tmp_path, tiny_encoder_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
-# -- 2. no secrets, no machine paths ------------------------------------------------------------------------------------
+# -- 2. no secrets, no machine paths ----------------------------------------------------------------------------------
 
 
 def test_published_folders_hold_no_token_path_or_user_name(run_a, tiny_encoder_path, train_data):
@@ -111,7 +110,8 @@ def test_published_folders_hold_no_token_path_or_user_name(run_a, tiny_encoder_p
     private = [TOKEN, str(run_a), tiny_encoder_path, str(train_data), str(train_data.parent), home,
                f"/{user}/", f"-of-{user}", os.path.dirname(scalevae.__file__)]
     for folder in (run_a / "final", run_a / "checkpoint-3"):
-        files = hub.folder_files(folder)  # what push_to_hub uploads: no Trainer state (training_args.bin has the token)
+        # what push_to_hub uploads: no Trainer state (its training_args.bin holds the token)
+        files = hub.folder_files(folder)
         assert "model.safetensors" in files and "training_args.bin" not in files
         for name in files:
             path = folder / name
@@ -134,7 +134,7 @@ def test_public_command_hides_credentials_and_local_paths(tmp_path):
                        "--use_auth_token --train_file corpus.txt --run_name 'x***'")
 
 
-# -- 3. saves -----------------------------------------------------------------------------------------------------------
+# -- 3. saves ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_every_saved_file_gets_the_same_permissions(tmp_path, parts, umask):
     assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
-# -- 4. verified weights ------------------------------------------------------------------------------------------------
+# -- 4. verified weights ----------------------------------------------------------------------------------------------
 
 
 def flip_bit(path, tensor_name):
@@ -236,7 +236,7 @@ def test_every_shard_is_verified(tmp_path, parts):
         scalevae.ScaleVAEForLatentLM.from_pretrained(tmp_path / "sharded")
 
 
-# -- 5. folders without tokenizers --------------------------------------------------------------------------------------
+# -- 5. folders without tokenizers ------------------------------------------------------------------------------------
 
 
 def test_trainer_checkpoints_are_complete_folders(run_a):
@@ -262,7 +262,7 @@ def test_folders_without_tokenizers_say_which_and_how_to_fix(tmp_path, parts, ca
         main(["generate", "outputs/no/such/model", "--sample", "1"])
 
 
-# -- 6. bad inputs ------------------------------------------------------------------------------------------------------
+# -- 6. bad inputs ----------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,8 @@ def test_latents_of_any_float_type(small, tokenizers, kind):
     z = torch.randn(2, 4)
     latents = z.numpy() if kind == "numpy" else z.to(getattr(torch, kind))
     if kind == "float64":  # cast to the model's float32: the very latents
-        assert torch.equal(small.generate(latents=latents, max_new_tokens=3), small.generate(latents=z, max_new_tokens=3))
+        expected = small.generate(latents=z, max_new_tokens=3)
+        assert torch.equal(small.generate(latents=latents, max_new_tokens=3), expected)
     elif kind == "float16":
         assert small.generate(latents=latents, max_new_tokens=3).shape == (2, 4)
     text = LatentText(small, *tokenizers)
