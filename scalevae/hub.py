@@ -9,6 +9,11 @@ because the two model files register themselves for the auto classes (`register_
 `save_pretrained` (this module's, `Trainer`'s, `push_to_hub`'s) copies `configuration_scalevae.py` and
 `modeling_scalevae.py` into the folder and records them in config.json's `auto_map`. Importing this module also
 registers the classes with `AutoConfig`/`AutoModel` in-process, so the package's own users need no remote code.
+
+What a published folder says is the model's, not the machine's: every save records a checksum of the weights (checked
+on load) and its time; config.json and the card name local folders and files by their base name only, and the card's
+command line hides the values of credential flags (`public_command`). A save killed halfway is undone by the next one
+(`recover_interrupted_save`), which restores the newest complete folder and removes the leftovers.
 """
 
 import json
