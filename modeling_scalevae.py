@@ -797,7 +797,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         Give `latents`, or encoder `input_ids` whose posterior mean (as the decoder sees it) is decoded. The decoder
         starts from `decoder_input_ids` (a prompt) or from its BOS token. Returns decoder token ids, BOS included.
         """
-        _check_generation_length(self, decoder_input_ids, latents, generation_kwargs)
+        _check_generation_length(self, decoder_input_ids, generation_kwargs)
         if latents is None:
             if input_ids is None:
                 raise ValueError("generate() needs latents= or encoder input_ids= to know what to decode.")
@@ -1010,7 +1010,7 @@ def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents,
     _check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100, training=training)
 
 
-def _check_generation_length(model, decoder_input_ids, latents, generation_kwargs: dict) -> None:
+def _check_generation_length(model, decoder_input_ids, generation_kwargs: dict) -> None:
     """Generating past the decoder's positions would fail after producing every token up to them: refuse first."""
     n_positions = model.config.decoder.n_positions
     prompt = decoder_input_ids.shape[-1] if decoder_input_ids is not None else 1  # the BOS token
