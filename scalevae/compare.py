@@ -282,8 +282,9 @@ def run_comparison(
     seeds: list[int] | None = None,
     max_steps: int | None = None,
 ) -> dict:
-    """Train and evaluate every run × seed not already in `output_dir/runs/`, then write the table, JSON and PNGs.
-    Returns the summary (see `summarize`)."""
+    """Train and evaluate every run × seed not already in `output_dir/runs/`, then write the table, JSON and PNGs
+    over every finished run in the folder (a later call with other `seeds` or `runs` adds to it). Returns the
+    summary (see `summarize`)."""
     from tqdm.auto import tqdm
 
     preset = PRESETS[preset] if isinstance(preset, str) else preset
@@ -319,7 +320,10 @@ def run_comparison(
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(result, indent=1, default=float))
         temporary.replace(path)  # a killed run leaves no half-written result behind
-    results = [json.loads((output / "runs" / f"{n}-seed{s}.json").read_text()) for n, s in todo]
+    # The table covers every finished run in the folder, so seeds added later for a subset of runs join it.
+    results = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*-seed*.json"))]
+    results.sort(key=lambda r: (list(BASELINES).index(r["run"]) if r["run"] in BASELINES else len(BASELINES),
+                                r["run"], r["seed"]))
     summary = summarize(results, preset)
     (output / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     (output / "results.md").write_text(format_markdown(summary))
@@ -361,18 +365,20 @@ def format_markdown(summary: dict) -> str:
     runs = summary["runs"]
     columns = [c for c in COLUMNS if any(c[0] in row["test"] for row in runs.values())]
     lines = [
-        f"Comparison `{preset['name']}`: test split, mean ± sd over seeds {list(preset['seeds'])}; "
+        f"Comparison `{preset['name']}`: test split, mean ± sd over the seeds in the `seeds` column; "
         f"{preset['max_steps']} steps of batch {preset['batch_size']}, k = {preset['num_importance_samples']} "
         f"importance samples. Best Scale-VAE des_std on validation IW-NLL (fitted prior): `{summary['best_scale']}`.",
         "",
-        "| run | " + " | ".join(header for _, header, _ in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        "| run | seeds | " + " | ".join(header for _, header, _ in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
     ]
     for name, row in runs.items():
         cells = []
         for key, _, fmt in columns:
             mean, sd = row["test"].get(key, (float("nan"), float("nan")))
-            cells.append("–" if math.isnan(mean) else f"{mean:{fmt}} ± {sd:{fmt}}")
+            spread = f" ± {sd:{fmt}}" if len(row["seeds"]) > 1 else ""
+            cells.append("–" if math.isnan(mean) else f"{mean:{fmt}}{spread}")
         marker = " (best)" if name == summary["best_scale"] else ""
-        lines.append(f"| {name}{marker} | " + " | ".join(cells) + " |")
+        seeds = ",".join(str(seed) for seed in row["seeds"])
+        lines.append(f"| {name}{marker} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
