@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     quick.add_argument("--freeze_encoder", default="all",
                        help="'all' (default: only the latent head and decoder train), 'none', or a number of lower layers")
     quick.add_argument("--decoder_vocab_size", type=int, default=4096, help="size of the BPE fitted to the training text")
-    quick.add_argument("--num_importance_samples", type=int, default=20)
+    quick.add_argument("--num_importance_samples", type=int, default=10)
     quick.add_argument("--eval_sentences", type=int, default=200)
     quick.add_argument("--seed", type=int, default=0)
 
