@@ -318,19 +318,34 @@ def run_comparison(
             data = prepare_data(preset, Path(data_dir) if data_dir else SHARED_DATA, encoder, output / "work")
         result = train_and_evaluate(name, seed, preset, data, output / "work")
         temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(result, indent=1, default=float))
+        temporary.write_text(_to_json(result, indent=1))
         temporary.replace(path)  # a killed run leaves no half-written result behind
     # The table covers every finished run in the folder, so seeds added later for a subset of runs join it.
     results = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*-seed*.json"))]
     results.sort(key=lambda r: (list(BASELINES).index(r["run"]) if r["run"] in BASELINES else len(BASELINES),
                                 r["run"], r["seed"]))
     summary = summarize(results, preset)
-    (output / "results.json").write_text(json.dumps(summary, indent=2, default=float))
+    (output / "results.json").write_text(_to_json(summary, indent=2))
     (output / "results.md").write_text(format_markdown(summary))
     from .plots import plot_comparison
 
     plot_comparison(results, summary, output)
     return summary
+
+
+def _to_json(value, **kwargs) -> str:
+    """Strict JSON: an undefined figure (NaN, e.g. the AE's density) is written as null."""
+
+    def clean(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -351,7 +366,7 @@ def summarize(results: list[dict], preset: Preset) -> dict:
         for split in ("validation", "test"):
             keys = runs[0][split].keys()
             row[split] = {k: _mean_sd([r[split][k] for r in runs]) for k in keys
-                          if isinstance(runs[0][split][k], (int, float))}
+                          if isinstance(runs[0][split][k], (int, float, type(None)))}
         row["test"]["seconds_per_step"] = _mean_sd([r["seconds_per_step"] for r in runs])
         row["seeds"] = [r["seed"] for r in runs]
         table[name] = row
