@@ -105,7 +105,7 @@ def train(argv: list[str]) -> None:
     dataset, _ = tokenize_dataset(raw, encoder_tokenizer, decoder_tokenizer, data_args.max_length)
     total = training_args.max_steps if training_args.max_steps > 0 else None
     schedule = KLSchedule(
-        model_args.kl_schedule, model_args.kl_max_weight, model_args.kl_warmup_steps, total or 1,
+        model_args.kl_schedule, model_args.kl_max_weight, model_args.kl_warmup_steps, total or 0,
         model_args.kl_n_cycle, model_args.kl_ratio_zero, model_args.kl_ratio_increase,
     )
     # The card's record: no credentials, no local paths (render_model_card scrubs them).
@@ -197,13 +197,16 @@ def main(argv: list[str] | None = None) -> None:
     quick.add_argument("--collapse_strategy", default="scale", choices=["scale", "vae", "free_bits", "bn", "ae"])
     quick.add_argument("--compare_vae", action="store_true", help="also train a plain VAE and print it beside")
     quick.add_argument("--train_minutes", type=float, default=7.0, help="wall-clock training budget of each run")
-    quick.add_argument("--max_steps", type=int, default=None, help="train exactly this many steps instead (reproducible)")
+    quick.add_argument("--max_steps", type=int, default=None,
+                       help="train exactly this many steps instead (reproducible)")
     quick.add_argument("--batch_size", type=int, default=32)
     quick.add_argument("--learning_rate", type=float, default=5e-4, help="constant after 50 warm-up steps")
     quick.add_argument("--des_std", type=float, default=1.0, help="Scale-VAE's target std of the scaled means")
     quick.add_argument("--freeze_encoder", default="all",
-                       help="'all' (default: only the latent head and decoder train), 'none', or a number of lower layers")
-    quick.add_argument("--decoder_vocab_size", type=int, default=4096, help="size of the BPE fitted to the training text")
+                       help="'all' (default: only the latent head and decoder train), 'none', or a number of "
+                       "lower layers")
+    quick.add_argument("--decoder_vocab_size", type=int, default=4096,
+                       help="size of the BPE fitted to the training text")
     quick.add_argument("--num_importance_samples", type=int, default=10)
     quick.add_argument("--eval_sentences", type=int, default=200)
     quick.add_argument("--seed", type=int, default=0)

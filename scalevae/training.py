@@ -24,7 +24,8 @@ class KLSchedule:
     - `constant`: `max_weight` throughout.
     - `linear`: 0 → `max_weight` over the first `warmup_steps` steps (Bowman et al. 2016), then constant.
     - `cyclical`: Fu et al. 2019: `n_cycle` cycles over `total_steps`; in each, β is 0 for the first `ratio_zero` of the
-      cycle, rises linearly to `max_weight` over the next `ratio_increase`, then stays there.
+      cycle, rises linearly to `max_weight` over the next `ratio_increase`, then stays there. `total_steps=0` means
+      the run's length: `KLScheduleCallback` reads it from the Trainer when training begins.
     """
 
     schedule: str = "constant"
@@ -43,13 +44,15 @@ class KLSchedule:
                 f"ratio_zero={self.ratio_zero} and ratio_increase={self.ratio_increase} must be >= 0, > 0 and sum "
                 "to at most 1."
             )
-        if self.schedule == "cyclical" and (self.total_steps < 1 or self.n_cycle < 1):
-            raise ValueError(f"the cyclical schedule needs total_steps >= 1 and n_cycle >= 1, got {self}.")
+        if self.schedule == "cyclical" and (self.total_steps < 0 or self.n_cycle < 1):
+            raise ValueError(f"the cyclical schedule needs total_steps >= 0 and n_cycle >= 1, got {self}.")
 
     def __call__(self, step: int) -> float:
         if self.schedule == "linear" and self.warmup_steps > 0:
             return self.max_weight * min(1.0, step / self.warmup_steps)
         if self.schedule == "cyclical":
+            if self.total_steps < 1:
+                raise ValueError("the cyclical schedule's total_steps is unset: give it, or train with the callback.")
             period = self.total_steps / self.n_cycle
             position = (step % period) / period
             rise = (position - self.ratio_zero) / self.ratio_increase
@@ -63,6 +66,10 @@ class KLScheduleCallback(TrainerCallback):
 
     def __init__(self, schedule: KLSchedule):
         self.schedule = schedule
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.schedule.total_steps == 0:  # the run's real length, epochs included, known once training begins
+            self.schedule.total_steps = state.max_steps
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         _unwrap(model).config.kl_weight = self.schedule(state.global_step)

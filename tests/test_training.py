@@ -109,3 +109,19 @@ def test_two_process_accelerate_run(tmp_path, tiny_encoder_path):
     assert (tmp_path / "model" / "model.safetensors").exists()
     history = __import__("json").loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history] == [3, 6] and all(h["loss"] == h["loss"] for h in history)
+
+
+def test_cyclical_schedule_without_a_length_takes_the_runs_length():
+    """`scalevae train --kl_schedule cyclical` without --max_steps: the schedule learns the run's length when training
+    begins (it used to cycle over 1 step, leaving β = 0 for the whole run)."""
+    from types import SimpleNamespace
+
+    from scalevae.training import KLSchedule, KLScheduleCallback
+
+    schedule = KLSchedule("cyclical", 1.0, total_steps=0, n_cycle=4)
+    with pytest.raises(ValueError, match="total_steps is unset"):
+        schedule(10)
+    KLScheduleCallback(schedule).on_train_begin(None, SimpleNamespace(max_steps=400), None)
+    assert schedule.total_steps == 400
+    betas = [schedule(step) for step in range(400)]
+    assert betas[0] == 0.0 and max(betas) == 1.0 and sum(b == 1.0 for b in betas) == 200  # half of each cycle at 1
