@@ -1,6 +1,6 @@
-"""The main job: train a Scale-VAE on the embedded default corpus, offline, within a wall-clock budget, and show what it
-learned: a metrics table (with a plain VAE beside it on request), reconstructions, prior samples, an interpolation, PNG
-plots and a Hub-ready model folder.
+"""The main job: train a Scale-VAE on the embedded default corpus, offline, within a wall-clock budget, and show what
+it learned: a metrics table (with a plain VAE beside it on request), reconstructions, prior samples, an interpolation,
+PNG plots and a Hub-ready model folder.
 
 Choices (measured in the README): the decoder writes with a byte-level BPE fitted to the training text (4,096 tokens)
 rather than the encoder's 30k WordPiece vocabulary, and the pretrained MiniLM encoder is frozen (only the latent head
@@ -70,9 +70,9 @@ class TimeBudgetCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_check = time.perf_counter()
         unit = "s" if self.seconds else "step"
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}{postfix}]"
         self.bar = tqdm(total=round(self.seconds) if self.seconds else state.max_steps, desc=self.desc, unit=unit,
-                        dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}{postfix}]")
+                        dynamic_ncols=True, bar_format=bar_format)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -184,7 +184,8 @@ def train_and_evaluate(
     loader = DataLoader(test, batch_size=32, collate_fn=collator)
     metrics = evaluate_model(model, loader, num_importance_samples=num_importance_samples,
                              generator=torch.Generator().manual_seed(seed))
-    metrics["bleu"] = reconstruction_bleu_of(model, raw["test"]["text"], encoder_tokenizer, decoder_tokenizer, max_length)
+    metrics["bleu"] = reconstruction_bleu_of(model, raw["test"]["text"], encoder_tokenizer, decoder_tokenizer,
+                                             max_length)
     samples = prior_samples(model, (encoder_tokenizer, decoder_tokenizer), PRIOR_SAMPLES, seed, max_length)
     metrics["prior_distinct_2"] = distinct_bigrams(samples)
     metrics.update(dataset=data_files["test"] if data_files else "embedded default corpus", split="test",
@@ -201,15 +202,18 @@ def train_and_evaluate(
         data=f"{data_files['train'] if data_files else corpus}, {len(dataset['train'])} training sentences",
         steps=steps, batch_size=batch_size, max_length=max_length, learning_rate=learning_rate,
         lr_schedule=f"constant after {warmup_steps} warm-up steps", seed=seed, truncated=truncation["train"],
-        command=command, decoder_tokenizer=f"byte-level BPE, {len(decoder_tokenizer)} tokens, fitted to the training text",
+        command=command,
+        decoder_tokenizer=f"byte-level BPE, {len(decoder_tokenizer)} tokens, fitted to the training text",
         evaluation=f"{len(test)} test sentences, {num_importance_samples} importance samples",
         training_time=f"{train_seconds:.0f} s ({timing['seconds_per_step']:.2f} s/step) on {describe_device()}",
     )
     save_model(folder, model, encoder_tokenizer, decoder_tokenizer, metrics=metrics, training=training)
 
     with torch.no_grad():
-        latents = torch.cat([model.encode(b["input_ids"].to(model.device), b["attention_mask"].to(model.device)).decoder_mu
-                             for b in loader]).cpu()
+        latents = torch.cat([
+            model.encode(b["input_ids"].to(model.device), b["attention_mask"].to(model.device)).decoder_mu
+            for b in loader
+        ]).cpu()
     lengths = torch.tensor([len(labels) for labels in test["labels"]], dtype=torch.float)
     return dict(model=model, tokenizers=(encoder_tokenizer, decoder_tokenizer), metrics=metrics, timing=timing,
                 test_texts=raw["test"]["text"], lengths=lengths, samples=samples, max_length=max_length,
@@ -245,10 +249,12 @@ def describe_device() -> str:
 
 def format_table(results: dict[str, dict]) -> str:
     runs = list(results)
-    lines = [f"{'held-out test set':36}" + "".join(f"{NAMES.get(run, run):>12}" for run in runs), "-" * (36 + 12 * len(runs))]
+    header = f"{'held-out test set':36}" + "".join(f"{NAMES.get(run, run):>12}" for run in runs)
+    lines = [header, "-" * len(header)]
     for key, label, fmt in TABLE_ROWS:
         values = [{**results[run]["metrics"], **results[run]["timing"]}.get(key) for run in runs]
-        lines.append(f"{label:36}" + "".join(f"{format(v, fmt):>12}" if v is not None else f"{'-':>12}" for v in values))
+        cells = (f"{format(v, fmt):>12}" if v is not None else f"{'-':>12}" for v in values)
+        lines.append(f"{label:36}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -263,7 +269,9 @@ def show_examples(result: dict, seed: int) -> tuple[str, list[str]]:
     ends = texts[SHOWN["reconstructions"] : SHOWN["reconstructions"] + 2]
     path = text.interpolate(*ends, steps=SHOWN["interpolation"], **GREEDY)
     # One line each: an undertrained decoder may write newlines or tabs, which would break the layout.
-    reconstructions, samples, path = ([" ".join(line.split()) for line in lines] for lines in (reconstructions, samples, path))
+    reconstructions, samples, path = (
+        [" ".join(line.split()) for line in lines] for lines in (reconstructions, samples, path)
+    )
     prior = "fitted" if model.config.prior == "fitted" else "N(0, diag f²)"
     lines = ["Reconstructions of test sentences (greedy, from the posterior mean):"]
     for source, output in zip(sources, reconstructions):
@@ -332,9 +340,12 @@ def run(
     else:
         frozen = f"embeddings and {freeze_encoder} lower layers frozen"
     length = f"{max_steps} steps" if max_steps else f"{train_minutes:g} min"
-    print(f"scalevae quickstart: {', '.join(NAMES.get(s, s) for s in strategies)} on {data_files['train'] if data_files else 'the embedded corpus'}, {length} of "
-          f"training each on {describe_device()}.\nEncoder: pretrained {Path(encoder).name if encoder else 'MiniLM-L6'} ({frozen}); decoder: a new 4x256 "
-          f"GPT-2 writing a {decoder_vocab_size}-token byte-level BPE fitted to the training text; latent {latent_size}, "
+    corpus = data_files["train"] if data_files else "the embedded corpus"
+    encoder_name = Path(encoder).name if encoder else "MiniLM-L6"
+    print(f"scalevae quickstart: {', '.join(NAMES.get(s, s) for s in strategies)} on {corpus}, {length} of "
+          f"training each on {describe_device()}.\nEncoder: pretrained {encoder_name} ({frozen}); decoder: a new "
+          f"4x256 GPT-2 writing a {decoder_vocab_size}-token byte-level BPE fitted to the training text; latent "
+          f"{latent_size}, "
           f"des_std {des_std:g}, batch {batch_size}, constant learning rate {learning_rate:g} after {warmup_steps} "
           "warm-up steps.", flush=True)
     results = {}
@@ -355,8 +366,10 @@ def run(
         notes.append("Add --compare_vae to train a plain VAE the same way and see its posterior collapse beside.")
     report = "\n\n".join([table, examples, "\n".join(n for n in notes if n)])
     print("\n" + report)
-    curves = plot_training_curves({NAMES.get(s, s): r["history"] for s, r in results.items()}, output / "training_curves.png")
-    latent_map = plot_latent_map({NAMES.get(s, s): r["latents"] for s, r in results.items()}, output / "latent_map.png",
+    curves = plot_training_curves({NAMES.get(s, s): r["history"] for s, r in results.items()},
+                                  output / "training_curves.png")
+    latent_map = plot_latent_map({NAMES.get(s, s): r["latents"] for s, r in results.items()},
+                                 output / "latent_map.png",
                                  colors=main["lengths"], color_label="sentence length (tokens)")
     summary = {s: {**r["metrics"], **r["timing"]} for s, r in results.items()}
     (output / "results.json").write_text(json.dumps(summary, indent=2))

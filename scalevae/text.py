@@ -35,7 +35,9 @@ def decoder_tokenizer_from_encoder(encoder_tokenizer_path: str) -> PreTrainedTok
 DECODER_SPECIAL_TOKENS = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def fit_decoder_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def fit_decoder_tokenizer(
+    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (GPT-2's scheme) fitted to `texts`, for a new decoder trained on them.
 
     A new decoder learns every output row from the training data alone, so a few thousand tokens that the corpus
@@ -51,7 +53,9 @@ def fit_decoder_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freq
     specials = [DECODER_SPECIAL_TOKENS[name] for name in ("pad_token", "bos_token", "eos_token")]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
-        raise ValueError(f"vocab_size={vocab_size} must be at least {len(alphabet) + len(specials)} (bytes + specials).")
+        raise ValueError(
+            f"vocab_size={vocab_size} must be at least {len(alphabet) + len(specials)} (the bytes and the specials)."
+        )
     tokenizer = Tokenizer(models.BPE())
     # No prefix space: a sentence's first word keeps the form it has at the start of a line.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -144,7 +148,9 @@ def build_model(
             setattr(model.config.decoder, name, value)
     else:
         decoder_config = default_decoder_config(len(dec_tokenizer), **special, **(decoder_config_overrides or {}))
-        model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(encoder, decoder_config=decoder_config, **config_kwargs)
+        model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(
+            encoder, decoder_config=decoder_config, **config_kwargs
+        )
     model.generation_config.update(**special)
     return model, encoder_tokenizer, dec_tokenizer
 

@@ -37,7 +37,8 @@ def test_round_trips_text_exactly(fitted):
 def test_special_tokens_and_size(fitted):
     assert len(fitted) == VOCAB
     assert (fitted.pad_token_id, fitted.bos_token_id, fitted.eos_token_id) == (0, 1, 2)
-    assert fitted.convert_ids_to_tokens([0, 1, 2]) == [DECODER_SPECIAL_TOKENS[k] for k in ("pad_token", "bos_token", "eos_token")]
+    names = ("pad_token", "bos_token", "eos_token")
+    assert fitted.convert_ids_to_tokens([0, 1, 2]) == [DECODER_SPECIAL_TOKENS[name] for name in names]
     # special tokens in the text are not split into bytes when skipped on decoding
     assert fitted.decode([1, *fitted("Return it.", add_special_tokens=False)["input_ids"], 2],
                          skip_special_tokens=True) == "Return it."
@@ -107,10 +108,12 @@ def test_saved_folder_loads_and_generates_with_the_package(built, folder):
 
 
 def test_saved_folder_loads_and_generates_without_the_package(remote_code_only, built, folder):  # noqa: F811
+    # remote_code_only (from test_hub) unregisters the installed classes, so the folder's own code runs
     texts = corpus("test")[:3]
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules.")
-    assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__module__.startswith("transformers_modules.")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config).__module__.startswith("transformers_modules.")
     encoder_tokenizer = AutoTokenizer.from_pretrained(folder)
     decoder_tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="decoder_tokenizer")
     assert type(decoder_tokenizer) is PreTrainedTokenizerFast and len(decoder_tokenizer) == VOCAB
