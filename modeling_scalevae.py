@@ -476,6 +476,14 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         for module in modules:
             module.requires_grad_(False)
 
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, except that a wholly frozen encoder stays in eval mode: it learns nothing, and its
+        dropout would only add noise to the features the latent head learns from."""
+        super().train(mode)
+        if self.config.freeze_encoder is True:
+            self.encoder.eval()
+        return self
+
     # -- loading ------------------------------------------------------------------------------------------------------
 
     @classmethod

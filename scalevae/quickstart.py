@@ -25,7 +25,7 @@ from .hub import save_model
 from .metrics import evaluate_model, reconstruction_bleu_of
 from .plots import plot_latent_map, plot_training_curves
 from .text import LatentText, build_model
-from .training import FitPriorCallback, make_trainer
+from .training import make_trainer
 
 TABLE_ROWS = [
     ("steps", "training steps", "d"),
@@ -167,7 +167,8 @@ def train_and_evaluate(
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = make_trainer(model, args, dataset["train"], collator, eval_dataset=dataset["validation"])
+    trainer = make_trainer(model, args, dataset["train"], collator, eval_dataset=dataset["validation"],
+                           prior_fit_sentences=PRIOR_FIT_SENTENCES)
     trainer.remove_callback(PrinterCallback)  # the budget's bar shows the loss; the full logs go to TensorBoard
     trainer.remove_callback(ProgressCallback)
     name = NAMES.get(collapse_strategy, collapse_strategy)
@@ -175,8 +176,6 @@ def train_and_evaluate(
     trainer.add_callback(budget)
     # The prior that samples come from is refitted when training ends; 1,024 sentences pin its 32 means and variances
     # down to a few percent in a quarter of the default's time on a CPU.
-    trainer.remove_callback(FitPriorCallback)
-    trainer.add_callback(FitPriorCallback(dataset["train"], collator, num_sentences=PRIOR_FIT_SENTENCES))
     trainer.train()
     train_seconds, steps = budget.elapsed, trainer.state.global_step
 

@@ -189,13 +189,14 @@ def make_trainer(
     eval_dataset=None,
     kl_schedule: KLSchedule | None = None,
     probe_size: int = 256,
+    prior_fit_sentences: int = 4000,
     **trainer_kwargs,
 ) -> Trainer:
     """A stock `Trainer` with the KL schedule, the Scale-VAE epoch hook and the latent monitor attached; with a
     `DataCollatorForLatentLM`, every checkpoint also gets both tokenizers and a model card (`training`: the card's
     training record, see `scalevae.hub.render_model_card`)."""
     training = trainer_kwargs.pop("training", None)
-    callbacks = [ScaleEpochCallback(), FitPriorCallback(train_dataset, data_collator)]
+    callbacks = [ScaleEpochCallback(), FitPriorCallback(train_dataset, data_collator, prior_fit_sentences)]
     if kl_schedule is not None:
         callbacks.append(KLScheduleCallback(kl_schedule))
     encoder_tokenizer = getattr(data_collator, "encoder_tokenizer", None)
