@@ -16,26 +16,73 @@ and the data's options below. Example:
 
 @dataclass
 class ModelArguments:
+    """How the model is built and trained; its hyperparameters are `ScaleVAEConfig`'s (see `config_arguments`)."""
+
     encoder: str | None = field(default=None, metadata={"help": "BERT-style encoder path or Hub id (default: offline MiniLM)."})
     decoder: str | None = field(default=None, metadata={"help": "GPT-2 path or Hub id (default: a new small GPT-2)."})
     decoder_layers: int = field(default=4, metadata={"help": "size of the new GPT-2 when --decoder is not given"})
     decoder_width: int = 256
     decoder_heads: int = 4
-    latent_size: int = 32
-    latent_injection: str = field(default="both", metadata={"help": "memory | embedding | both"})
-    collapse_strategy: str = field(default="scale", metadata={"help": "scale | vae | free_bits | bn | ae"})
-    des_std: float = field(default=1.0, metadata={"help": "Scale-VAE target std of each scaled mean dimension."})
-    scale_schedule: str = field(default="running", metadata={"help": "running | epoch"})
-    f_epo: int = field(default=1, metadata={"help": "with --scale_schedule epoch: epochs before the factors freeze."})
-    scale_momentum: float = 0.05
-    free_bits: float = 0.5
-    bn_gamma: float = 0.5
-    kl_schedule: str = field(default="constant", metadata={"help": "constant | linear | cyclical"})
-    kl_max_weight: float = 1.0
+    decoder_vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary fitted to the training text for a new decoder"})
+    kl_schedule: str = field(default="constant", metadata={"help": "constant | linear | cyclical (β rises to --kl_weight)"})
     kl_warmup_steps: int = 0
     kl_n_cycle: int = 4
     kl_ratio_zero: float = 0.25
     kl_ratio_increase: float = 0.25
+
+
+# Config fields that are not hyperparameters a user sets on the command line.
+_NOT_OPTIONS = ("encoder", "decoder", "scalevae_format_version", "scalevae_version")
+
+
+def config_arguments(config_class=None) -> type:
+    """A dataclass with one field per `ScaleVAEConfig` field: the config's name, type, default and the help text of
+    its docstring, and its paper aliases (`--des_std`, `--f_epo`). `HfArgumentParser` turns it into options, so a field
+    added to the config reaches `scalevae train` without touching this file."""
+    import dataclasses
+    import inspect
+    import re
+
+    from configuration_scalevae import _PAPER_ALIASES, ScaleVAEConfig
+
+    config_class = config_class or ScaleVAEConfig
+    # Google style, as transformers: "    name (`type`, ...):" then its text indented further (after cleandoc).
+    doc = "\n".join(inspect.cleandoc(base.__doc__) for base in config_class.__mro__
+                    if isinstance(base, type) and issubclass(base, ScaleVAEConfig) and base.__doc__)
+    aliases = {field_name: alias for alias, field_name in _PAPER_ALIASES.items()}
+    specs = []
+    # ScaleVAEConfig's own fields and those of its subclasses, not PreTrainedConfig's (return_dict, dtype, ...).
+    own = set().union(*(vars(base).get("__annotations__", {}) for base in config_class.__mro__
+                        if isinstance(base, type) and issubclass(base, ScaleVAEConfig)))
+    for item in dataclasses.fields(config_class):
+        if item.name not in own or item.name in _NOT_OPTIONS:
+            continue
+        match = re.search(rf"^ {{4}}{item.name} \(.*?\):\n(.*?)(?=^ {{4}}\w+ \(|\Z)", doc, re.S | re.M)
+        help_text = " ".join(match.group(1).split()) if match else ""
+        metadata = {"help": help_text.replace("%", "%%")}
+        if item.name in aliases:
+            metadata["aliases"] = [f"--{aliases[item.name]}"]
+        kind = item.type
+        if kind == (bool | int):  # freeze_encoder: True, False or a number of layers
+            kind, default = str, str(item.default)
+        else:
+            default = item.default
+        specs.append((item.name, kind, dataclasses.field(default=default, metadata=metadata)))
+    return dataclasses.make_dataclass("ScaleVAEConfigArguments", specs)
+
+
+def config_kwargs_from(arguments) -> dict:
+    """The parsed config options as `ScaleVAEConfig` keyword arguments."""
+    import dataclasses
+
+    kwargs = dataclasses.asdict(arguments)
+    if isinstance(kwargs.get("freeze_encoder"), str):
+        value = kwargs["freeze_encoder"]
+        parsed = {"true": True, "false": False, "all": True, "none": False}.get(value.lower())
+        if parsed is None and not value.isdigit():
+            raise ValueError(f"--freeze_encoder {value!r}: give true, false or a number of lower encoder layers.")
+        kwargs["freeze_encoder"] = parsed if parsed is not None else int(value)
+    return kwargs
 
 
 @dataclass
@@ -55,8 +102,10 @@ def train(argv: list[str]) -> None:
     from .text import build_model
     from .training import KLSchedule, make_trainer
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), description=TRAIN_HELP)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((config_arguments(), ModelArguments, DataArguments, TrainingArguments),
+                              description=TRAIN_HELP)
+    config_args, model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    config_kwargs = config_kwargs_from(config_args)
     if training_args.max_steps == 0 or training_args.max_steps < -1:
         raise ValueError(
             f"--max_steps {training_args.max_steps}: give a number of optimizer steps >= 1, or leave it out (-1) to "
@@ -79,13 +128,11 @@ def train(argv: list[str]) -> None:
     else:
         raw = load_text_dataset(dataset_name=data_args.dataset_name, text_column=data_args.text_column)
     model, encoder_tokenizer, decoder_tokenizer = build_model(
-        model_args.encoder, model_args.decoder, train_texts=raw["train"]["text"], latent_size=model_args.latent_size,
-        latent_injection=model_args.latent_injection, collapse_strategy=model_args.collapse_strategy,
-        scale_target_std=model_args.des_std, scale_schedule=model_args.scale_schedule,
-        scale_freeze_epochs=model_args.f_epo, scale_momentum=model_args.scale_momentum,
-        free_bits=model_args.free_bits, bn_gamma=model_args.bn_gamma, kl_weight=model_args.kl_max_weight,
+        model_args.encoder, model_args.decoder, train_texts=raw["train"]["text"],
+        decoder_vocab_size=model_args.decoder_vocab_size,
         decoder_config_overrides=dict(n_layer=model_args.decoder_layers, n_embd=model_args.decoder_width,
                                       n_head=model_args.decoder_heads),
+        **config_kwargs,
     )
     # decoder sequences are at most max_length long, and with memory injection the latent takes one more position
     longest = model.config.decoder.n_positions - int(model.config.latent_injection != "embedding")
@@ -105,7 +152,7 @@ def train(argv: list[str]) -> None:
     dataset, _ = tokenize_dataset(raw, encoder_tokenizer, decoder_tokenizer, data_args.max_length)
     total = training_args.max_steps if training_args.max_steps > 0 else None
     schedule = KLSchedule(
-        model_args.kl_schedule, model_args.kl_max_weight, model_args.kl_warmup_steps, total or 0,
+        model_args.kl_schedule, config_kwargs["kl_weight"], model_args.kl_warmup_steps, total or 0,
         model_args.kl_n_cycle, model_args.kl_ratio_zero, model_args.kl_ratio_increase,
     )
     # The card's record: no credentials, no local paths (render_model_card scrubs them).

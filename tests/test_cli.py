@@ -64,3 +64,33 @@ def test_train_command_trains_and_saves(tmp_path, tiny_encoder_path):
           "--kl_warmup_steps", "2", "--decoder_layers", "1", "--decoder_width", "32"])
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert "scalevae train" in (tmp_path / "final" / "README.md").read_text()
+
+
+def test_every_config_field_is_a_train_option_and_a_new_field_arrives_by_itself():
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from configuration_scalevae import ScaleVAEConfig
+    from scalevae.cli import config_arguments, config_kwargs_from
+
+    options = {item.name for item in dataclasses.fields(config_arguments())}
+    settable = set(ScaleVAEConfig.__annotations__) - {"encoder", "decoder", "scalevae_format_version", "scalevae_version"}
+    assert options == settable
+
+    class ExtendedConfig(ScaleVAEConfig):
+        r"""
+        Args:
+            new_knob (`float`, defaults to 0.3):
+                A knob added after the CLI was written.
+        """
+
+        new_knob: float = 0.3
+
+    parser = HfArgumentParser(config_arguments(ExtendedConfig))
+    (args,) = parser.parse_args_into_dataclasses(["--new_knob", "0.7", "--des_std", "0.5", "--freeze_encoder", "2"])
+    kwargs = config_kwargs_from(args)
+    assert kwargs["new_knob"] == 0.7 and kwargs["scale_target_std"] == 0.5 and kwargs["freeze_encoder"] == 2
+    assert "A knob added after the CLI was written." in parser.format_help()
+    with pytest.raises(ValueError, match="--freeze_encoder 'some'"):
+        config_kwargs_from(dataclasses.replace(args, freeze_encoder="some"))
