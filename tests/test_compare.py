@@ -30,7 +30,7 @@ def test_compare_writes_the_table_and_resumes_without_retraining(tmp_path):
         assert test[key][0] == test[key][0], key  # measured, not NaN
     assert summary["runs"]["ae"]["test"]["nll_fitted"][0] != summary["runs"]["ae"]["test"]["nll_fitted"][0]  # no density
     table = (output / "results.md").read_text()
-    assert "| scale_0.5 (best) | 0 |" in table and "| bn | 0 |" in table
+    assert "| scale_0.5 (chosen) | 0 |" in table and "| bn | 0 |" in table
     assert json.loads((output / "results.json").read_text())["best_scale"] == "scale_0.5"
     for name in ("comparison_curves.png", "comparison_nll_vs_mi.png", "comparison_des_std_sweep.png"):
         assert (output / name).stat().st_size > 1000
