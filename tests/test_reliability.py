@@ -60,14 +60,21 @@ def run_a(tmp_path_factory, tiny_encoder_path, train_data):
 # -- 1. reproducible and resumable training ---------------------------------------------------------------------------
 
 
-def test_same_seed_gives_bit_identical_weights(run_a, tmp_path, tiny_encoder_path, train_data):
-    main(train_args(tmp_path, tiny_encoder_path, train_data, "--max_steps", "6", "--save_steps", "3"))
-    assert_same_tensors(tensors(run_a / "final"), tensors(tmp_path / "final"))
+@pytest.fixture(scope="module")
+def run_b(tmp_path_factory, tiny_encoder_path, train_data):
+    """Run A again, in another process's shoes: same command, another folder."""
+    output = tmp_path_factory.mktemp("run_b")
+    main(train_args(output, tiny_encoder_path, train_data, "--max_steps", "6", "--save_steps", "3"))
+    return output
 
 
-def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(run_a, tmp_path, tiny_encoder_path, train_data):
-    # a run killed right after its step-3 checkpoint left exactly run A's checkpoint-3
-    shutil.copytree(run_a / "checkpoint-3", tmp_path / "checkpoint-3")
+def test_same_seed_gives_bit_identical_weights(run_a, run_b):
+    assert_same_tensors(tensors(run_a / "final"), tensors(run_b / "final"))
+
+
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(run_a, run_b, tmp_path, tiny_encoder_path, train_data):
+    # run B killed right after its step-3 checkpoint: only that checkpoint is left
+    shutil.copytree(run_b / "checkpoint-3", tmp_path / "checkpoint-3")
     main(train_args(tmp_path, tiny_encoder_path, train_data, "--max_steps", "6", "--save_steps", "3",
                     "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")))
     resumed, uninterrupted = tensors(tmp_path / "final"), tensors(run_a / "final")
