@@ -19,9 +19,21 @@ PRIORS = ("fitted", "scaled")
 # truncated or hand-edited: loading it refuses rather than silently using a default. Fields added later, within
 # format 1, must not be listed here, so that older folders keep loading with the new field's default.
 FORMAT_1_FIELDS = (
-    "encoder", "decoder", "latent_size", "latent_injection", "collapse_strategy", "kl_weight", "scale_target_std",
-    "scale_momentum", "scale_min_std", "scale_schedule", "scale_freeze_steps", "scale_freeze_epochs", "free_bits",
-    "bn_gamma", "scalevae_format_version",
+    "encoder",
+    "decoder",
+    "latent_size",
+    "latent_injection",
+    "collapse_strategy",
+    "kl_weight",
+    "scale_target_std",
+    "scale_momentum",
+    "scale_min_std",
+    "scale_schedule",
+    "scale_freeze_steps",
+    "scale_freeze_epochs",
+    "free_bits",
+    "bn_gamma",
+    "scalevae_format_version",
 )
 
 # The names public Scale-VAE reimplementations use, accepted as aliases.

@@ -222,7 +222,9 @@ class BNStrategy(CollapseStrategy):
         mu = mu.float()
         if self.training:
             if mu.shape[0] == 1:
-                raise ValueError("collapse_strategy='bn' cannot train on a batch of one: batch-norm needs two examples.")
+                raise ValueError(
+                    "collapse_strategy='bn' cannot train on a batch of one: batch-norm needs two examples."
+                )
             mean, var = mu.mean(0), mu.var(0, unbiased=False)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach(), self.momentum)
@@ -317,7 +319,12 @@ class ScaleStrategy(CollapseStrategy):
         """The `"epoch"` schedule freezes after f_epo epochs to the mean of the last epoch's per-batch factors."""
         self._epochs += 1
         self.epochs.add_(1)
-        if self.schedule == "epoch" and not self._frozen and self._epochs >= self.freeze_epochs and self._epoch_batches:
+        if (
+            self.schedule == "epoch"
+            and not self._frozen
+            and self._epochs >= self.freeze_epochs
+            and self._epoch_batches
+        ):
             self.scale_factors.copy_((self.epoch_factor_sum / self._epoch_batches).to(self.scale_factors.dtype))
             self._frozen = True
             self.frozen.fill_(True)
@@ -518,7 +525,8 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         problems = _weights_config_mismatches(model, info, allow_resize)
         if problems:
             raise ValueError(
-                f"The weights in {pretrained_model_name_or_path} do not match its config:\n - " + "\n - ".join(problems)
+                f"The weights in {pretrained_model_name_or_path} do not match its config:\n - "
+                + "\n - ".join(problems)
                 + "\nA ScaleVAE folder loads only into the config it was saved with: drop the config overrides, or "
                 "fix config.json to the values the weights were trained with."
             )
@@ -534,7 +542,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
 
         configs = [self.config, self.config.encoder, self.config.decoder]
         names = [getattr(config, "_name_or_path", "") for config in configs]
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+        hub_kwargs = {
+            key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs
+        }
         try:
             for config, name in zip(configs, names):
                 config._name_or_path = _public_name(name)
@@ -691,8 +701,12 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
                 self.injection.fill_memory(latents.to(embeds.dtype), cache)
             use_cache = True
             if decoder_attention_mask is not None:
-                decoder_attention_mask = torch.cat([decoder_attention_mask.new_ones(latents.shape[0], 1), decoder_attention_mask], dim=1)
-        return self.decoder(inputs_embeds=embeds, attention_mask=decoder_attention_mask, cache=cache, use_cache=use_cache)
+                decoder_attention_mask = torch.cat(
+                    [decoder_attention_mask.new_ones(latents.shape[0], 1), decoder_attention_mask], dim=1
+                )
+        return self.decoder(
+            inputs_embeds=embeds, attention_mask=decoder_attention_mask, cache=cache, use_cache=use_cache
+        )
 
     def log_likelihood(
         self,
@@ -744,7 +758,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             if self.training:
                 self.fitted_prior.update(posterior.decoder_mu.detach(), logvar.detach())
             kl_per_example_dim = gaussian_kl(mu, logvar)
-        decoder_outputs = self.decode(latents, decoder_input_ids, decoder_attention_mask, cache=cache, use_cache=bool(use_cache))
+        decoder_outputs = self.decode(
+            latents, decoder_input_ids, decoder_attention_mask, cache=cache, use_cache=bool(use_cache)
+        )
         logits = decoder_outputs.logits
 
         loss = reconstruction_loss = kl = kl_per_dim = kl_loss = decoder_kl = None
@@ -752,9 +768,11 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             kl_per_dim = kl_per_example_dim.mean(0)
             kl = kl_per_example_dim.sum(-1).mean()
             kl_loss = self.collapse.kl_in_loss(kl_per_example_dim).mean()
-            decoder_kl = gaussian_kl(
-                posterior.decoder_mu.float(), logvar, posterior.prior_std, posterior.prior_mean
-            ).sum(-1).mean()
+            decoder_kl = (
+                gaussian_kl(posterior.decoder_mu.float(), logvar, posterior.prior_std, posterior.prior_mean)
+                .sum(-1)
+                .mean()
+            )
         if labels is not None:
             reconstruction_loss = token_nll(logits, labels).sum(-1).mean()
             loss = reconstruction_loss if kl_loss is None else reconstruction_loss + self.config.kl_weight * kl_loss
@@ -785,7 +803,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             raise ValueError("config.decoder.bos_token_id is None: set it from the decoder tokenizer's BOS token.")
         fill = pad if pad is not None else bos
         keep = labels != -100
-        shifted = torch.cat([labels.new_full((labels.shape[0], 1), bos), labels[:, :-1].masked_fill(~keep[:, :-1], fill)], 1)
+        shifted = torch.cat(
+            [labels.new_full((labels.shape[0], 1), bos), labels[:, :-1].masked_fill(~keep[:, :-1], fill)], 1
+        )
         mask = torch.cat([keep.new_ones(labels.shape[0], 1), keep[:, :-1]], 1).long()
         return shifted, mask
 
@@ -812,7 +832,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             latents = self.encode(input_ids, attention_mask).decoder_mu
         return super().generate(inputs=decoder_input_ids, latents=latents, **generation_kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, latents=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, latents=None, **kwargs
+    ):
         if next_sequence_length is not None:
             input_ids = input_ids[:, -next_sequence_length:]
         return {
@@ -840,7 +862,9 @@ def default_decoder_config(vocab_size: int, **overrides) -> GPT2Config:
 def token_nll(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
     """Per-token negative log-likelihood (batch, length), zero where labels are -100."""
     if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels have shape {tuple(labels.shape)} but the decoder produced {tuple(logits.shape[:2])}.")
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but the decoder produced {tuple(logits.shape[:2])}."
+        )
     nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
     return nll.view(labels.shape)
 
@@ -903,8 +927,11 @@ def _weights_config_mismatches(model: "ScaleVAEForLatentLM", info: dict, allow_r
     for (field, value, saved, is_missing), keys in groups.items():
         names = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
         if field is None:
-            problems.append(f"the config builds {names}, which the weights file lacks" if is_missing
-                            else f"the weights file holds {names}, which the config does not build")
+            problems.append(
+                f"the config builds {names}, which the weights file lacks"
+                if is_missing
+                else f"the weights file holds {names}, which the config does not build"
+            )
         elif is_missing:
             problems.append(
                 f"{field}={value} expects {names}, which the weights file lacks (was it saved with {field}={saved}?)"
@@ -953,12 +980,12 @@ def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int, che
 def _may_read_values(tensor: torch.Tensor | None, training: bool) -> bool:
     """Whether a check may read `tensor`'s values: always on the CPU (no device sync there), outside training on an
     accelerator (a training step never waits on the host), never while torch.compile traces."""
-    return (tensor is not None and not torch.compiler.is_compiling()
-            and (tensor.device.type == "cpu" or not training))
+    return tensor is not None and not torch.compiler.is_compiling() and (tensor.device.type == "cpu" or not training)
 
 
-def _check_token_ids(name: str, ids: torch.Tensor | None, vocab_size: int, part: str, ignore_index=None,
-                     training: bool = False) -> None:
+def _check_token_ids(
+    name: str, ids: torch.Tensor | None, vocab_size: int, part: str, ignore_index=None, training: bool = False
+) -> None:
     if ids is None or ids.numel() == 0 or not _may_read_values(ids, training):
         return
     valid = ids if ignore_index is None else ids[ids != ignore_index]
@@ -974,11 +1001,16 @@ def _check_token_ids(name: str, ids: torch.Tensor | None, vocab_size: int, part:
         )
 
 
-def _check_encoder_inputs(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          training: bool = False) -> None:
+def _check_encoder_inputs(
+    config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, training: bool = False
+) -> None:
     _check_token_ids("input_ids", input_ids, config.encoder.vocab_size, "encoder", training=training)
-    if (attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > 0
-            and _may_read_values(attention_mask, training)):
+    if (
+        attention_mask is not None
+        and attention_mask.dim() == 2
+        and attention_mask.shape[1] > 0
+        and _may_read_values(attention_mask, training)
+    ):
         empty = (attention_mask == 0).all(dim=1)
         if bool(empty.any()):
             logger.warning_once(
@@ -987,12 +1019,14 @@ def _check_encoder_inputs(config, input_ids: torch.Tensor, attention_mask: torch
             )
 
 
-def _check_decoder_inputs(config, decoder_input_ids: torch.Tensor, cache, memory_slot: bool,
-                          training: bool = False) -> None:
+def _check_decoder_inputs(
+    config, decoder_input_ids: torch.Tensor, cache, memory_slot: bool, training: bool = False
+) -> None:
     past = cache.get_seq_length() if cache is not None else 0
     if past == 0:  # later steps of generate() decode the model's own tokens
-        _check_token_ids("decoder_input_ids", decoder_input_ids, config.decoder.vocab_size, "decoder",
-                         training=training)
+        _check_token_ids(
+            "decoder_input_ids", decoder_input_ids, config.decoder.vocab_size, "decoder", training=training
+        )
     slot = int(memory_slot and past == 0)  # the latent's key/value pair takes the first position
     needed = past + slot + decoder_input_ids.shape[-1]
     if needed > config.decoder.n_positions:
@@ -1006,13 +1040,18 @@ def _check_decoder_inputs(config, decoder_input_ids: torch.Tensor, cache, memory
 def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents, training: bool = False) -> None:
     sizes = {
         name: tensor.shape[0]
-        for name, tensor in (("input_ids", input_ids), ("latents", latents), ("decoder_input_ids", decoder_input_ids),
-                             ("labels", labels))
+        for name, tensor in (
+            ("input_ids", input_ids),
+            ("latents", latents),
+            ("decoder_input_ids", decoder_input_ids),
+            ("labels", labels),
+        )
         if tensor is not None and tensor.dim() > 0
     }
     if len(set(sizes.values())) > 1:
         raise ValueError(
-            "The inputs disagree on the batch size: " + ", ".join(f"{k} has {v}" for k, v in sizes.items())
+            "The inputs disagree on the batch size: "
+            + ", ".join(f"{k} has {v}" for k, v in sizes.items())
             + ". Each row of the encoder's and the decoder's inputs is one sentence."
         )
     _check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100, training=training)
@@ -1102,10 +1141,14 @@ def _weights_checksum(path, header_length: int, header: dict) -> str:
     digest = hashlib.sha256(json.dumps(tensors, sort_keys=True, separators=(",", ":")).encode())
     start = 8 + header_length
     populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page at once, not one page fault at a time
-    with open(path, "rb") as handle, (
-        mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ) if populate
-        else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    ) as data:
+    with (
+        open(path, "rb") as handle,
+        (
+            mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+            if populate
+            else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        ) as data,
+    ):
         rows = (len(data) - start) // (8 * _CHECKSUM_ROW_WORDS)
         end = start + rows * 8 * _CHECKSUM_ROW_WORDS
         if rows:
@@ -1189,9 +1232,14 @@ def _resolved_weights_files(path, kwargs: dict) -> list[str]:
         return _weights_files_in(folder)
     from transformers.utils import cached_file
 
-    options = dict(subfolder=subfolder, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"),
-                   local_files_only=True, _raise_exceptions_for_missing_entries=False,
-                   _raise_exceptions_for_connection_errors=False)
+    options = dict(
+        subfolder=subfolder,
+        cache_dir=kwargs.get("cache_dir"),
+        revision=kwargs.get("revision"),
+        local_files_only=True,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
     try:
         single = cached_file(path, "model.safetensors", **options)
         if single is not None:

@@ -28,7 +28,6 @@ from scalevae import build_model  # noqa: E402
 from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_texts  # noqa: E402
 from scalevae.metrics import iw_log_likelihood  # noqa: E402
 
-
 DEVICE = torch.device("cpu")
 
 
@@ -52,7 +51,9 @@ def median_times(contenders: dict, rounds: int) -> dict[str, float]:
 def setup(strategy: str, args):
     torch.manual_seed(0)
     overrides = dict(n_layer=1, n_embd=64, n_head=2) if args.quick else {}
-    model, enc, dec = build_model(args.encoder, latent_size=32, collapse_strategy=strategy, decoder_config_overrides=overrides)
+    model, enc, dec = build_model(
+        args.encoder, latent_size=32, collapse_strategy=strategy, decoder_config_overrides=overrides
+    )
     return model.to(DEVICE), enc, dec
 
 
@@ -86,8 +87,10 @@ def collate(texts, enc, dec, max_length):
     """What one training batch costs on the data side if done on the fly: tokenising its texts with both tokenizers
     (the work `tokenize_dataset` does once, cached, for a whole corpus) plus dynamic padding by the collator."""
     columns = tokenize_texts(texts, enc, dec, max_length)
-    features = [{key: columns[key][i] for key in ("input_ids", "attention_mask", "decoder_input_ids", "labels")}
-                for i in range(len(texts))]
+    features = [
+        {key: columns[key][i] for key in ("input_ids", "attention_mask", "decoder_input_ids", "labels")}
+        for i in range(len(texts))
+    ]
     return {key: value.to(DEVICE) for key, value in DataCollatorForLatentLM(enc, dec)(features).items()}
 
 
@@ -122,13 +125,18 @@ def main():
         fn()  # warm-up
     t = median_times(steps, args.rounds)
     results["train_step_scale_over_vae"] = t["scale"] / t["vae"]
-    steps_bf16 = {"scale": training_step_fn(scale, batch, torch.bfloat16), "vae": training_step_fn(vae, batch, torch.bfloat16)}
+    steps_bf16 = {
+        "scale": training_step_fn(scale, batch, torch.bfloat16),
+        "vae": training_step_fn(vae, batch, torch.bfloat16),
+    }
     for fn in steps_bf16.values():
         fn()
     t_bf16 = median_times(steps_bf16, args.rounds)
     results["train_step_scale_over_vae_bf16"] = t_bf16["scale"] / t_bf16["vae"]
-    throughput = {"train_sentences_per_s_fp32": args.batch_size / t["scale"],
-                  "train_sentences_per_s_bf16": args.batch_size / t_bf16["scale"]}
+    throughput = {
+        "train_sentences_per_s_fp32": args.batch_size / t["scale"],
+        "train_sentences_per_s_bf16": args.batch_size / t_bf16["scale"],
+    }
 
     # 2. Tokenisation + collation against a training step.
     t_data = median_times({"data": lambda: collate(texts, enc, dec, args.max_length)}, args.rounds)["data"]
@@ -147,11 +155,14 @@ def main():
         for _ in range(new_tokens):
             ids = torch.cat([ids, scale(decoder_input_ids=ids, latents=z).logits[:, -1:].argmax(-1)], 1)
 
-    t = median_times({
-        "ours": lambda: scale.generate(latents=z, **gen),
-        "gpt2": lambda: scale.decoder.generate(bos, attention_mask=torch.ones_like(bos), **gen),
-        "cacheless": cacheless,
-    }, max(3, args.rounds // 2))
+    t = median_times(
+        {
+            "ours": lambda: scale.generate(latents=z, **gen),
+            "gpt2": lambda: scale.decoder.generate(bos, attention_mask=torch.ones_like(bos), **gen),
+            "cacheless": cacheless,
+        },
+        max(3, args.rounds // 2),
+    )
     results["generate_speed_vs_plain_gpt2"] = t["gpt2"] / t["ours"]
     results["generate_speedup_vs_cacheless"] = t["cacheless"] / t["ours"]
 
@@ -165,17 +176,30 @@ def main():
         for start in range(0, k, chunk):
             c = min(chunk, k - start)
             rep = {key: v.repeat_interleave(c, 0) for key, v in sub.items()}
-            scale.log_likelihood(torch.randn(rep["labels"].shape[0], 32, device=DEVICE), rep["decoder_input_ids"], rep["labels"],
-                                 rep["decoder_attention_mask"])
+            scale.log_likelihood(
+                torch.randn(rep["labels"].shape[0], 32, device=DEVICE),
+                rep["decoder_input_ids"],
+                rep["labels"],
+                rep["decoder_attention_mask"],
+            )
 
-    t = median_times({"iw": lambda: iw_log_likelihood(scale, sub, k, chunk, gen_z), "floor": floor},
-                     max(3, args.rounds // 2))
+    t = median_times(
+        {"iw": lambda: iw_log_likelihood(scale, sub, k, chunk, gen_z), "floor": floor}, max(3, args.rounds // 2)
+    )
     results["iw_nll_over_decoder_floor"] = t["iw"] / t["floor"]
 
     # 5. Peak memory, each in a fresh process: Scale-VAE against the same parts trained as an AE.
     def peak(strategy):
-        command = [sys.executable, __file__, "--_memory_child", strategy, "--batch_size", str(args.batch_size),
-                   "--max_length", str(args.max_length)] + (["--quick"] if args.quick else [])
+        command = [
+            sys.executable,
+            __file__,
+            "--_memory_child",
+            strategy,
+            "--batch_size",
+            str(args.batch_size),
+            "--max_length",
+            str(args.max_length),
+        ] + (["--quick"] if args.quick else [])
         if args.encoder:
             command += ["--encoder", args.encoder]
         out = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -189,10 +213,15 @@ def main():
         for size in (1, args.large_batch):
             zs = z[:1].expand(size, -1).contiguous()
             start_ids = torch.full((size, 1), dec.bos_token_id, device=DEVICE)
-            t = median_times({
-                "ours": lambda: scale.generate(latents=zs, **gen),
-                "gpt2": lambda: scale.decoder.generate(start_ids, attention_mask=torch.ones_like(start_ids), **gen),
-            }, 3)
+            t = median_times(
+                {
+                    "ours": lambda: scale.generate(latents=zs, **gen),
+                    "gpt2": lambda: scale.decoder.generate(
+                        start_ids, attention_mask=torch.ones_like(start_ids), **gen
+                    ),
+                },
+                3,
+            )
             results[f"generate_speed_vs_plain_gpt2_batch{size}"] = t["gpt2"] / t["ours"]
             throughput[f"generate_tokens_per_s_batch{size}"] = size * new_tokens / t["ours"]
         t_iw = median_times({"iw": lambda: iw_log_likelihood(scale, sub, k, chunk, gen_z)}, 3)["iw"]
@@ -223,9 +252,20 @@ def main():
     setting = "tiny random model" if args.quick else "MiniLM-L6 encoder + 4x256 GPT-2 decoder"
     card = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     output = args.output or ("benchmarks/results_gpu.json" if DEVICE.type == "cuda" else "benchmarks/results.json")
-    Path(output).write_text(json.dumps(dict(setting=setting, device=card, torch=torch.__version__,
-                                            batch_size=args.batch_size, max_length=args.max_length,
-                                            results=results, throughput=throughput), indent=2))
+    Path(output).write_text(
+        json.dumps(
+            dict(
+                setting=setting,
+                device=card,
+                torch=torch.__version__,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                results=results,
+                throughput=throughput,
+            ),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,22 @@ def main():
     parser.add_argument("--output_dir", default="outputs/ptb_collapse_check")
     args = parser.parse_args()
     data = Path(args.data_dir)
-    files = {split: data / f"ptb.{name}.txt" for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]}
+    files = {
+        split: data / f"ptb.{name}.txt"
+        for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
+    }
     if not all(f.exists() for f in files.values()):
         sys.exit(f"PTB files not found under {data} (ptb.train.txt, ptb.valid.txt, ptb.test.txt)")
     results = run(
-        args.output_dir, "scale", compare_vae=True, data_files={k: str(v) for k, v in files.items()},
-        train_sentences=args.train_sentences, max_steps=args.max_steps, eval_sentences=args.eval_sentences,
-        num_importance_samples=args.num_importance_samples, logging_steps=50,
+        args.output_dir,
+        "scale",
+        compare_vae=True,
+        data_files={k: str(v) for k, v in files.items()},
+        train_sentences=args.train_sentences,
+        max_steps=args.max_steps,
+        eval_sentences=args.eval_sentences,
+        num_importance_samples=args.num_importance_samples,
+        logging_steps=50,
     )
     scale = {**results["scale"]["metrics"], **results["scale"]["timing"]}
     vae = {**results["vae"]["metrics"], **results["vae"]["timing"]}

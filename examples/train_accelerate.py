@@ -55,17 +55,26 @@ def main():
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     model, encoder_tokenizer, decoder_tokenizer = build_model(
-        args.encoder, args.decoder, latent_size=args.latent_size, collapse_strategy=args.collapse_strategy,
+        args.encoder,
+        args.decoder,
+        latent_size=args.latent_size,
+        collapse_strategy=args.collapse_strategy,
         scale_target_std=args.des_std,
         decoder_config_overrides=dict(n_layer=args.decoder_layers, n_embd=args.decoder_width),
     )
-    files = {"train": args.train_file, "validation": args.validation_file or args.train_file} if args.train_file else None
+    files = (
+        {"train": args.train_file, "validation": args.validation_file or args.train_file} if args.train_file else None
+    )
     with accelerator.main_process_first():  # rank 0 tokenises, the others read the datasets cache
         dataset, _ = tokenize_dataset(load_text_dataset(files), encoder_tokenizer, decoder_tokenizer, args.max_length)
     collator = DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
-    loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True)
-    probe = [collator([dataset["validation"][i] for i in range(s, min(s + 64, 256, len(dataset["validation"])))])
-             for s in range(0, min(256, len(dataset["validation"])), 64)]
+    loader = DataLoader(
+        dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True
+    )
+    probe = [
+        collator([dataset["validation"][i] for i in range(s, min(s + 64, 256, len(dataset["validation"])))])
+        for s in range(0, min(256, len(dataset["validation"])), 64)
+    ]
     # The Trainer's defaults (AdamW without weight decay, linear decay after a 5% warm-up), so both paths compare.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, args.max_steps // 20), args.max_steps)
@@ -101,9 +110,13 @@ def main():
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output = Path(args.output_dir)
-        recipe = dict(data=args.train_file or "embedded default corpus", steps=step,
-                      processes=accelerator.num_processes, batch_size_per_process=args.batch_size,
-                      command="examples/train_accelerate.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()))
+        recipe = dict(
+            data=args.train_file or "embedded default corpus",
+            steps=step,
+            processes=accelerator.num_processes,
+            batch_size_per_process=args.batch_size,
+            command="examples/train_accelerate.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        )
         save_model(output / "model", unwrapped, encoder_tokenizer, decoder_tokenizer, training=recipe)
         (output / "history.json").write_text(json.dumps(history, indent=2))
         accelerator.print(f"saved {output / 'model'}")

@@ -18,13 +18,19 @@ and the data's options below. Example:
 class ModelArguments:
     """How the model is built and trained; its hyperparameters are `ScaleVAEConfig`'s (see `config_arguments`)."""
 
-    encoder: str | None = field(default=None, metadata={"help": "BERT-style encoder path or Hub id (default: offline MiniLM)."})
+    encoder: str | None = field(
+        default=None, metadata={"help": "BERT-style encoder path or Hub id (default: offline MiniLM)."}
+    )
     decoder: str | None = field(default=None, metadata={"help": "GPT-2 path or Hub id (default: a new small GPT-2)."})
     decoder_layers: int = field(default=4, metadata={"help": "size of the new GPT-2 when --decoder is not given"})
     decoder_width: int = 256
     decoder_heads: int = 4
-    decoder_vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary fitted to the training text for a new decoder"})
-    kl_schedule: str = field(default="constant", metadata={"help": "constant | linear | cyclical (β rises to --kl_weight)"})
+    decoder_vocab_size: int = field(
+        default=4096, metadata={"help": "BPE vocabulary fitted to the training text for a new decoder"}
+    )
+    kl_schedule: str = field(
+        default="constant", metadata={"help": "constant | linear | cyclical (β rises to --kl_weight)"}
+    )
     kl_warmup_steps: int = 0
     kl_n_cycle: int = 4
     kl_ratio_zero: float = 0.25
@@ -47,13 +53,21 @@ def config_arguments(config_class=None) -> type:
 
     config_class = config_class or ScaleVAEConfig
     # Google style, as transformers: "    name (`type`, ...):" then its text indented further (after cleandoc).
-    doc = "\n".join(inspect.cleandoc(base.__doc__) for base in config_class.__mro__
-                    if isinstance(base, type) and issubclass(base, ScaleVAEConfig) and base.__doc__)
+    doc = "\n".join(
+        inspect.cleandoc(base.__doc__)
+        for base in config_class.__mro__
+        if isinstance(base, type) and issubclass(base, ScaleVAEConfig) and base.__doc__
+    )
     aliases = {field_name: alias for alias, field_name in _PAPER_ALIASES.items()}
     specs = []
     # ScaleVAEConfig's own fields and those of its subclasses, not PreTrainedConfig's (return_dict, dtype, ...).
-    own = set().union(*(vars(base).get("__annotations__", {}) for base in config_class.__mro__
-                        if isinstance(base, type) and issubclass(base, ScaleVAEConfig)))
+    own = set().union(
+        *(
+            vars(base).get("__annotations__", {})
+            for base in config_class.__mro__
+            if isinstance(base, type) and issubclass(base, ScaleVAEConfig)
+        )
+    )
     for item in dataclasses.fields(config_class):
         if item.name not in own or item.name in _NOT_OPTIONS:
             continue
@@ -102,8 +116,9 @@ def train(argv: list[str]) -> None:
     from .text import build_model
     from .training import KLSchedule, make_trainer
 
-    parser = HfArgumentParser((config_arguments(), ModelArguments, DataArguments, TrainingArguments),
-                              description=TRAIN_HELP)
+    parser = HfArgumentParser(
+        (config_arguments(), ModelArguments, DataArguments, TrainingArguments), description=TRAIN_HELP
+    )
     config_args, model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     config_kwargs = config_kwargs_from(config_args)
     if training_args.max_steps == 0 or training_args.max_steps < -1:
@@ -128,10 +143,13 @@ def train(argv: list[str]) -> None:
     else:
         raw = load_text_dataset(dataset_name=data_args.dataset_name, text_column=data_args.text_column)
     model, encoder_tokenizer, decoder_tokenizer = build_model(
-        model_args.encoder, model_args.decoder, train_texts=raw["train"]["text"],
+        model_args.encoder,
+        model_args.decoder,
+        train_texts=raw["train"]["text"],
         decoder_vocab_size=model_args.decoder_vocab_size,
-        decoder_config_overrides=dict(n_layer=model_args.decoder_layers, n_embd=model_args.decoder_width,
-                                      n_head=model_args.decoder_heads),
+        decoder_config_overrides=dict(
+            n_layer=model_args.decoder_layers, n_embd=model_args.decoder_width, n_head=model_args.decoder_heads
+        ),
         **config_kwargs,
     )
     # decoder sequences are at most max_length long, and with memory injection the latent takes one more position
@@ -147,20 +165,33 @@ def train(argv: list[str]) -> None:
         if differences:
             raise ValueError(
                 f"--resume_from_checkpoint {training_args.resume_from_checkpoint} was trained with another model: "
-                + "; ".join(differences) + ". Resume with the options the checkpoint was trained with."
+                + "; ".join(differences)
+                + ". Resume with the options the checkpoint was trained with."
             )
     dataset, _ = tokenize_dataset(raw, encoder_tokenizer, decoder_tokenizer, data_args.max_length)
     total = training_args.max_steps if training_args.max_steps > 0 else None
     schedule = KLSchedule(
-        model_args.kl_schedule, config_kwargs["kl_weight"], model_args.kl_warmup_steps, total or 0,
-        model_args.kl_n_cycle, model_args.kl_ratio_zero, model_args.kl_ratio_increase,
+        model_args.kl_schedule,
+        config_kwargs["kl_weight"],
+        model_args.kl_warmup_steps,
+        total or 0,
+        model_args.kl_n_cycle,
+        model_args.kl_ratio_zero,
+        model_args.kl_ratio_increase,
     )
     # The card's record: no credentials, no local paths (render_model_card scrubs them).
-    recipe = dict(data=data_args.train_file or data_args.dataset_name or "embedded default corpus",
-                  command=public_command(["scalevae", "train", *argv]))
+    recipe = dict(
+        data=data_args.train_file or data_args.dataset_name or "embedded default corpus",
+        command=public_command(["scalevae", "train", *argv]),
+    )
     trainer = make_trainer(
-        model, training_args, dataset["train"], DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer),
-        eval_dataset=dataset.get("validation"), kl_schedule=schedule, processing_class=encoder_tokenizer,
+        model,
+        training_args,
+        dataset["train"],
+        DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer),
+        eval_dataset=dataset.get("validation"),
+        kl_schedule=schedule,
+        processing_class=encoder_tokenizer,
         training=recipe,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -182,11 +213,14 @@ def evaluate(args) -> None:
     if args.max_sentences:
         texts = texts.select(range(min(args.max_sentences, len(texts))))
     dataset, _ = tokenize_dataset(texts, encoder_tokenizer, decoder_tokenizer, args.max_length)
-    loader = DataLoader(dataset, batch_size=args.batch_size,
-                        collate_fn=DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer))
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, collate_fn=DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
+    )
     generator = torch.Generator().manual_seed(args.seed)
     metrics = evaluate_model(model, loader, num_importance_samples=args.num_samples, generator=generator)
-    metrics["bleu"] = reconstruction_bleu_of(model, texts["text"], encoder_tokenizer, decoder_tokenizer, args.max_length)
+    metrics["bleu"] = reconstruction_bleu_of(
+        model, texts["text"], encoder_tokenizer, decoder_tokenizer, args.max_length
+    )
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
     output = Path(args.output or Path(args.model) / "eval_results.json")
@@ -214,7 +248,9 @@ def generate(args) -> None:
     elif args.analogy:
         outputs = [text.analogy(*args.analogy, **decoding)]
     else:
-        raise SystemExit("scalevae generate: give one of --sample N, --reconstruct TEXT, --interpolate A B, --analogy A B C")
+        raise SystemExit(
+            "scalevae generate: give one of --sample N, --reconstruct TEXT, --interpolate A B, --analogy A B C"
+        )
     for line in outputs:
         print(line)
 
@@ -244,16 +280,20 @@ def main(argv: list[str] | None = None) -> None:
     quick.add_argument("--collapse_strategy", default="scale", choices=["scale", "vae", "free_bits", "bn", "ae"])
     quick.add_argument("--compare_vae", action="store_true", help="also train a plain VAE and print it beside")
     quick.add_argument("--train_minutes", type=float, default=7.0, help="wall-clock training budget of each run")
-    quick.add_argument("--max_steps", type=int, default=None,
-                       help="train exactly this many steps instead (reproducible)")
+    quick.add_argument(
+        "--max_steps", type=int, default=None, help="train exactly this many steps instead (reproducible)"
+    )
     quick.add_argument("--batch_size", type=int, default=32)
     quick.add_argument("--learning_rate", type=float, default=5e-4, help="constant after 50 warm-up steps")
     quick.add_argument("--des_std", type=float, default=1.0, help="Scale-VAE's target std of the scaled means")
-    quick.add_argument("--freeze_encoder", default="all",
-                       help="'all' (default: only the latent head and decoder train), 'none', or a number of "
-                       "lower layers")
-    quick.add_argument("--decoder_vocab_size", type=int, default=4096,
-                       help="size of the BPE fitted to the training text")
+    quick.add_argument(
+        "--freeze_encoder",
+        default="all",
+        help="'all' (default: only the latent head and decoder train), 'none', or a number of lower layers",
+    )
+    quick.add_argument(
+        "--decoder_vocab_size", type=int, default=4096, help="size of the BPE fitted to the training text"
+    )
     quick.add_argument("--num_importance_samples", type=int, default=10)
     quick.add_argument("--eval_sentences", type=int, default=200)
     quick.add_argument("--seed", type=int, default=0)
@@ -308,8 +348,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "compare":
         from .compare import run_comparison
 
-        summary = run_comparison(args.preset, args.output_dir or f"outputs/compare-{args.preset}", args.data_dir,
-                                 args.encoder, args.runs, args.seeds, args.max_steps)
+        summary = run_comparison(
+            args.preset,
+            args.output_dir or f"outputs/compare-{args.preset}",
+            args.data_dir,
+            args.encoder,
+            args.runs,
+            args.seeds,
+            args.max_steps,
+        )
         print((Path(args.output_dir or f"outputs/compare-{args.preset}") / "results.md").read_text())
         return summary
     if args.command == "quickstart":
@@ -320,11 +367,21 @@ def main(argv: list[str] | None = None) -> None:
             if not args.freeze_encoder.isdigit():
                 parser.error(f"--freeze_encoder {args.freeze_encoder!r}: give all, none or a number of layers")
             frozen = int(args.freeze_encoder)
-        run(output_dir=args.output_dir, collapse_strategy=args.collapse_strategy, compare_vae=args.compare_vae,
-            train_minutes=args.train_minutes, max_steps=args.max_steps, batch_size=args.batch_size,
-            learning_rate=args.learning_rate, des_std=args.des_std, freeze_encoder=frozen,
-            decoder_vocab_size=args.decoder_vocab_size, num_importance_samples=args.num_importance_samples,
-            eval_sentences=args.eval_sentences, seed=args.seed)
+        run(
+            output_dir=args.output_dir,
+            collapse_strategy=args.collapse_strategy,
+            compare_vae=args.compare_vae,
+            train_minutes=args.train_minutes,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            des_std=args.des_std,
+            freeze_encoder=frozen,
+            decoder_vocab_size=args.decoder_vocab_size,
+            num_importance_samples=args.num_importance_samples,
+            eval_sentences=args.eval_sentences,
+            seed=args.seed,
+        )
     elif args.command == "evaluate":
         evaluate(args)
     else:

@@ -29,7 +29,10 @@ BASELINES = {
     "free_bits": (dict(collapse_strategy="free_bits", free_bits=0.5), "constant"),
     "bn": (dict(collapse_strategy="bn", bn_gamma=0.5), "constant"),
     "ae": (dict(collapse_strategy="ae"), "constant"),
-    "scale_epoch": (dict(collapse_strategy="scale", scale_target_std=1.0, scale_schedule="epoch", scale_freeze_epochs=1), "constant"),
+    "scale_epoch": (
+        dict(collapse_strategy="scale", scale_target_std=1.0, scale_schedule="epoch", scale_freeze_epochs=1),
+        "constant",
+    ),
 }
 DES_STD_SWEEP = (0.25, 0.5, 0.75, 1.0, 1.5)
 
@@ -64,28 +67,79 @@ class Preset:
 PRESETS = {
     # 2 CPU cores, in the background: about 80 minutes for 11 runs x 2 seeds (measured: see README).
     # 12,000 training sentences make 375 steps an epoch, so the f_epo = 1 schedule freezes its factors mid-run.
-    "ptb-cpu": Preset("ptb-cpu", "ptb.train.txt", "ptb.valid.txt", "ptb.test.txt", train_sentences=12000,
-                      eval_sentences=300, max_steps=500, num_importance_samples=30, seeds=(0, 1),
-                      new_encoder=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=512), freeze_encoder=False),
+    "ptb-cpu": Preset(
+        "ptb-cpu",
+        "ptb.train.txt",
+        "ptb.valid.txt",
+        "ptb.test.txt",
+        train_sentences=12000,
+        eval_sentences=300,
+        max_steps=500,
+        num_importance_samples=30,
+        seeds=(0, 1),
+        new_encoder=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
+        freeze_encoder=False,
+    ),
     # Representation: sentiment probe of the latents (labels only at evaluation), 1 seed, the main remedies.
-    "yelp-cpu": Preset("yelp-cpu", "yelp_sentiment.train.txt", "yelp_sentiment.valid.txt",
-                       "yelp_sentiment.test.txt", eval_sentences=1000, label_suffix="label", max_steps=400,
-                       num_importance_samples=10, seeds=(0,), des_std_sweep=(1.0,),
-                       new_encoder=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=512), freeze_encoder=False),
+    "yelp-cpu": Preset(
+        "yelp-cpu",
+        "yelp_sentiment.train.txt",
+        "yelp_sentiment.valid.txt",
+        "yelp_sentiment.test.txt",
+        eval_sentences=1000,
+        label_suffix="label",
+        max_steps=400,
+        num_importance_samples=10,
+        seeds=(0,),
+        des_std_sweep=(1.0,),
+        new_encoder=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
+        freeze_encoder=False,
+    ),
     # One H100, about 8 minutes per run (untested here: no GPU was lent to the session that wrote it).
-    "ptb-gpu": Preset("ptb-gpu", "ptb.train.txt", "ptb.valid.txt", "ptb.test.txt", eval_sentences=3000,
-                      max_steps=8000, batch_size=64, max_length=48, decoder=dict(n_layer=4, n_embd=256, n_head=4),
-                      freeze_encoder=False, num_importance_samples=200, seeds=(0, 1, 2)),
-    "snli-gpu": Preset("snli-gpu", "snli.train.txt", "snli.valid.txt", "snli.test.txt", eval_sentences=3000,
-                       max_steps=8000, batch_size=64, max_length=48, decoder=dict(n_layer=4, n_embd=256, n_head=4),
-                       freeze_encoder=False, num_importance_samples=200, seeds=(0, 1, 2)),
+    "ptb-gpu": Preset(
+        "ptb-gpu",
+        "ptb.train.txt",
+        "ptb.valid.txt",
+        "ptb.test.txt",
+        eval_sentences=3000,
+        max_steps=8000,
+        batch_size=64,
+        max_length=48,
+        decoder=dict(n_layer=4, n_embd=256, n_head=4),
+        freeze_encoder=False,
+        num_importance_samples=200,
+        seeds=(0, 1, 2),
+    ),
+    "snli-gpu": Preset(
+        "snli-gpu",
+        "snli.train.txt",
+        "snli.valid.txt",
+        "snli.test.txt",
+        eval_sentences=3000,
+        max_steps=8000,
+        batch_size=64,
+        max_length=48,
+        decoder=dict(n_layer=4, n_embd=256, n_head=4),
+        freeze_encoder=False,
+        num_importance_samples=200,
+        seeds=(0, 1, 2),
+    ),
     # Yahoo ships validation and test only: as ../shared/data/README.md advises, yahoo.valid.txt's first 9,000
     # documents train and its last 1,000 validate; yahoo.test.txt tests.
-    "yahoo-gpu": Preset("yahoo-gpu", "yahoo.valid.txt", "yahoo.valid.txt", "yahoo.test.txt", eval_sentences=1000,
-                        max_steps=8000, batch_size=64, max_length=64, decoder=dict(n_layer=4, n_embd=256, n_head=4),
-                        freeze_encoder=False, num_importance_samples=200, seeds=(0, 1, 2)),
+    "yahoo-gpu": Preset(
+        "yahoo-gpu",
+        "yahoo.valid.txt",
+        "yahoo.valid.txt",
+        "yahoo.test.txt",
+        eval_sentences=1000,
+        max_steps=8000,
+        batch_size=64,
+        max_length=64,
+        decoder=dict(n_layer=4, n_embd=256, n_head=4),
+        freeze_encoder=False,
+        num_importance_samples=200,
+        seeds=(0, 1, 2),
+    ),
 }
 
 # Columns of the table: key in a run's test metrics, header, format. `_fitted`/`_scaled` are the two priors.
@@ -123,7 +177,7 @@ def run_settings(name: str) -> tuple[dict, str]:
     if name in BASELINES:
         return BASELINES[name]
     if name.startswith("scale_"):
-        return dict(collapse_strategy="scale", scale_target_std=float(name[len("scale_"):])), "constant"
+        return dict(collapse_strategy="scale", scale_target_std=float(name[len("scale_") :])), "constant"
     raise ValueError(f"Unknown run {name!r}: one of {list(BASELINES)} or scale_<des_std>.")
 
 
@@ -151,10 +205,10 @@ def _read_lines(path: Path, limit: int | None = None) -> list[str]:
 
 def prepare_data(preset: Preset, data_dir: Path, encoder: str | None, work_dir: Path) -> ComparisonData:
     import datasets
+    from transformers import AutoTokenizer
 
     from .data import DataCollatorForLatentLM, tokenize_dataset
     from .text import fit_decoder_tokenizer, offline_encoder_path, prepare_decoder_tokenizer
-    from transformers import AutoTokenizer
 
     files = dict(train=preset.train_file, validation=preset.validation_file, test=preset.test_file)
     for split, name in files.items():
@@ -190,8 +244,12 @@ def _new_encoder(preset: Preset, tokenizer, folder: Path) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                        max_position_embeddings=max(64, preset.max_length), **preset.new_encoder)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=max(64, preset.max_length),
+        **preset.new_encoder,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -210,8 +268,13 @@ def train_and_evaluate(name: str, seed: int, preset: Preset, data: ComparisonDat
     config_fields, kl_schedule = run_settings(name)
     set_seed(seed)
     model, _, _ = build_model(
-        data.encoder, decoder_tokenizer=data.decoder_tokenizer, decoder_config_overrides=preset.decoder,
-        latent_size=preset.latent_size, freeze_encoder=preset.freeze_encoder, prior="fitted", **config_fields,
+        data.encoder,
+        decoder_tokenizer=data.decoder_tokenizer,
+        decoder_config_overrides=preset.decoder,
+        latent_size=preset.latent_size,
+        freeze_encoder=preset.freeze_encoder,
+        prior="fitted",
+        **config_fields,
     )
     args = TrainingArguments(
         output_dir=str(work_dir / "trainer"),
@@ -231,24 +294,42 @@ def train_and_evaluate(name: str, seed: int, preset: Preset, data: ComparisonDat
         use_cpu=not torch.cuda.is_available(),
     )
     schedule = KLSchedule(kl_schedule, 1.0, total_steps=preset.max_steps)
-    trainer = make_trainer(model, args, data.dataset["train"], data.collator, eval_dataset=data.dataset["validation"],
-                           kl_schedule=schedule, probe_size=128)
+    trainer = make_trainer(
+        model,
+        args,
+        data.dataset["train"],
+        data.collator,
+        eval_dataset=data.dataset["validation"],
+        kl_schedule=schedule,
+        probe_size=128,
+    )
     trainer.remove_callback(PrinterCallback)  # the run-level progress bar is the output; curves go to the JSON
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     model.config.kl_weight = 1.0  # the schedule's last β is not a property of the model
 
-    result = dict(run=name, seed=seed, preset=preset.name, steps=trainer.state.global_step,
-                  seconds_per_step=seconds / max(1, trainer.state.global_step),
-                  history=[h for h in trainer.state.log_history if "loss" in h])
+    result = dict(
+        run=name,
+        seed=seed,
+        preset=preset.name,
+        steps=trainer.state.global_step,
+        seconds_per_step=seconds / max(1, trainer.state.global_step),
+        history=[h for h in trainer.state.log_history if "loss" in h],
+    )
     for split in ("validation", "test"):
         loader = DataLoader(data.dataset[split], batch_size=32, collate_fn=data.collator)
-        metrics = evaluate_model(model, loader, num_importance_samples=preset.num_importance_samples,
-                                 generator=torch.Generator().manual_seed(seed), progress=False,
-                                 priors=("fitted", "scaled"))
-        metrics["bleu"] = reconstruction_bleu_of(model, data.texts[split][:200], data.encoder_tokenizer,
-                                                 data.decoder_tokenizer, preset.max_length)
+        metrics = evaluate_model(
+            model,
+            loader,
+            num_importance_samples=preset.num_importance_samples,
+            generator=torch.Generator().manual_seed(seed),
+            progress=False,
+            priors=("fitted", "scaled"),
+        )
+        metrics["bleu"] = reconstruction_bleu_of(
+            model, data.texts[split][:200], data.encoder_tokenizer, data.decoder_tokenizer, preset.max_length
+        )
         if data.labels:
             mu, decoder_mu = _posterior_means(model, loader)
             metrics["probe_mu"] = linear_probe_accuracy(mu, data.labels[split], seed=seed)
@@ -322,8 +403,13 @@ def run_comparison(
         temporary.replace(path)  # a killed run leaves no half-written result behind
     # The table covers every finished run in the folder, so seeds added later for a subset of runs join it.
     results = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*-seed*.json"))]
-    results.sort(key=lambda r: (list(BASELINES).index(r["run"]) if r["run"] in BASELINES else len(BASELINES),
-                                r["run"], r["seed"]))
+    results.sort(
+        key=lambda r: (
+            list(BASELINES).index(r["run"]) if r["run"] in BASELINES else len(BASELINES),
+            r["run"],
+            r["seed"],
+        )
+    )
     summary = summarize(results, preset)
     (output / "results.json").write_text(_to_json(summary, indent=2))
     (output / "results.md").write_text(format_markdown(summary))
@@ -365,8 +451,11 @@ def summarize(results: list[dict], preset: Preset) -> dict:
         row = {}
         for split in ("validation", "test"):
             keys = runs[0][split].keys()
-            row[split] = {k: _mean_sd([r[split][k] for r in runs]) for k in keys
-                          if isinstance(runs[0][split][k], (int, float, type(None)))}
+            row[split] = {
+                k: _mean_sd([r[split][k] for r in runs])
+                for k in keys
+                if isinstance(runs[0][split][k], (int, float, type(None)))
+            }
         row["test"]["seconds_per_step"] = _mean_sd([r["seconds_per_step"] for r in runs])
         row["seeds"] = [r["seed"] for r in runs]
         table[name] = row
@@ -393,8 +482,18 @@ def choose_des_std(table: dict, sweep: list[str]) -> tuple[str | None, str | Non
 
 
 # The README's narrower table: density under both priors, and whether the latent is used.
-README_COLUMNS = ("nll_fitted", "nll_scaled", "reconstruction_nll", "kl", "decoder_kl_fitted", "mi_decoder",
-                  "au", "au_decoder", "shuffle_gap", "bleu")
+README_COLUMNS = (
+    "nll_fitted",
+    "nll_scaled",
+    "reconstruction_nll",
+    "kl",
+    "decoder_kl_fitted",
+    "mi_decoder",
+    "au",
+    "au_decoder",
+    "shuffle_gap",
+    "bleu",
+)
 
 
 def format_markdown(summary: dict, keys: tuple[str, ...] | None = None) -> str:

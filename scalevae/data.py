@@ -65,7 +65,9 @@ def check_text_file(path: str | Path) -> None:
                 line = lines + chunk.count(b"\n", 0, chunk.index(b"\x00")) + 1
                 logger.warning(
                     "%s holds NUL bytes (first on line %d): each is read as a space, so the words around it stay "
-                    "apart. Is it a text file?", path, line,
+                    "apart. Is it a text file?",
+                    path,
+                    line,
                 )
             lines += chunk.count(b"\n")
             try:
@@ -97,8 +99,11 @@ def _strip_and_drop_empty(dataset: datasets.DatasetDict, num_proc: int | None) -
     # PTB-style files pad every line with a leading and trailing space; Hub datasets may hold None.
     stripped = dataset.map(
         # A NUL byte separates words (tokenizers would drop it and merge them; check_text_file warns).
-        lambda batch: {TEXT_COLUMN: ["" if text is None else str(text).replace("\x00", " ").strip()
-                                     for text in batch[TEXT_COLUMN]]},
+        lambda batch: {
+            TEXT_COLUMN: [
+                "" if text is None else str(text).replace("\x00", " ").strip() for text in batch[TEXT_COLUMN]
+            ]
+        },
         batched=True,
         num_proc=num_proc,
         desc="Stripping lines",
@@ -192,7 +197,9 @@ def _encoder_truncated(encoder_tokenizer: Any, texts: list[str], ids: list[list[
     return flags
 
 
-def tokenize_texts(texts: list[str], encoder_tokenizer: Any, decoder_tokenizer: Any, max_length: int) -> dict[str, list]:
+def tokenize_texts(
+    texts: list[str], encoder_tokenizer: Any, decoder_tokenizer: Any, max_length: int
+) -> dict[str, list]:
     """One batch of texts as `tokenize_dataset` stores them (see there), with per-text truncation flags in
     `_encoder_truncated` / `_decoder_truncated`."""
     bos_id, eos_id = decoder_special_token_ids(decoder_tokenizer)
@@ -242,7 +249,9 @@ def tokenize_dataset(
     dataset_dict = datasets.DatasetDict({"train": dataset}) if single else dataset
     for split, split_dataset in dataset_dict.items():
         if TEXT_COLUMN not in split_dataset.column_names:
-            raise ValueError(f"split {split!r} has no {TEXT_COLUMN!r} column; columns are {split_dataset.column_names}")
+            raise ValueError(
+                f"split {split!r} has no {TEXT_COLUMN!r} column; columns are {split_dataset.column_names}"
+            )
 
     tokenized = dataset_dict.map(
         tokenize,
@@ -324,9 +333,7 @@ class DataCollatorForLatentLM:
         labels = [list(f["labels"]) for f in features]
         for inputs, targets in zip(decoder_inputs, labels):
             if len(inputs) != len(targets):
-                raise ValueError(
-                    f"decoder_input_ids and labels differ in length ({len(inputs)} vs {len(targets)})"
-                )
+                raise ValueError(f"decoder_input_ids and labels differ in length ({len(inputs)} vs {len(targets)})")
         length = self._padded_length(max(len(ids) for ids in decoder_inputs))
         pad_id = self._decoder_pad_id()
         decoder_input_ids = torch.full((len(features), length), pad_id, dtype=torch.long)

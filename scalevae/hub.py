@@ -63,12 +63,20 @@ REQUIRED_FILES = (
 # what it measures. Keys are matched case-insensitively, with an optional "eval_" prefix (Trainer's), and through the
 # aliases below. Every row is in the table; one without a measured value reads "not evaluated".
 METRICS = (
-    ("nll", "NLL", "−log p(x) per sentence, nats: importance-weighted estimate, latent integrated out (lower is better)"),
+    (
+        "nll",
+        "NLL",
+        "−log p(x) per sentence, nats: importance-weighted estimate, latent integrated out (lower is better)",
+    ),
     ("ppl", "PPL", "exp(total NLL / counted tokens), tokens including EOS (lower is better)"),
     ("kl", "KL", "the paper's KL: KL(N(μ, σ²) ‖ N(0, I)) of the encoder's posterior, nats per sentence"),
     ("mi", "MI", "mutual information I(x; z) under the encoder's posterior, nats"),
     ("au", "AU", "active units: dimensions of μ whose variance across sentences exceeds 0.01 (Burda et al. 2016)"),
-    ("bleu", "Reconstruction BLEU", "corpus BLEU (sacreBLEU, 0-100) of each sentence's greedy decoding from its latent"),
+    (
+        "bleu",
+        "Reconstruction BLEU",
+        "corpus BLEU (sacreBLEU, 0-100) of each sentence's greedy decoding from its latent",
+    ),
 )
 # Further figures of `evaluate_model`: listed under the table's six rows when measured, with these descriptions.
 EXTRA_METRICS = {
@@ -384,7 +392,15 @@ def _evaluation(known: dict, other: dict, settings: dict, training: dict) -> str
 
 # `training` entries with a place of their own in the card; every other entry is listed as a training argument.
 _RECIPE_KEYS = (
-    "dataset", "data", "dataset_description", "steps", "epochs", "command", "license", "model_name", "base_model",
+    "dataset",
+    "data",
+    "dataset_description",
+    "steps",
+    "epochs",
+    "command",
+    "license",
+    "model_name",
+    "base_model",
     "evaluation",
 )
 
@@ -402,11 +418,7 @@ def _training_sections(model: ScaleVAEForLatentLM, training: dict) -> tuple[str,
         if training.get(key) is not None:
             steps.append(f"{training[key]} {label}")
     lines = [f"- Length of training: {', '.join(steps) if steps else 'not recorded'}."]
-    arguments = {
-        k: v
-        for k, v in training.items()
-        if k not in _RECIPE_KEYS
-    }
+    arguments = {k: v for k, v in training.items() if k not in _RECIPE_KEYS}
     if arguments:
         lines.append("- Training arguments:")
         lines.extend(f"  - `{key}` = `{value}`" for key, value in sorted(arguments.items()))
@@ -452,11 +464,11 @@ def render_model_card(
     model_name = model_name or training.get("model_name") or "scalevae-model"
     config = model.config
     if config.collapse_strategy == "scale":
-        strategy_note = "This model uses Scale-VAE (`collapse_strategy=\"scale\"`)."
+        strategy_note = 'This model uses Scale-VAE (`collapse_strategy="scale"`).'
     else:
         strategy_note = (
             f"**This model is a baseline, not Scale-VAE**: it was trained with `collapse_strategy="
-            f"\"{config.collapse_strategy}\"`. The Scale-VAE sections below describe the package's default remedy."
+            f'"{config.collapse_strategy}"`. The Scale-VAE sections below describe the package\'s default remedy.'
         )
     training_data, recipe, hyperparameters = _training_sections(model, training)
     template = string.Template(card_template_path().read_text(encoding="utf-8"))
@@ -483,7 +495,9 @@ def write_model_card(
 ) -> Path:
     """Write `folder/README.md` (see `render_model_card`); the model name defaults to the folder's name."""
     path = Path(folder) / "README.md"
-    path.write_text(render_model_card(model, metrics, training, model_name or Path(folder).resolve().name), encoding="utf-8")
+    path.write_text(
+        render_model_card(model, metrics, training, model_name or Path(folder).resolve().name), encoding="utf-8"
+    )
     return path
 
 
@@ -529,8 +543,11 @@ def _swap_in(new: Path, folder: Path) -> None:
 def _leftovers(folder: Path) -> list[Path]:
     """The folders that killed saves of `folder` left beside it: `.NAME.tmp-*` (a new save being written) and
     `.NAME.old-*` (a replaced folder being deleted, or set aside just before a kill)."""
-    return [p for p in folder.parent.glob(f".{folder.name}.*-*")
-            if p.is_dir() and p.name.startswith((f".{folder.name}.tmp-", f".{folder.name}.old-"))]
+    return [
+        p
+        for p in folder.parent.glob(f".{folder.name}.*-*")
+        if p.is_dir() and p.name.startswith((f".{folder.name}.tmp-", f".{folder.name}.old-"))
+    ]
 
 
 def save_time(folder: str | os.PathLike) -> int | None:
@@ -542,8 +559,9 @@ def save_time(folder: str | os.PathLike) -> int | None:
         return None
     try:
         files = _weights_files_in(str(folder))
-        stamps = [(_read_safetensors_header(path)[1].get("__metadata__") or {}).get(WEIGHTS_SAVED_AT_KEY)
-                  for path in files]
+        stamps = [
+            (_read_safetensors_header(path)[1].get("__metadata__") or {}).get(WEIGHTS_SAVED_AT_KEY) for path in files
+        ]
         _verify_weights_checksums(files)
     except (OSError, ValueError):
         return None
@@ -606,7 +624,9 @@ def save_model(
         write_model_card(new, model, metrics, training, model_name=(training or {}).get("model_name") or folder.name)
         missing = missing_files(new)
         if missing:
-            raise RuntimeError(f"save_model wrote an incomplete folder (missing {', '.join(missing)}); nothing replaced.")
+            raise RuntimeError(
+                f"save_model wrote an incomplete folder (missing {', '.join(missing)}); nothing replaced."
+            )
         _swap_in(new, folder)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
@@ -623,8 +643,14 @@ def save_model(
 
 # What a Trainer checkpoint holds besides the model: the state to resume training, not part of a published model.
 # (training_args.bin is the pickled TrainingArguments, access token included.)
-TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin",
-                       "trainer_state.json")
+TRAINER_STATE_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state.pth",
+    "training_args.bin",
+    "trainer_state.json",
+)
 
 
 def folder_files(folder: str | os.PathLike) -> list[str]:
@@ -632,7 +658,8 @@ def folder_files(folder: str | os.PathLike) -> list[str]:
     state (`TRAINER_STATE_FILES`, per-process RNG states) is left out: it is never uploaded."""
     folder = Path(folder)
     return sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*")
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
         if p.is_file()
         and not (p.parent == folder and (p.name in TRAINER_STATE_FILES or p.name.startswith("rng_state")))
     )
@@ -675,8 +702,12 @@ def push_to_hub(
             if encoder_tokenizer is None or decoder_tokenizer is None:
                 raise TypeError("push_to_hub(model, ...) needs encoder_tokenizer= and decoder_tokenizer=.")
             folder = save_model(
-                Path(scratch) / repo_id.split("/")[-1], folder_or_model, encoder_tokenizer, decoder_tokenizer,
-                metrics=metrics, training=training,
+                Path(scratch) / repo_id.split("/")[-1],
+                folder_or_model,
+                encoder_tokenizer,
+                decoder_tokenizer,
+                metrics=metrics,
+                training=training,
             )
         files = folder_files(folder)
         api = HfApi(token=token)

@@ -136,7 +136,9 @@ def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generat
     for start in range(0, num_samples, chunk_size):
         c = min(chunk_size, num_samples - start)
         # Sample j of sentence i sits at row i * c + j, the order of repeat_interleave.
-        z = (mean.unsqueeze(1) + std.unsqueeze(1) * _randn((batch_size, c, latent_size), mean, generator)).flatten(0, 1)
+        z = (mean.unsqueeze(1) + std.unsqueeze(1) * _randn((batch_size, c, latent_size), mean, generator)).flatten(
+            0, 1
+        )
         log_px_z = model.log_likelihood(
             z,
             decoder_input_ids.repeat_interleave(c, dim=0),
@@ -202,7 +204,10 @@ def _elbo_from_posterior(model, batch, posterior, generator, priors=("",)) -> di
     mean, logvar = posterior.decoder_mu, posterior.logvar
     z = mean + (0.5 * logvar).exp() * _randn(mean.shape, mean, generator)
     log_px_z = model.log_likelihood(z, decoder_input_ids, batch["labels"], decoder_attention_mask).double()
-    return {name: log_px_z - _decoder_kl(posterior, *params) for name, params in _priors_of(model, posterior, priors).items()}
+    return {
+        name: log_px_z - _decoder_kl(posterior, *params)
+        for name, params in _priors_of(model, posterior, priors).items()
+    }
 
 
 def elbo(
@@ -253,7 +258,9 @@ def mutual_information(
     """
     mu, logvar = mu.detach().double(), logvar.detach().double()
     if mu.dim() != 2 or mu.shape != logvar.shape:
-        raise ValueError(f"mu and logvar must both have shape (N, d); got {tuple(mu.shape)} and {tuple(logvar.shape)}.")
+        raise ValueError(
+            f"mu and logvar must both have shape (N, d); got {tuple(mu.shape)} and {tuple(logvar.shape)}."
+        )
     n, d = mu.shape
     if n == 0:
         raise ValueError("mutual_information needs at least one example.")
@@ -360,8 +367,11 @@ def reconstruction_bleu_of(
     references = [decoder_tokenizer.decode(decoder_tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     text = LatentText(model, encoder_tokenizer, decoder_tokenizer, max_length=max_length)
     with _evaluating(model):
-        hypotheses = [out for start in range(0, len(texts), batch_size)
-                      for out in text.reconstruct(texts[start : start + batch_size], do_sample=False)]
+        hypotheses = [
+            out
+            for start in range(0, len(texts), batch_size)
+            for out in text.reconstruct(texts[start : start + batch_size], do_sample=False)
+        ]
     return reconstruction_bleu(references, hypotheses)
 
 
@@ -442,7 +452,9 @@ def evaluate_model(
             for name, (prior_mean, prior_std) in _priors_of(model, posterior, prior_names).items():
                 density["decoder_kl", name] += float(_decoder_kl(posterior, prior_mean, prior_std).sum())
             if use_iw:
-                iw = _iw_from_posterior(model, batch, posterior, num_importance_samples, chunk_size, generator, prior_names)
+                iw = _iw_from_posterior(
+                    model, batch, posterior, num_importance_samples, chunk_size, generator, prior_names
+                )
                 for name in prior_names:
                     density["iw_nll", name] -= float(iw[name].sum())
             if stochastic:
@@ -487,12 +499,14 @@ def evaluate_model(
     for name in prior_names:
         suffix = f"_{name}" if name else ""
         iw_nll = density["iw_nll", name]
-        per_prior.update({
-            f"nll{suffix}": iw_nll / num_sentences if use_iw else nan,
-            f"ppl{suffix}": math.exp(iw_nll / num_tokens) if use_iw and num_tokens else nan,
-            f"elbo{suffix}": density["elbo", name] / num_sentences if stochastic else nan,
-            f"decoder_kl{suffix}": density["decoder_kl", name] / num_sentences,
-        })
+        per_prior.update(
+            {
+                f"nll{suffix}": iw_nll / num_sentences if use_iw else nan,
+                f"ppl{suffix}": math.exp(iw_nll / num_tokens) if use_iw and num_tokens else nan,
+                f"elbo{suffix}": density["elbo", name] / num_sentences if stochastic else nan,
+                f"decoder_kl{suffix}": density["decoder_kl", name] / num_sentences,
+            }
+        )
     return {
         **per_prior,
         "reconstruction_nll": sums["reconstruction_nll"] / num_sentences,

@@ -14,9 +14,14 @@ CURVES = [
     (("mi", "mi_decoder"), "mutual information (nats)"),
     (("au", "au_decoder"), "active units"),
 ]
-LABELS = {"kl": "paper's KL (original posterior)", "decoder_kl": "bound's KL (decoder's latent)",
-          "mi": "original posterior", "mi_decoder": "decoder's latent",
-          "au": "original posterior", "au_decoder": "decoder's latent"}
+LABELS = {
+    "kl": "paper's KL (original posterior)",
+    "decoder_kl": "bound's KL (decoder's latent)",
+    "mi": "original posterior",
+    "mi_decoder": "decoder's latent",
+    "au": "original posterior",
+    "au_decoder": "decoder's latent",
+}
 
 
 def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
@@ -53,8 +58,9 @@ def plot_latent_map(
         _, s, v = torch.linalg.svd(centred, full_matrices=False)
         coords = centred @ v[:2].T
         explained = (s[:2] ** 2 / (s**2).sum()).tolist()
-        points = ax.scatter(coords[:, 0], coords[:, 1], s=6, alpha=0.7, c=None if colors is None else colors.cpu(),
-                            cmap="viridis")
+        points = ax.scatter(
+            coords[:, 0], coords[:, 1], s=6, alpha=0.7, c=None if colors is None else colors.cpu(), cmap="viridis"
+        )
         if colors is not None:
             fig.colorbar(points, ax=ax, label=color_label)
         ax.set_title(f"{run}: PCA of test latents")
@@ -82,9 +88,14 @@ def plot_comparison(results: list[dict], summary: dict, output_dir: str | Path) 
     for result in results:
         first_seed.setdefault(result["run"], result)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for ax, (key, title) in zip(axes, [("reconstruction_loss", "reconstruction NLL (nats / sentence)"),
-                                       ("kl", "KL, original posterior (nats)"),
-                                       ("mi_decoder", "MI, decoder's latent (nats)")]):
+    for ax, (key, title) in zip(
+        axes,
+        [
+            ("reconstruction_loss", "reconstruction NLL (nats / sentence)"),
+            ("kl", "KL, original posterior (nats)"),
+            ("mi_decoder", "MI, decoder's latent (nats)"),
+        ],
+    ):
         for name, result in first_seed.items():
             points = [(h["step"], h[key]) for h in result["history"] if key in h]
             if points:
@@ -109,20 +120,33 @@ def plot_comparison(results: list[dict], summary: dict, output_dir: str | Path) 
     fig.tight_layout()
     paths.append(_save(fig, output_dir / "comparison_nll_vs_mi.png"))
 
-    sweep = sorted((float(n[len("scale_"):]), row) for n, row in runs.items()
-                   if n.startswith("scale_") and n != "scale_epoch")
+    sweep = sorted(
+        (float(n[len("scale_") :]), row) for n, row in runs.items() if n.startswith("scale_") and n != "scale_epoch"
+    )
     if sweep:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         des = [d for d, _ in sweep]
         for key, label in [("nll_fitted", "IW-NLL, fitted prior"), ("nll_scaled", "IW-NLL, N(0, diag f²)")]:
-            ax.errorbar(des, [r["test"][key][0] for _, r in sweep], yerr=[r["test"][key][1] for _, r in sweep],
-                        marker="o", capsize=3, label=label)
+            ax.errorbar(
+                des,
+                [r["test"][key][0] for _, r in sweep],
+                yerr=[r["test"][key][1] for _, r in sweep],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         ax.set_xlabel("des_std")
         ax.set_ylabel("test IW-NLL (nats / sentence)")
         twin = ax.twinx()
-        twin.errorbar(des, [r["test"]["mi_decoder"][0] for _, r in sweep],
-                      yerr=[r["test"]["mi_decoder"][1] for _, r in sweep], marker="s", color="tab:green",
-                      capsize=3, label="MI, decoder's latent")
+        twin.errorbar(
+            des,
+            [r["test"]["mi_decoder"][0] for _, r in sweep],
+            yerr=[r["test"]["mi_decoder"][1] for _, r in sweep],
+            marker="s",
+            color="tab:green",
+            capsize=3,
+            label="MI, decoder's latent",
+        )
         twin.set_ylabel("MI (nats)")
         fig.legend(loc="upper center", fontsize=8, ncol=3)
         ax.grid(alpha=0.3)

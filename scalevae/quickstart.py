@@ -71,8 +71,13 @@ class TimeBudgetCallback(TrainerCallback):
         self.start = self.last_check = time.perf_counter()
         unit = "s" if self.seconds else "step"
         bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}{postfix}]"
-        self.bar = tqdm(total=round(self.seconds) if self.seconds else state.max_steps, desc=self.desc, unit=unit,
-                        dynamic_ncols=True, bar_format=bar_format)
+        self.bar = tqdm(
+            total=round(self.seconds) if self.seconds else state.max_steps,
+            desc=self.desc,
+            unit=unit,
+            dynamic_ncols=True,
+            bar_format=bar_format,
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -82,8 +87,9 @@ class TimeBudgetCallback(TrainerCallback):
         now = time.perf_counter()
         elapsed, step = now - self.start, state.global_step
         self.elapsed = elapsed
-        self.bar.set_postfix_str(f"step {step}" + (f", loss {self.loss:.1f}" if self.loss is not None else ""),
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"step {step}" + (f", loss {self.loss:.1f}" if self.loss is not None else ""), refresh=False
+        )
         self.bar.update((min(elapsed, self.seconds) if self.seconds else step) - self.bar.n)
         if self.seconds and step % self.stop_every == 0:
             if elapsed + (now - self.last_check) > self.seconds:
@@ -144,8 +150,13 @@ def train_and_evaluate(
         raw["train"] = raw["train"].select(range(min(train_sentences, len(raw["train"]))))
     raw["test"] = raw["test"].select(range(min(eval_sentences, len(raw["test"]))))
     model, encoder_tokenizer, decoder_tokenizer = build_model(
-        encoder, train_texts=raw["train"]["text"], decoder_vocab_size=decoder_vocab_size, latent_size=latent_size,
-        collapse_strategy=collapse_strategy, scale_target_std=des_std, freeze_encoder=freeze_encoder,
+        encoder,
+        train_texts=raw["train"]["text"],
+        decoder_vocab_size=decoder_vocab_size,
+        latent_size=latent_size,
+        collapse_strategy=collapse_strategy,
+        scale_target_std=des_std,
+        freeze_encoder=freeze_encoder,
     )
     dataset, truncation = tokenize_dataset(raw, encoder_tokenizer, decoder_tokenizer, max_length)
     collator = DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
@@ -167,8 +178,14 @@ def train_and_evaluate(
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = make_trainer(model, args, dataset["train"], collator, eval_dataset=dataset["validation"],
-                           prior_fit_sentences=PRIOR_FIT_SENTENCES)
+    trainer = make_trainer(
+        model,
+        args,
+        dataset["train"],
+        collator,
+        eval_dataset=dataset["validation"],
+        prior_fit_sentences=PRIOR_FIT_SENTENCES,
+    )
     trainer.remove_callback(PrinterCallback)  # the budget's bar shows the loss; the full logs go to TensorBoard
     trainer.remove_callback(ProgressCallback)
     name = NAMES.get(collapse_strategy, collapse_strategy)
@@ -181,26 +198,38 @@ def train_and_evaluate(
 
     model.eval()
     loader = DataLoader(test, batch_size=32, collate_fn=collator)
-    metrics = evaluate_model(model, loader, num_importance_samples=num_importance_samples,
-                             generator=torch.Generator().manual_seed(seed))
-    metrics["bleu"] = reconstruction_bleu_of(model, raw["test"]["text"], encoder_tokenizer, decoder_tokenizer,
-                                             max_length)
+    metrics = evaluate_model(
+        model, loader, num_importance_samples=num_importance_samples, generator=torch.Generator().manual_seed(seed)
+    )
+    metrics["bleu"] = reconstruction_bleu_of(
+        model, raw["test"]["text"], encoder_tokenizer, decoder_tokenizer, max_length
+    )
     samples = prior_samples(model, (encoder_tokenizer, decoder_tokenizer), PRIOR_SAMPLES, seed, max_length)
     metrics["prior_distinct_2"] = distinct_bigrams(samples)
-    metrics.update(dataset=data_files["test"] if data_files else "embedded default corpus", split="test",
-                   num_importance_samples=num_importance_samples)
+    metrics.update(
+        dataset=data_files["test"] if data_files else "embedded default corpus",
+        split="test",
+        num_importance_samples=num_importance_samples,
+    )
     timing = dict(steps=steps, train_seconds=train_seconds, seconds_per_step=train_seconds / max(steps, 1))
 
     folder = output_dir / "model"
     frozen = {True: "all", False: "none"}[freeze_encoder] if isinstance(freeze_encoder, bool) else freeze_encoder
-    command = (f"scalevae quickstart --collapse_strategy {collapse_strategy} --max_steps {steps} --seed {seed} "
-               f"--learning_rate {learning_rate:g} --des_std {des_std:g} --freeze_encoder {frozen} "
-               f"--decoder_vocab_size {decoder_vocab_size} --batch_size {batch_size}")
+    command = (
+        f"scalevae quickstart --collapse_strategy {collapse_strategy} --max_steps {steps} --seed {seed} "
+        f"--learning_rate {learning_rate:g} --des_std {des_std:g} --freeze_encoder {frozen} "
+        f"--decoder_vocab_size {decoder_vocab_size} --batch_size {batch_size}"
+    )
     corpus = "embedded default corpus (Python standard library docstrings, scalevae/corpus)"
     training = dict(
         data=f"{data_files['train'] if data_files else corpus}, {len(dataset['train'])} training sentences",
-        steps=steps, batch_size=batch_size, max_length=max_length, learning_rate=learning_rate,
-        lr_schedule=f"constant after {warmup_steps} warm-up steps", seed=seed, truncated=truncation["train"],
+        steps=steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        learning_rate=learning_rate,
+        lr_schedule=f"constant after {warmup_steps} warm-up steps",
+        seed=seed,
+        truncated=truncation["train"],
         command=command,
         decoder_tokenizer=f"byte-level BPE, {len(decoder_tokenizer)} tokens, fitted to the training text",
         evaluation=f"{len(test)} test sentences, {num_importance_samples} importance samples",
@@ -209,14 +238,26 @@ def train_and_evaluate(
     save_model(folder, model, encoder_tokenizer, decoder_tokenizer, metrics=metrics, training=training)
 
     with torch.no_grad():
-        latents = torch.cat([
-            model.encode(b["input_ids"].to(model.device), b["attention_mask"].to(model.device)).decoder_mu
-            for b in loader
-        ]).cpu()
+        latents = torch.cat(
+            [
+                model.encode(b["input_ids"].to(model.device), b["attention_mask"].to(model.device)).decoder_mu
+                for b in loader
+            ]
+        ).cpu()
     lengths = torch.tensor([len(labels) for labels in test["labels"]], dtype=torch.float)
-    return dict(model=model, tokenizers=(encoder_tokenizer, decoder_tokenizer), metrics=metrics, timing=timing,
-                test_texts=raw["test"]["text"], lengths=lengths, samples=samples, max_length=max_length,
-                history=trainer.state.log_history, latents=latents, folder=folder)
+    return dict(
+        model=model,
+        tokenizers=(encoder_tokenizer, decoder_tokenizer),
+        metrics=metrics,
+        timing=timing,
+        test_texts=raw["test"]["text"],
+        lengths=lengths,
+        samples=samples,
+        max_length=max_length,
+        history=trainer.state.log_history,
+        latents=latents,
+        folder=folder,
+    )
 
 
 def prior_samples(model, tokenizers, num_samples: int, seed: int, max_length: int = 32) -> list[str]:
@@ -301,8 +342,11 @@ def contrast(results: dict[str, dict]) -> str | None:
     return (
         f"Scale-VAE vs VAE: MI {s['mi_decoder']:.2f} vs {v['mi_decoder']:.2f} nats, AU {s['au_decoder']} vs "
         f"{v['au_decoder']}, shuffled-z gap {s['shuffle_gap']:.1f} vs {v['shuffle_gap']:.1f} nats: "
-        + ("the VAE's decoder ignores z (posterior collapse)."
-           if v["au_decoder"] == 0 or v["shuffle_gap"] < 1 else "both decoders use z.")
+        + (
+            "the VAE's decoder ignores z (posterior collapse)."
+            if v["au_decoder"] == 0 or v["shuffle_gap"] < 1
+            else "both decoders use z."
+        )
     )
 
 
@@ -341,19 +385,38 @@ def run(
     length = f"{max_steps} steps" if max_steps else f"{train_minutes:g} min"
     corpus = data_files["train"] if data_files else "the embedded corpus"
     encoder_name = Path(encoder).name if encoder else "MiniLM-L6"
-    print(f"scalevae quickstart: {', '.join(NAMES.get(s, s) for s in strategies)} on {corpus}, {length} of "
-          f"training each on {describe_device()}.\nEncoder: pretrained {encoder_name} ({frozen}); decoder: a new "
-          f"4x256 GPT-2 writing a {decoder_vocab_size}-token byte-level BPE fitted to the training text; latent "
-          f"{latent_size}, "
-          f"des_std {des_std:g}, batch {batch_size}, constant learning rate {learning_rate:g} after {warmup_steps} "
-          "warm-up steps.", flush=True)
+    print(
+        f"scalevae quickstart: {', '.join(NAMES.get(s, s) for s in strategies)} on {corpus}, {length} of "
+        f"training each on {describe_device()}.\nEncoder: pretrained {encoder_name} ({frozen}); decoder: a new "
+        f"4x256 GPT-2 writing a {decoder_vocab_size}-token byte-level BPE fitted to the training text; latent "
+        f"{latent_size}, "
+        f"des_std {des_std:g}, batch {batch_size}, constant learning rate {learning_rate:g} after {warmup_steps} "
+        "warm-up steps.",
+        flush=True,
+    )
     results = {}
     with quiet():
         for strategy in strategies:
             results[strategy] = train_and_evaluate(
-                output / strategy, data_files, train_sentences, strategy, train_minutes * 60, max_steps, batch_size,
-                max_length, latent_size, learning_rate, warmup_steps, num_importance_samples, eval_sentences, seed,
-                logging_steps, freeze_encoder, decoder_vocab_size, des_std, encoder,
+                output / strategy,
+                data_files,
+                train_sentences,
+                strategy,
+                train_minutes * 60,
+                max_steps,
+                batch_size,
+                max_length,
+                latent_size,
+                learning_rate,
+                warmup_steps,
+                num_importance_samples,
+                eval_sentences,
+                seed,
+                logging_steps,
+                freeze_encoder,
+                decoder_vocab_size,
+                des_std,
+                encoder,
             )
     main = results[collapse_strategy]
     examples, printed = show_examples(main, seed)
@@ -365,16 +428,24 @@ def run(
         notes.append("Add --compare_vae to train a plain VAE the same way and see its posterior collapse beside.")
     report = "\n\n".join([table, examples, "\n".join(n for n in notes if n)])
     print("\n" + report)
-    curves = plot_training_curves({NAMES.get(s, s): r["history"] for s, r in results.items()},
-                                  output / "training_curves.png")
-    latent_map = plot_latent_map({NAMES.get(s, s): r["latents"] for s, r in results.items()},
-                                 output / "latent_map.png",
-                                 colors=main["lengths"], color_label="sentence length (tokens)")
+    curves = plot_training_curves(
+        {NAMES.get(s, s): r["history"] for s, r in results.items()}, output / "training_curves.png"
+    )
+    latent_map = plot_latent_map(
+        {NAMES.get(s, s): r["latents"] for s, r in results.items()},
+        output / "latent_map.png",
+        colors=main["lengths"],
+        color_label="sentence length (tokens)",
+    )
     summary = {s: {**r["metrics"], **r["timing"]} for s, r in results.items()}
     (output / "results.json").write_text(json.dumps(summary, indent=2))
     (output / "results.md").write_text(f"```\n{report}\n```\n")
-    steps = ", ".join(f"{NAMES.get(s, s)} {r['timing']['steps']} steps in {r['timing']['train_seconds']:.0f} s"
-                      for s, r in results.items())
-    print(f"\nTrained {steps}. Saved: {', '.join(str(r['folder']) for r in results.values())}; plots {curves}, "
-          f"{latent_map}; metrics {output / 'results.json'}")
+    steps = ", ".join(
+        f"{NAMES.get(s, s)} {r['timing']['steps']} steps in {r['timing']['train_seconds']:.0f} s"
+        for s, r in results.items()
+    )
+    print(
+        f"\nTrained {steps}. Saved: {', '.join(str(r['folder']) for r in results.values())}; plots {curves}, "
+        f"{latent_map}; metrics {output / 'results.json'}"
+    )
     return results

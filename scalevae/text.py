@@ -27,8 +27,9 @@ def decoder_tokenizer_from_encoder(encoder_tokenizer_path: str) -> PreTrainedTok
     """
     tokenizer = AutoTokenizer.from_pretrained(encoder_tokenizer_path)
     bos_id, eos_id = decoder_special_token_ids(tokenizer)
-    tokenizer.add_special_tokens({"bos_token": tokenizer.convert_ids_to_tokens(bos_id),
-                                  "eos_token": tokenizer.convert_ids_to_tokens(eos_id)})
+    tokenizer.add_special_tokens(
+        {"bos_token": tokenizer.convert_ids_to_tokens(bos_id), "eos_token": tokenizer.convert_ids_to_tokens(eos_id)}
+    )
     return tokenizer
 
 
@@ -61,13 +62,17 @@ def fit_decoder_tokenizer(
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, initial_alphabet=alphabet,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     # Cleaning up spaces would turn "a , b" into "a, b": decoding must give back the bytes that were encoded.
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False,
-                                   **DECODER_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **DECODER_SPECIAL_TOKENS
+    )
 
 
 def decoder_special_token_ids(decoder_tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:

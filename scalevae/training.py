@@ -137,7 +137,11 @@ def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str
         mus.append(out.mu)
         logvars.append(out.logvar)
         decoder_mus.append(out.decoder_mu)
-        rec, kl, decoder_kl = rec + out.reconstruction_loss.item() * n, kl + out.kl.item() * n, decoder_kl + out.decoder_kl.item() * n
+        rec, kl, decoder_kl = (
+            rec + out.reconstruction_loss.item() * n,
+            kl + out.kl.item() * n,
+            decoder_kl + out.decoder_kl.item() * n,
+        )
         count += n
     model.train(was_training)
     mu, logvar, decoder_mu = torch.cat(mus), torch.cat(logvars), torch.cat(decoder_mus)
@@ -221,8 +225,10 @@ def make_trainer(
         return trainer
     probe = probe_source.select(range(min(probe_size, len(probe_source))))
     batch_size = args.per_device_eval_batch_size
-    probe_batches = [data_collator([probe[i] for i in range(s, min(s + batch_size, len(probe)))])
-                     for s in range(0, len(probe), batch_size)]
+    probe_batches = [
+        data_collator([probe[i] for i in range(s, min(s + batch_size, len(probe)))])
+        for s in range(0, len(probe), batch_size)
+    ]
     LatentMonitorCallback.attach(trainer, probe_batches)
     return trainer
 

@@ -23,11 +23,18 @@ from scalevae.text import decoder_tokenizer_from_encoder, offline_encoder_path  
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def tiny_config(vocab_size=120, latent_size=4, bos=1, eos=2, pad=0, encoder_pad=0, encoder_type="bert", dropout=0.1,
-                **kwargs):
+def tiny_config(
+    vocab_size=120, latent_size=4, bos=1, eos=2, pad=0, encoder_pad=0, encoder_type="bert", dropout=0.1, **kwargs
+):
     encoder_kwargs = dict(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-        pad_token_id=encoder_pad, max_position_embeddings=80, hidden_dropout_prob=dropout,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        pad_token_id=encoder_pad,
+        max_position_embeddings=80,
+        hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
     if encoder_type == "roberta":
@@ -37,8 +44,17 @@ def tiny_config(vocab_size=120, latent_size=4, bos=1, eos=2, pad=0, encoder_pad=
     else:
         encoder = BertConfig(**encoder_kwargs)
     decoder = GPT2Config(
-        vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=80, bos_token_id=bos, eos_token_id=eos,
-        pad_token_id=pad, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=80,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
     )
     return ScaleVAEConfig(encoder=encoder, decoder=decoder, latent_size=latent_size, **kwargs)
 
@@ -61,8 +77,11 @@ def random_batch(batch_size=4, length=7, vocab_size=120, seed=0, bos=1, eos=2):
     dec_mask = torch.cat([torch.ones(batch_size, 1, dtype=torch.long), mask], 1)
     labels = labels.masked_fill(dec_mask == 0, -100)
     return dict(
-        input_ids=ids * mask, attention_mask=mask, decoder_input_ids=dec_in * dec_mask,
-        decoder_attention_mask=dec_mask, labels=labels,
+        input_ids=ids * mask,
+        attention_mask=mask,
+        decoder_input_ids=dec_in * dec_mask,
+        decoder_attention_mask=dec_mask,
+        labels=labels,
     )
 
 
@@ -90,8 +109,15 @@ def tiny_encoder_path(tmp_path_factory, minilm_path) -> str:
 
     path = tmp_path_factory.mktemp("tiny-encoder")
     torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                         max_position_embeddings=80)).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=80,
+        )
+    ).save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
     return str(path)
 

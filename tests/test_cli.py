@@ -14,8 +14,9 @@ from tests.conftest import TINY_DECODER, shared_file
 @pytest.fixture(scope="module", params=["save_model", "save_pretrained"])
 def saved_folder(request, tmp_path_factory, tiny_encoder_path):
     torch.manual_seed(0)
-    model, encoder_tokenizer, decoder_tokenizer = build_model(tiny_encoder_path, latent_size=4,
-                                                              decoder_config_overrides=TINY_DECODER)
+    model, encoder_tokenizer, decoder_tokenizer = build_model(
+        tiny_encoder_path, latent_size=4, decoder_config_overrides=TINY_DECODER
+    )
     folder = tmp_path_factory.mktemp(request.param) / "model"
     if request.param == "save_model":
         save_model(folder, model, encoder_tokenizer, decoder_tokenizer)
@@ -28,8 +29,22 @@ def saved_folder(request, tmp_path_factory, tiny_encoder_path):
 def test_evaluate_prints_and_writes_every_metric(saved_folder, tmp_path, capsys):
     data = shared_file("ptb.test.txt")
     output = tmp_path / "metrics.json"
-    main(["evaluate", str(saved_folder), "--data", str(data), "--max_sentences", "6", "--num_samples", "3",
-          "--max_length", "16", "--output", str(output)])
+    main(
+        [
+            "evaluate",
+            str(saved_folder),
+            "--data",
+            str(data),
+            "--max_sentences",
+            "6",
+            "--num_samples",
+            "3",
+            "--max_length",
+            "16",
+            "--output",
+            str(output),
+        ]
+    )
     metrics = json.loads(output.read_text())
     for key in ("nll", "ppl", "elbo", "kl", "decoder_kl", "mi", "au", "au_decoder", "bleu", "shuffle_gap"):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
@@ -38,13 +53,16 @@ def test_evaluate_prints_and_writes_every_metric(saved_folder, tmp_path, capsys)
     assert "nll" in printed and str(output) in printed
 
 
-@pytest.mark.parametrize("arguments, lines", [
-    (["--sample", "3", "--do_sample", "--top_p", "0.9"], 3),
-    (["--reconstruct", "the cat sat", "a dog ran"], 2),
-    (["--interpolate", "the cat sat", "a dog ran", "--steps", "4"], 4),
-    (["--analogy", "the cat", "the cats", "a dog"], 1),
-    (["--reconstruct", "the cat sat", "--num_beams", "3"], 1),
-])
+@pytest.mark.parametrize(
+    "arguments, lines",
+    [
+        (["--sample", "3", "--do_sample", "--top_p", "0.9"], 3),
+        (["--reconstruct", "the cat sat", "a dog ran"], 2),
+        (["--interpolate", "the cat sat", "a dog ran", "--steps", "4"], 4),
+        (["--analogy", "the cat", "the cats", "a dog"], 1),
+        (["--reconstruct", "the cat sat", "--num_beams", "3"], 1),
+    ],
+)
 def test_generate_modes(saved_folder, capsys, arguments, lines):
     main(["generate", str(saved_folder), "--max_new_tokens", "5", *arguments])
     out = capsys.readouterr().out.splitlines()
@@ -58,10 +76,38 @@ def test_generate_needs_a_mode(saved_folder):
 
 def test_train_command_trains_and_saves(tmp_path, tiny_encoder_path):
     data = shared_file("ptb.valid.txt")
-    main(["train", "--output_dir", str(tmp_path), "--encoder", tiny_encoder_path, "--latent_size", "4",
-          "--train_file", str(data), "--max_length", "16", "--max_steps", "2", "--per_device_train_batch_size", "4",
-          "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--kl_schedule", "linear",
-          "--kl_warmup_steps", "2", "--decoder_layers", "1", "--decoder_width", "32"])
+    main(
+        [
+            "train",
+            "--output_dir",
+            str(tmp_path),
+            "--encoder",
+            tiny_encoder_path,
+            "--latent_size",
+            "4",
+            "--train_file",
+            str(data),
+            "--max_length",
+            "16",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--use_cpu",
+            "--kl_schedule",
+            "linear",
+            "--kl_warmup_steps",
+            "2",
+            "--decoder_layers",
+            "1",
+            "--decoder_width",
+            "32",
+        ]
+    )
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert "scalevae train" in (tmp_path / "final" / "README.md").read_text()
 
@@ -75,7 +121,12 @@ def test_every_config_field_is_a_train_option_and_a_new_field_arrives_by_itself(
     from scalevae.cli import config_arguments, config_kwargs_from
 
     options = {item.name for item in dataclasses.fields(config_arguments())}
-    settable = set(ScaleVAEConfig.__annotations__) - {"encoder", "decoder", "scalevae_format_version", "scalevae_version"}
+    settable = set(ScaleVAEConfig.__annotations__) - {
+        "encoder",
+        "decoder",
+        "scalevae_format_version",
+        "scalevae_version",
+    }
     assert options == settable
 
     class ExtendedConfig(ScaleVAEConfig):

@@ -3,18 +3,31 @@
 import json
 
 import pytest
-from conftest import shared_file
 
 from scalevae.compare import Preset, run_comparison
+
+from conftest import shared_file
 
 
 def tiny_preset(**overrides):
     settings = dict(
-        name="tiny", train_file="ptb.train.txt", validation_file="ptb.valid.txt", test_file="ptb.test.txt",
-        train_sentences=96, eval_sentences=12, max_steps=4, batch_size=8, max_length=16, latent_size=4,
-        decoder_vocab_size=300, decoder=dict(n_layer=1, n_embd=32, n_head=2), freeze_encoder=False,
+        name="tiny",
+        train_file="ptb.train.txt",
+        validation_file="ptb.valid.txt",
+        test_file="ptb.test.txt",
+        train_sentences=96,
+        eval_sentences=12,
+        max_steps=4,
+        batch_size=8,
+        max_length=16,
+        latent_size=4,
+        decoder_vocab_size=300,
+        decoder=dict(n_layer=1, n_embd=32, n_head=2),
+        freeze_encoder=False,
         new_encoder=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
-        num_importance_samples=2, seeds=(0,), des_std_sweep=(0.5,),
+        num_importance_samples=2,
+        seeds=(0,),
+        des_std_sweep=(0.5,),
     )
     return Preset(**{**settings, **overrides})
 
@@ -28,7 +41,9 @@ def test_compare_writes_the_table_and_resumes_without_retraining(tmp_path):
     test = summary["runs"]["scale_0.5"]["test"]
     for key in ("nll_fitted", "nll_scaled", "elbo_fitted", "kl", "mi_decoder", "au_decoder", "shuffle_gap", "bleu"):
         assert test[key][0] == test[key][0], key  # measured, not NaN
-    assert summary["runs"]["ae"]["test"]["nll_fitted"][0] != summary["runs"]["ae"]["test"]["nll_fitted"][0]  # no density
+    assert (
+        summary["runs"]["ae"]["test"]["nll_fitted"][0] != summary["runs"]["ae"]["test"]["nll_fitted"][0]
+    )  # no density
     table = (output / "results.md").read_text()
     assert "| scale_0.5 (chosen) | 0 |" in table and "| bn | 0 |" in table
     assert json.loads((output / "results.json").read_text())["best_scale"] == "scale_0.5"

@@ -245,7 +245,9 @@ def test_load_named_dataset_renames_text_column(tmp_path):
     # A local dataset folder goes through the same load_dataset(name) path as a Hub name, offline.
     folder = tmp_path / "my_dataset"
     folder.mkdir()
-    (folder / "train.csv").write_text('sentence,label\n  A first sentence. ,1\n"",0\nA second one.,0\n', encoding="utf-8")
+    (folder / "train.csv").write_text(
+        'sentence,label\n  A first sentence. ,1\n"",0\nA second one.,0\n', encoding="utf-8"
+    )
     dataset = load_text_dataset(dataset_name=str(folder), text_column="sentence", cache_dir=str(tmp_path / "cache"))
     assert list(dataset) == ["train"]
     assert dataset["train"].column_names == ["text"]

@@ -40,8 +40,10 @@ def test_special_tokens_and_size(fitted):
     names = ("pad_token", "bos_token", "eos_token")
     assert fitted.convert_ids_to_tokens([0, 1, 2]) == [DECODER_SPECIAL_TOKENS[name] for name in names]
     # special tokens in the text are not split into bytes when skipped on decoding
-    assert fitted.decode([1, *fitted("Return it.", add_special_tokens=False)["input_ids"], 2],
-                         skip_special_tokens=True) == "Return it."
+    assert (
+        fitted.decode([1, *fitted("Return it.", add_special_tokens=False)["input_ids"], 2], skip_special_tokens=True)
+        == "Return it."
+    )
 
 
 def test_fit_is_deterministic(fitted):
@@ -57,8 +59,13 @@ def test_vocabulary_too_small_is_refused():
 @pytest.fixture(scope="module")
 def built(tiny_encoder_path):
     torch.manual_seed(0)
-    return build_model(tiny_encoder_path, latent_size=4, train_texts=corpus("train")[:2000], decoder_vocab_size=VOCAB,
-                       decoder_config_overrides=TINY_DECODER)
+    return build_model(
+        tiny_encoder_path,
+        latent_size=4,
+        train_texts=corpus("train")[:2000],
+        decoder_vocab_size=VOCAB,
+        decoder_config_overrides=TINY_DECODER,
+    )
 
 
 def test_build_model_fits_the_decoder_tokenizer_and_its_ids_reach_the_config(built, tiny_encoder_path):
@@ -73,14 +80,16 @@ def test_build_model_fits_the_decoder_tokenizer_and_its_ids_reach_the_config(bui
 
 
 def test_without_texts_the_decoder_shares_the_encoders_vocabulary(tiny_encoder_path):
-    model, encoder_tokenizer, decoder_tokenizer = build_model(tiny_encoder_path, latent_size=4,
-                                                              decoder_config_overrides=TINY_DECODER)
+    model, encoder_tokenizer, decoder_tokenizer = build_model(
+        tiny_encoder_path, latent_size=4, decoder_config_overrides=TINY_DECODER
+    )
     assert len(decoder_tokenizer) == len(encoder_tokenizer) == model.config.decoder.vocab_size
 
 
 def test_a_given_tokenizer_object_is_used(tiny_encoder_path, fitted):
-    model, _, decoder_tokenizer = build_model(tiny_encoder_path, decoder_tokenizer=fitted, latent_size=4,
-                                              decoder_config_overrides=TINY_DECODER)
+    model, _, decoder_tokenizer = build_model(
+        tiny_encoder_path, decoder_tokenizer=fitted, latent_size=4, decoder_config_overrides=TINY_DECODER
+    )
     assert decoder_tokenizer is fitted and model.config.decoder.vocab_size == VOCAB
 
 
@@ -88,8 +97,12 @@ def test_a_given_tokenizer_object_is_used(tiny_encoder_path, fitted):
 def folder(built, tmp_path_factory):
     model, encoder_tokenizer, decoder_tokenizer = built
     # a unique basename: transformers names a local folder's remote-code module after it
-    return save_model(tmp_path_factory.mktemp("fitted") / f"fitted_{uuid.uuid4().hex[:8]}", model.eval(),
-                      encoder_tokenizer, decoder_tokenizer)
+    return save_model(
+        tmp_path_factory.mktemp("fitted") / f"fitted_{uuid.uuid4().hex[:8]}",
+        model.eval(),
+        encoder_tokenizer,
+        decoder_tokenizer,
+    )
 
 
 def greedy(model, encoder_tokenizer, decoder_tokenizer, texts):

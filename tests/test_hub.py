@@ -45,8 +45,14 @@ def tiny_config(vocab_size=100, decoder_vocab_size=None, bos=1, eos=2, pad=0, **
             vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
         ),
         decoder=GPT2Config(
-            vocab_size=decoder_vocab_size or vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=64,
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+            vocab_size=decoder_vocab_size or vocab_size,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
         ),
         **kwargs,
     )
@@ -68,8 +74,11 @@ def model(tokenizers):
     encoder_tokenizer, decoder_tokenizer = tokenizers
     torch.manual_seed(0)
     config = tiny_config(
-        vocab_size=len(encoder_tokenizer), decoder_vocab_size=len(decoder_tokenizer),
-        bos=decoder_tokenizer.bos_token_id, eos=decoder_tokenizer.eos_token_id, pad=decoder_tokenizer.pad_token_id,
+        vocab_size=len(encoder_tokenizer),
+        decoder_vocab_size=len(decoder_tokenizer),
+        bos=decoder_tokenizer.bos_token_id,
+        eos=decoder_tokenizer.eos_token_id,
+        pad=decoder_tokenizer.pad_token_id,
     )
     model = scalevae.ScaleVAEForLatentLM(config).eval()
     with torch.no_grad():  # trained-looking scale factors, so that a load that dropped them would show
@@ -269,7 +278,16 @@ def test_fresh_venv_without_the_package_reproduces_the_model(tmp_path, model, to
     try:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
         python = str(venv / "bin" / "python")
-        install = [python, "-m", "pip", "install", "-q", "torch==2.13.0", f"transformers=={transformers.__version__}", "safetensors"]
+        install = [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "torch==2.13.0",
+            f"transformers=={transformers.__version__}",
+            "safetensors",
+        ]
         installed = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1500)
         assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-4000:]
 
@@ -278,15 +296,27 @@ def test_fresh_venv_without_the_package_reproduces_the_model(tmp_path, model, to
         script.write_text(FRESH_SCRIPT)
         env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
         result = subprocess.run(
-            [python, str(script), str(folder), str(tmp_path / "reference.safetensors"), json.dumps(SENTENCES),
-             str(tmp_path / "report.json")],
-            cwd=script.parent, env=env, capture_output=True, text=True, timeout=600,
+            [
+                python,
+                str(script),
+                str(folder),
+                str(tmp_path / "reference.safetensors"),
+                json.dumps(SENTENCES),
+                str(tmp_path / "report.json"),
+            ],
+            cwd=script.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     finally:
         shutil.rmtree(venv, ignore_errors=True)  # about a gigabyte of torch
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["module"].startswith("transformers_modules.") and report["config_module"].startswith("transformers_modules.")
+    assert report["module"].startswith("transformers_modules.") and report["config_module"].startswith(
+        "transformers_modules."
+    )
     assert report["differ"] == []
     assert report["text"] == expected_text
 
@@ -337,7 +367,9 @@ class RecordingHub:
 
 
 def test_push_folder_uploads_every_file_in_one_commit(monkeypatch, saved):
-    recorder = RecordingHub(monkeypatch, remote_files=[".gitattributes", "README.md", "model-00001-of-00002.safetensors"])
+    recorder = RecordingHub(
+        monkeypatch, remote_files=[".gitattributes", "README.md", "model-00001-of-00002.safetensors"]
+    )
     assert hub.push_to_hub(saved, "someone/scalevae-tiny", commit_message="v1") == "commit-info"
     repo_id, added, deleted, kwargs = recorder.single_commit()
     assert repo_id == "someone/scalevae-tiny"
@@ -350,8 +382,12 @@ def test_push_folder_uploads_every_file_in_one_commit(monkeypatch, saved):
 def test_push_model_saves_then_uploads(monkeypatch, model, tokenizers):
     recorder = RecordingHub(monkeypatch)
     hub.push_to_hub(
-        model, "someone/another", encoder_tokenizer=tokenizers[0], decoder_tokenizer=tokenizers[1],
-        metrics={"nll": 12.5}, delete_stale=False,
+        model,
+        "someone/another",
+        encoder_tokenizer=tokenizers[0],
+        decoder_tokenizer=tokenizers[1],
+        metrics={"nll": 12.5},
+        delete_stale=False,
     )
     _, added, deleted, _ = recorder.single_commit()
     assert added == EXPECTED_FILES and deleted == set()
@@ -394,9 +430,13 @@ def test_missing_injection_weights_are_an_error_not_a_fresh_layer(small_folders)
         match=r"latent_injection='both' expects injection.to_embedding.bias and injection.to_embedding.weight, which "
         r"the weights file lacks \(was it saved with latent_injection='memory'\?\)",
     ):
-        scalevae.ScaleVAEForLatentLM.from_pretrained(small_folders["memory"], config=tiny_config(latent_injection="both"))
+        scalevae.ScaleVAEForLatentLM.from_pretrained(
+            small_folders["memory"], config=tiny_config(latent_injection="both")
+        )
     with pytest.raises(ValueError, match=r"holds injection.to_embedding.*latent_injection='memory' does not use"):
-        scalevae.ScaleVAEForLatentLM.from_pretrained(small_folders["both"], config=tiny_config(latent_injection="memory"))
+        scalevae.ScaleVAEForLatentLM.from_pretrained(
+            small_folders["both"], config=tiny_config(latent_injection="memory")
+        )
 
 
 def test_vocabulary_mismatch_names_both_values(small_folders):
@@ -410,7 +450,9 @@ def test_vocabulary_mismatch_names_both_values(small_folders):
 
 def test_collapse_strategy_without_its_buffers_is_an_error(small_folders):
     with pytest.raises(ValueError, match=r"holds collapse.*collapse_strategy='vae' does not use.*'scale'"):
-        scalevae.ScaleVAEForLatentLM.from_pretrained(small_folders["both"], config=tiny_config(collapse_strategy="vae"))
+        scalevae.ScaleVAEForLatentLM.from_pretrained(
+            small_folders["both"], config=tiny_config(collapse_strategy="vae")
+        )
 
 
 def test_strict_loading_keeps_the_usual_api(small_folders):
@@ -443,7 +485,9 @@ def test_damaged_weights_fail_clearly(remote_code_only, small_folders, tmp_path,
     scalevae.save_tokenizers(folder, *tokenizers)  # load_pretrained checks for them first
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes({"truncated": data[: len(data) // 2], "header": data[:8] + b"#" * 40 + data[48:], "empty": b""}[damage])
+    weights.write_bytes(
+        {"truncated": data[: len(data) // 2], "header": data[:8] + b"#" * 40 + data[48:], "empty": b""}[damage]
+    )
     with pytest.raises(OSError, match=r"model\.safetensors is truncated or corrupted"):
         scalevae.ScaleVAEForLatentLM.from_pretrained(folder)
     with pytest.raises(OSError, match=r"model\.safetensors is truncated or corrupted"):
@@ -558,7 +602,9 @@ def table_row(card, name):
 
 
 def test_card_without_metrics_claims_nothing(model):
-    card = hub.render_model_card(model, training={"dataset": "stdlib", "steps": 3, "command": "scalevae train --steps 3"})
+    card = hub.render_model_card(
+        model, training={"dataset": "stdlib", "steps": 3, "command": "scalevae train --steps 3"}
+    )
     metadata = card.split("---\n")[1]
     assert "model-index" not in metadata
     assert "license: apache-2.0" in metadata and "library_name: transformers" in metadata
@@ -572,8 +618,16 @@ def test_card_without_metrics_claims_nothing(model):
 
 
 def test_card_reports_measured_figures_only(model):
-    metrics = {"eval_nll": 31.234, "ppl": 45.6, "kl": 5.0, "mi": 3.1, "au": 4, "reconstruction_bleu": 40.5,
-               "dataset": "stdlib", "split": "test"}
+    metrics = {
+        "eval_nll": 31.234,
+        "ppl": 45.6,
+        "kl": 5.0,
+        "mi": 3.1,
+        "au": 4,
+        "reconstruction_bleu": 40.5,
+        "dataset": "stdlib",
+        "split": "test",
+    }
     card = hub.render_model_card(model, metrics=metrics)
     assert "| 31.23 |" in table_row(card, "NLL") and "| 4 |" in table_row(card, "AU")
     assert "| 40.50 |" in table_row(card, "Reconstruction BLEU")
@@ -590,10 +644,28 @@ def test_card_takes_evaluate_model_output_as_it_is(model):
     """`evaluate_model` returns NaN for what it did not compute, counts, and further figures; the CLI adds `bleu` and
     the quickstart timings, and describes its data and evaluation in `training`."""
     nan = float("nan")
-    metrics = {"nll": nan, "ppl": nan, "elbo": nan, "kl": 4.25, "decoder_kl": 6.5, "mi": 2.0, "au": 3, "au_decoder": 4,
-               "shuffle_gap": 1.5, "num_sentences": 200, "num_tokens": 3000, "bleu": 12.0, "train_seconds": 60.0}
-    training = {"data": "embedded default corpus, 900 training sentences", "steps": 50, "batch_size": 16,
-                "evaluation": "200 test sentences, 0 importance samples", "command": "scalevae quickstart"}
+    metrics = {
+        "nll": nan,
+        "ppl": nan,
+        "elbo": nan,
+        "kl": 4.25,
+        "decoder_kl": 6.5,
+        "mi": 2.0,
+        "au": 3,
+        "au_decoder": 4,
+        "shuffle_gap": 1.5,
+        "num_sentences": 200,
+        "num_tokens": 3000,
+        "bleu": 12.0,
+        "train_seconds": 60.0,
+    }
+    training = {
+        "data": "embedded default corpus, 900 training sentences",
+        "steps": 50,
+        "batch_size": 16,
+        "evaluation": "200 test sentences, 0 importance samples",
+        "command": "scalevae quickstart",
+    }
     card = hub.render_model_card(model, metrics=metrics, training=training)
     assert "| not evaluated |" in table_row(card, "NLL") and "| not evaluated |" in table_row(card, "PPL")
     assert "| 4.25 |" in table_row(card, "KL") and "| 12.00 |" in table_row(card, "Reconstruction BLEU")

@@ -28,7 +28,13 @@ def tiny_model(collapse_strategy="scale", vocab_size=120, seed=0, amplify=True):
             vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
         ),
         decoder=GPT2Config(
-            vocab_size=vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
             pad_token_id=0,
         ),
         latent_size=LATENT,
@@ -239,8 +245,20 @@ def test_ae_has_no_density(batch):
 # ---------------------------------------------------------------------------------------------------------------------
 
 KEYS = {
-    "nll", "ppl", "elbo", "reconstruction_nll", "kl", "decoder_kl", "mi", "mi_decoder", "au", "au_decoder",
-    "token_accuracy", "shuffle_gap", "num_sentences", "num_tokens",
+    "nll",
+    "ppl",
+    "elbo",
+    "reconstruction_nll",
+    "kl",
+    "decoder_kl",
+    "mi",
+    "mi_decoder",
+    "au",
+    "au_decoder",
+    "token_accuracy",
+    "shuffle_gap",
+    "num_sentences",
+    "num_tokens",
 }
 
 
@@ -258,10 +276,15 @@ def test_evaluate_model_definitions(model, batch):
         posteriors = [model.encode(b["input_ids"], b["attention_mask"]) for b in loader]
         kl = sum(gaussian_kl(p.mu, p.logvar).sum() for p in posteriors) / n
         decoder_kl = sum(gaussian_kl(p.decoder_mu, p.logvar, p.prior_std).sum() for p in posteriors) / n
-        recon = -sum(
-            model.log_likelihood(p.decoder_mu, b["decoder_input_ids"], b["labels"], b["decoder_attention_mask"]).sum()
-            for p, b in zip(posteriors, loader)
-        ) / n
+        recon = (
+            -sum(
+                model.log_likelihood(
+                    p.decoder_mu, b["decoder_input_ids"], b["labels"], b["decoder_attention_mask"]
+                ).sum()
+                for p, b in zip(posteriors, loader)
+            )
+            / n
+        )
         mu = torch.cat([p.mu for p in posteriors])
     assert results["kl"] == pytest.approx(float(kl), rel=1e-5)
     assert results["decoder_kl"] == pytest.approx(float(decoder_kl), rel=1e-5)
@@ -274,8 +297,9 @@ def test_evaluate_model_definitions(model, batch):
 
 def test_padding_does_not_count(model, batch):
     plain = metrics.evaluate_model(model, [batch], num_importance_samples=20, generator=gen(5), progress=False)
-    padded = metrics.evaluate_model(model, [make_batch(SENTENCES, extra_pad=7)], num_importance_samples=20,
-                                    generator=gen(5), progress=False)
+    padded = metrics.evaluate_model(
+        model, [make_batch(SENTENCES, extra_pad=7)], num_importance_samples=20, generator=gen(5), progress=False
+    )
     assert padded["num_tokens"] == plain["num_tokens"] == sum(len(s) + 1 for s in SENTENCES)
     for key in ("nll", "ppl", "elbo", "reconstruction_nll", "kl", "token_accuracy"):
         assert padded[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-4), key
@@ -402,7 +426,9 @@ def test_reconstruction_bleu_of(tokenizers, monkeypatch):
     texts = ["The Cat sat on the mat.", "A quick brown fox jumps over the lazy dog!", "Hello World, again"]
 
     # Real greedy generation: a finite score.
-    score = metrics.reconstruction_bleu_of(vae, texts, encoder_tokenizer, decoder_tokenizer, max_length=8, batch_size=2)
+    score = metrics.reconstruction_bleu_of(
+        vae, texts, encoder_tokenizer, decoder_tokenizer, max_length=8, batch_size=2
+    )
     assert 0.0 <= score <= 100.0
 
     # A perfect decoder (it returns BOS + the text's ids + EOS + padding) scores 100 against the detokenised reference,
@@ -410,8 +436,10 @@ def test_reconstruction_bleu_of(tokenizers, monkeypatch):
     queue = [decoder_tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
     def perfect_generate(latents, max_new_tokens, do_sample):
-        rows = [[decoder_tokenizer.bos_token_id] + queue.pop(0) + [decoder_tokenizer.eos_token_id]
-                for _ in range(latents.shape[0])]
+        rows = [
+            [decoder_tokenizer.bos_token_id] + queue.pop(0) + [decoder_tokenizer.eos_token_id]
+            for _ in range(latents.shape[0])
+        ]
         width = max(map(len, rows))
         return torch.tensor([r + [decoder_tokenizer.pad_token_id] * (width - len(r)) for r in rows])
 

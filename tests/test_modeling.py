@@ -227,9 +227,13 @@ def test_special_ids_come_from_the_tokenizer(tokenizers, minilm_path):
 def test_labels_alone_are_shifted_right_with_the_bos_id():
     model = tiny_model(bos=5, collapse_strategy="ae").eval()
     batch = random_batch(bos=5)
-    with_inputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        decoder_input_ids=batch["decoder_input_ids"],
-                        decoder_attention_mask=batch["decoder_attention_mask"], labels=batch["labels"])
+    with_inputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+        decoder_attention_mask=batch["decoder_attention_mask"],
+        labels=batch["labels"],
+    )
     from_labels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     assert torch.allclose(with_inputs.loss, from_labels.loss, atol=1e-5)
 
@@ -265,7 +269,9 @@ def greedy_without_cache(model, z, steps, bos):
 def test_cached_generate_equals_cacheless_greedy(injection):
     model = tiny_model(latent_injection=injection, eos=999).eval()  # no EOS in vocab: always decode 8 steps
     z = model.sample_prior(3, generator=torch.Generator().manual_seed(0)) + torch.randn(3, 4) * 3
-    out = model.generate(latents=z, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        latents=z, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     reference, reference_logits = greedy_without_cache(model, z, 8, bos=1)
     assert torch.equal(out.sequences, reference)
     for cached, plain in zip(out.logits, reference_logits):  # step by step, the same distribution
@@ -276,7 +282,9 @@ def test_cached_generate_equals_cacheless_greedy(injection):
 def test_teacher_forced_logits_match_cached_generation(injection):
     model = tiny_model(latent_injection=injection, eos=999).eval()
     z = torch.randn(2, 4)
-    out = model.generate(latents=z, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        latents=z, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     teacher = model(decoder_input_ids=out.sequences[:, :-1], latents=z).logits
     for step, logits in enumerate(out.logits):
         assert torch.allclose(logits, teacher[:, step], atol=1e-4)
@@ -351,7 +359,10 @@ def test_save_load_is_bit_exact_with_both_tokenizers(tmp_path, minilm_path):
     assert enc2(text).input_ids == encoder_tokenizer(text).input_ids
     assert dec2(text).input_ids == decoder_tokenizer(text).input_ids
     assert (dec2.bos_token_id, dec2.eos_token_id, dec2.pad_token_id) == (
-        decoder_tokenizer.bos_token_id, decoder_tokenizer.eos_token_id, decoder_tokenizer.pad_token_id)
+        decoder_tokenizer.bos_token_id,
+        decoder_tokenizer.eos_token_id,
+        decoder_tokenizer.pad_token_id,
+    )
     assert loaded.decoder.lm_head.weight.data_ptr() == loaded.decoder.transformer.wte.weight.data_ptr()
 
 
@@ -393,12 +404,20 @@ def test_from_encoder_decoder_pretrained_routes_part_kwargs(tmp_path, tiny_encod
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2, n_positions=40))
     gpt2.save_pretrained(tmp_path / "gpt2")
     model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(
-        tiny_encoder_path, str(tmp_path / "gpt2"), encoder_hidden_dropout_prob=0.0, decoder_resid_pdrop=0.0,
-        latent_size=6, collapse_strategy="free_bits", free_bits=0.1,
+        tiny_encoder_path,
+        str(tmp_path / "gpt2"),
+        encoder_hidden_dropout_prob=0.0,
+        decoder_resid_pdrop=0.0,
+        latent_size=6,
+        collapse_strategy="free_bits",
+        free_bits=0.1,
     )
     assert model.config.encoder.hidden_dropout_prob == 0.0 and model.config.decoder.resid_pdrop == 0.0
     assert (model.config.latent_size, model.config.collapse_strategy, model.config.free_bits) == (6, "free_bits", 0.1)
     assert torch.equal(model.decoder.transformer.h[0].attn.c_attn.weight, gpt2.transformer.h[0].attn.c_attn.weight)
     default = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(tiny_encoder_path)
     assert (default.config.decoder.n_layer, default.config.decoder.n_embd, default.config.decoder.vocab_size) == (
-        4, 256, default.config.encoder.vocab_size)
+        4,
+        256,
+        default.config.encoder.vocab_size,
+    )

@@ -3,9 +3,10 @@ hot path reads nothing back from the device that it does not need. CPU bf16 auto
 
 import pytest
 import torch
-from conftest import random_batch, tiny_model
 
 from configuration_scalevae import COLLAPSE_STRATEGIES
+
+from conftest import random_batch, tiny_model
 
 
 @pytest.mark.parametrize("strategy", COLLAPSE_STRATEGIES)
@@ -78,8 +79,11 @@ def test_latent_values_are_checked_once_per_generate_call(monkeypatch):
 
     calls = []
     original = modeling_scalevae._check_latents
-    monkeypatch.setattr(modeling_scalevae, "_check_latents",
-                        lambda *args, **kwargs: calls.append(args[3] if len(args) > 3 else kwargs) or original(*args, **kwargs))
+    monkeypatch.setattr(
+        modeling_scalevae,
+        "_check_latents",
+        lambda *args, **kwargs: calls.append(args[3] if len(args) > 3 else kwargs) or original(*args, **kwargs),
+    )
     model = tiny_model().eval()
     model.generate(latents=torch.randn(2, 4), max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert sum(bool(value) for value in calls) == 1 and len(calls) >= 6  # the value check at the first step only

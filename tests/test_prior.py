@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import random_batch, shared_file, tiny_config, tiny_model
 
 from configuration_scalevae import ScaleVAEConfig
 from modeling_scalevae import ScaleVAEForLatentLM
 from scalevae.metrics import elbo, evaluate_model, iw_log_likelihood
+
+from conftest import random_batch, shared_file, tiny_config, tiny_model
 
 
 def trained(seed=0, steps=20, **kwargs):
@@ -76,10 +77,13 @@ def test_with_the_fitted_prior_iw_is_a_valid_bound_that_tightens_with_k():
     model = trained(steps=30)
     model.fit_prior(batches())
     batch = random_batch(batch_size=8, seed=7)
-    nll = {k: -iw_log_likelihood(model, batch, num_samples=k, generator=torch.Generator().manual_seed(k)).mean()
-           for k in (1, 10, 200)}
-    neg_elbo = torch.stack([-elbo(model, batch, generator=torch.Generator().manual_seed(s)).mean()
-                            for s in range(50)]).mean()
+    nll = {
+        k: -iw_log_likelihood(model, batch, num_samples=k, generator=torch.Generator().manual_seed(k)).mean()
+        for k in (1, 10, 200)
+    }
+    neg_elbo = torch.stack(
+        [-elbo(model, batch, generator=torch.Generator().manual_seed(s)).mean() for s in range(50)]
+    ).mean()
     assert neg_elbo >= nll[200] - 0.05
     assert nll[1] >= nll[10] >= nll[200]
 
@@ -88,13 +92,20 @@ def test_both_priors_in_one_evaluation_match_separate_evaluations():
     model = trained(steps=10)
     model.fit_prior(batches())
     data = batches(2)
-    both = evaluate_model(model, data, num_importance_samples=8, generator=torch.Generator().manual_seed(0),
-                          progress=False, priors=("fitted", "scaled"))
+    both = evaluate_model(
+        model,
+        data,
+        num_importance_samples=8,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+        priors=("fitted", "scaled"),
+    )
     assert both["nll"] == both["nll_fitted"]  # the config's prior is "fitted"
     assert both["nll_scaled"] != both["nll_fitted"]
     model.config.prior = "scaled"
-    alone = evaluate_model(model, data, num_importance_samples=8, generator=torch.Generator().manual_seed(0),
-                           progress=False)
+    alone = evaluate_model(
+        model, data, num_importance_samples=8, generator=torch.Generator().manual_seed(0), progress=False
+    )
     assert alone["nll"] == pytest.approx(both["nll_scaled"], rel=1e-9)
     assert alone["decoder_kl"] == pytest.approx(both["decoder_kl_scaled"], rel=1e-9)
 
@@ -147,9 +158,16 @@ def test_bn_vae_keeps_its_guarantee_in_eval_on_held_out_text():
     decoder_tokenizer = prepare_decoder_tokenizer(fit_decoder_tokenizer(lines[:3200], vocab_size=600))
     encoder_tokenizer = decoder_tokenizer
     torch.manual_seed(0)
-    config = tiny_config(vocab_size=len(decoder_tokenizer), latent_size=8, collapse_strategy="bn", bn_gamma=0.5,
-                         bos=decoder_tokenizer.bos_token_id, eos=decoder_tokenizer.eos_token_id,
-                         pad=decoder_tokenizer.pad_token_id, encoder_pad=decoder_tokenizer.pad_token_id)
+    config = tiny_config(
+        vocab_size=len(decoder_tokenizer),
+        latent_size=8,
+        collapse_strategy="bn",
+        bn_gamma=0.5,
+        bos=decoder_tokenizer.bos_token_id,
+        eos=decoder_tokenizer.eos_token_id,
+        pad=decoder_tokenizer.pad_token_id,
+        encoder_pad=decoder_tokenizer.pad_token_id,
+    )
     model = ScaleVAEForLatentLM(config).train()
     collator = DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
 
@@ -166,8 +184,13 @@ def test_bn_vae_keeps_its_guarantee_in_eval_on_held_out_text():
         loss.backward()
         optimizer.step()
     model.fit_prior(train[:50])
-    metrics = evaluate_model(model, as_batches(held_out, 64), num_importance_samples=0, progress=False,
-                             generator=torch.Generator().manual_seed(0))
+    metrics = evaluate_model(
+        model,
+        as_batches(held_out, 64),
+        num_importance_samples=0,
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     d, gamma = 8, 0.5
     assert metrics["kl"] >= 0.9 * d * gamma**2 / 2, metrics["kl"]
     assert metrics["au"] == d

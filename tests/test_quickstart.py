@@ -15,8 +15,16 @@ from scalevae.corpus import default_corpus_files
 from scalevae.quickstart import TimeBudgetCallback, distinct_bigrams, longest_repeat
 from tests.conftest import TINY_DECODER
 
-TINY_RUN = dict(max_steps=4, max_length=16, eval_sentences=8, batch_size=8, num_importance_samples=2, logging_steps=2,
-                decoder_vocab_size=512, warmup_steps=2)
+TINY_RUN = dict(
+    max_steps=4,
+    max_length=16,
+    eval_sentences=8,
+    batch_size=8,
+    num_importance_samples=2,
+    logging_steps=2,
+    decoder_vocab_size=512,
+    warmup_steps=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,9 @@ def runs(tmp_path_factory, tiny_encoder_path, tiny_corpus):
             folder = tmp_path_factory.mktemp(name)
             printed, bars = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(bars):
-                results = quickstart.run(output_dir=str(folder), encoder=tiny_encoder_path, data_files=tiny_corpus,
-                                         **TINY_RUN)
+                results = quickstart.run(
+                    output_dir=str(folder), encoder=tiny_encoder_path, data_files=tiny_corpus, **TINY_RUN
+                )
             outputs.append((folder, results, printed.getvalue(), bars.getvalue()))
     return outputs
 
@@ -78,8 +87,17 @@ def test_report_is_short_and_complete(runs):
     folder, results, printed, _ = runs[0]
     before_table = printed.split("held-out test set")[0]
     assert len(before_table.strip().splitlines()) <= 4
-    for part in ("training steps", "reconstruction BLEU", "Reconstructions", "Samples from the", "Interpolation",
-                 "gist", "--des_std", "--compare_vae", "Trained Scale-VAE 4 steps"):
+    for part in (
+        "training steps",
+        "reconstruction BLEU",
+        "Reconstructions",
+        "Samples from the",
+        "Interpolation",
+        "gist",
+        "--des_std",
+        "--compare_vae",
+        "Trained Scale-VAE 4 steps",
+    ):
         assert part in printed, part
     summary = json.loads((folder / "results.json").read_text())["scale"]
     assert summary["steps"] == 4 and "longest_repeat" in summary and 0 <= summary["prior_distinct_2"] <= 1
@@ -95,6 +113,7 @@ def test_two_progress_bars_and_no_others(runs):
 
 def test_same_seed_same_printout(runs):
     (first, _, printed_first, _), (second, _, printed_second, _) = runs
+
     def untimed(printed, folder):  # the closing line's training seconds are the one thing that varies
         return [line for line in printed.replace(str(folder), "").splitlines() if not line.startswith("Trained")]
 

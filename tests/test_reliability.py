@@ -23,10 +23,35 @@ TOKEN = "hf_" + "Zq7" * 10  # what a real access token looks like
 
 
 def train_args(output_dir, encoder, data, *extra):
-    return ["train", "--output_dir", str(output_dir), "--encoder", encoder, "--latent_size", "4",
-            "--train_file", str(data), "--max_length", "16", "--per_device_train_batch_size", "4",
-            "--report_to", "none", "--use_cpu", "--decoder_layers", "1", "--decoder_width", "32",
-            "--decoder_heads", "2", "--seed", "0", "--logging_steps", "2", *extra]
+    return [
+        "train",
+        "--output_dir",
+        str(output_dir),
+        "--encoder",
+        encoder,
+        "--latent_size",
+        "4",
+        "--train_file",
+        str(data),
+        "--max_length",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--decoder_layers",
+        "1",
+        "--decoder_width",
+        "32",
+        "--decoder_heads",
+        "2",
+        "--seed",
+        "0",
+        "--logging_steps",
+        "2",
+        *extra,
+    ]
 
 
 def tensors(folder):
@@ -52,8 +77,11 @@ def train_data(tmp_path_factory):
 def run_a(tmp_path_factory, tiny_encoder_path, train_data):
     """6 steps, a checkpoint every 3, a token on the command line (it must not be recorded)."""
     output = tmp_path_factory.mktemp("run_a")
-    main(train_args(output, tiny_encoder_path, train_data, "--max_steps", "6", "--save_steps", "3",
-                    "--hub_token", TOKEN))
+    main(
+        train_args(
+            output, tiny_encoder_path, train_data, "--max_steps", "6", "--save_steps", "3", "--hub_token", TOKEN
+        )
+    )
     return output
 
 
@@ -75,8 +103,19 @@ def test_same_seed_gives_bit_identical_weights(run_a, run_b):
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(run_a, run_b, tmp_path, tiny_encoder_path, train_data):
     # run B killed right after its step-3 checkpoint: only that checkpoint is left
     shutil.copytree(run_b / "checkpoint-3", tmp_path / "checkpoint-3")
-    main(train_args(tmp_path, tiny_encoder_path, train_data, "--max_steps", "6", "--save_steps", "3",
-                    "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")))
+    main(
+        train_args(
+            tmp_path,
+            tiny_encoder_path,
+            train_data,
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "3",
+            "--resume_from_checkpoint",
+            str(tmp_path / "checkpoint-3"),
+        )
+    )
     resumed, uninterrupted = tensors(tmp_path / "final"), tensors(run_a / "final")
     assert_same_tensors(resumed, uninterrupted)
     assert not torch.equal(uninterrupted["collapse.scale_factors"], torch.ones(4))  # the factors did move
@@ -84,8 +123,19 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(run_a, run_b, tm
 
 def test_resume_with_another_model_setting_names_the_field(run_a, tmp_path, tiny_encoder_path, train_data):
     with pytest.raises(ValueError, match=r"collapse_strategy='vae' now, 'scale' in the checkpoint"):
-        main(train_args(tmp_path, tiny_encoder_path, train_data, "--max_steps", "6", "--collapse_strategy", "vae",
-                        "--resume_from_checkpoint", str(run_a / "checkpoint-3")))
+        main(
+            train_args(
+                tmp_path,
+                tiny_encoder_path,
+                train_data,
+                "--max_steps",
+                "6",
+                "--collapse_strategy",
+                "vae",
+                "--resume_from_checkpoint",
+                str(run_a / "checkpoint-3"),
+            )
+        )
     assert not (tmp_path / "final").exists()
 
 
@@ -104,8 +154,21 @@ def test_max_length_beyond_the_decoder_positions_is_refused(tmp_path, tiny_encod
 def test_one_sentence_files_train(tmp_path, tiny_encoder_path):
     one = tmp_path / "one.txt"
     one.write_text("the only sentence of this file\n")
-    main(train_args(tmp_path / "run", tiny_encoder_path, one, "--validation_file", str(one), "--max_steps", "2",
-                    "--logging_steps", "1", "--save_strategy", "no"))
+    main(
+        train_args(
+            tmp_path / "run",
+            tiny_encoder_path,
+            one,
+            "--validation_file",
+            str(one),
+            "--max_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+        )
+    )
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
@@ -114,8 +177,17 @@ def test_one_sentence_files_train(tmp_path, tiny_encoder_path):
 
 def test_published_folders_hold_no_token_path_or_user_name(run_a, tiny_encoder_path, train_data):
     home, user = str(Path.home()), getpass.getuser()
-    private = [TOKEN, str(run_a), tiny_encoder_path, str(train_data), str(train_data.parent), home,
-               f"/{user}/", f"-of-{user}", os.path.dirname(scalevae.__file__)]
+    private = [
+        TOKEN,
+        str(run_a),
+        tiny_encoder_path,
+        str(train_data),
+        str(train_data.parent),
+        home,
+        f"/{user}/",
+        f"-of-{user}",
+        os.path.dirname(scalevae.__file__),
+    ]
     for folder in (run_a / "final", run_a / "checkpoint-3"):
         # what push_to_hub uploads: no Trainer state (its training_args.bin holds the token)
         files = hub.folder_files(folder)
@@ -134,11 +206,28 @@ def test_published_folders_hold_no_token_path_or_user_name(run_a, tiny_encoder_p
 def test_public_command_hides_credentials_and_local_paths(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text("x\n")
-    command = hub.public_command(["scalevae", "train", "--hub_token", TOKEN, "--api_key=abc", "--db_password", "pw",
-                                  "--client_secret", "s3", "--use_auth_token", "--train_file", str(data),
-                                  "--run_name", f"x{TOKEN}"])
-    assert command == ("scalevae train --hub_token '***' '--api_key=***' --db_password '***' --client_secret '***' "
-                       "--use_auth_token --train_file corpus.txt --run_name 'x***'")
+    command = hub.public_command(
+        [
+            "scalevae",
+            "train",
+            "--hub_token",
+            TOKEN,
+            "--api_key=abc",
+            "--db_password",
+            "pw",
+            "--client_secret",
+            "s3",
+            "--use_auth_token",
+            "--train_file",
+            str(data),
+            "--run_name",
+            f"x{TOKEN}",
+        ]
+    )
+    assert command == (
+        "scalevae train --hub_token '***' '--api_key=***' --db_password '***' --client_secret '***' "
+        "--use_auth_token --train_file corpus.txt --run_name 'x***'"
+    )
 
 
 # -- 3. saves ---------------------------------------------------------------------------------------------------------
@@ -259,8 +348,11 @@ def test_folders_without_tokenizers_say_which_and_how_to_fix(tmp_path, parts, ca
     with pytest.raises(FileNotFoundError, match=r"no encoder tokenizer.*scalevae\.save_tokenizers"):
         LatentText.from_pretrained(tmp_path / "bare")
     encoder_tokenizer.save_pretrained(tmp_path / "bare")
-    for load in (LatentText.from_pretrained, scalevae.load_pretrained,
-                 lambda folder: main(["generate", str(folder), "--sample", "1"])):
+    for load in (
+        LatentText.from_pretrained,
+        scalevae.load_pretrained,
+        lambda folder: main(["generate", str(folder), "--sample", "1"]),
+    ):
         with pytest.raises(FileNotFoundError, match=r"no decoder tokenizer \(no decoder_tokenizer/ folder"):
             load(tmp_path / "bare")
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -277,13 +369,20 @@ def small():
     return tiny_model(dropout=0.0).eval()
 
 
-@pytest.mark.parametrize("name, value, match", [
-    ("input_ids", 120, r"input_ids holds the token id 120, outside the encoder's vocabulary: valid ids are 0 to 119"),
-    ("input_ids", -1, r"input_ids holds the token id -1"),
-    ("decoder_input_ids", 500, r"decoder_input_ids holds the token id 500.*decoder's vocabulary"),
-    ("labels", 120, r"labels holds the token id 120.*\(or -100 for ignored positions\)"),
-    ("labels", -5, r"labels holds the token id -5"),
-])
+@pytest.mark.parametrize(
+    "name, value, match",
+    [
+        (
+            "input_ids",
+            120,
+            r"input_ids holds the token id 120, outside the encoder's vocabulary: valid ids are 0 to 119",
+        ),
+        ("input_ids", -1, r"input_ids holds the token id -1"),
+        ("decoder_input_ids", 500, r"decoder_input_ids holds the token id 500.*decoder's vocabulary"),
+        ("labels", 120, r"labels holds the token id 120.*\(or -100 for ignored positions\)"),
+        ("labels", -5, r"labels holds the token id -5"),
+    ],
+)
 def test_token_ids_outside_the_vocabulary(small, name, value, match):
     batch = random_batch()
     batch[name][0, 0] = value
@@ -344,8 +443,20 @@ def test_evaluate_without_importance_samples_writes_valid_json(tmp_path, parts):
     data = tmp_path / "test.txt"
     data.write_text("the cat sat\na dog ran far\nthree words here\n")
     output = tmp_path / "metrics.json"
-    main(["evaluate", str(folder), "--data", str(data), "--num_samples", "0", "--max_length", "16",
-          "--output", str(output)])
+    main(
+        [
+            "evaluate",
+            str(folder),
+            "--data",
+            str(data),
+            "--num_samples",
+            "0",
+            "--max_length",
+            "16",
+            "--output",
+            str(output),
+        ]
+    )
 
     def no_nan(constant):
         raise AssertionError(f"{constant} is not JSON")

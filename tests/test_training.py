@@ -35,21 +35,44 @@ def tiny_setup(tiny_encoder_path, strategy="scale", sentences=96):
     )
     raw = load_text_dataset()
     raw = {"train": raw["train"].select(range(sentences)), "validation": raw["validation"].select(range(32))}
-    data = {split: tokenize_dataset(d, encoder_tokenizer, decoder_tokenizer, max_length=24)[0] for split, d in raw.items()}
-    return model, encoder_tokenizer, decoder_tokenizer, data, DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
+    data = {
+        split: tokenize_dataset(d, encoder_tokenizer, decoder_tokenizer, max_length=24)[0] for split, d in raw.items()
+    }
+    return (
+        model,
+        encoder_tokenizer,
+        decoder_tokenizer,
+        data,
+        DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer),
+    )
 
 
 def args_for(tmp_path, **kwargs):
-    defaults = dict(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-                    learning_rate=1e-3, logging_steps=2, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-                    disable_tqdm=True)
+    defaults = dict(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-3,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     return TrainingArguments(**{**defaults, **kwargs})
 
 
 def test_stock_trainer_trains_without_subclass(tmp_path, tiny_encoder_path):
     model, _, _, data, collator = tiny_setup(tiny_encoder_path)
-    trainer = Trainer(model=model, args=args_for(tmp_path), train_dataset=data["train"], data_collator=collator,
-                      eval_dataset=data["validation"])
+    trainer = Trainer(
+        model=model,
+        args=args_for(tmp_path),
+        train_dataset=data["train"],
+        data_collator=collator,
+        eval_dataset=data["validation"],
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -61,8 +84,14 @@ def test_stock_trainer_trains_without_subclass(tmp_path, tiny_encoder_path):
 def test_callbacks_log_latent_figures_and_schedule_kl(tmp_path, tiny_encoder_path):
     model, _, _, data, collator = tiny_setup(tiny_encoder_path, strategy="vae")
     args = args_for(tmp_path, report_to=["tensorboard"])
-    trainer = make_trainer(model, args, data["train"], collator, eval_dataset=data["validation"],
-                           kl_schedule=KLSchedule("linear", warmup_steps=6))
+    trainer = make_trainer(
+        model,
+        args,
+        data["train"],
+        collator,
+        eval_dataset=data["validation"],
+        kl_schedule=KLSchedule("linear", warmup_steps=6),
+    )
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     for key in ("reconstruction_loss", "kl", "decoder_kl", "mi", "mi_decoder", "au", "au_decoder", "kl_weight"):
@@ -88,12 +117,17 @@ def test_resume_gives_the_same_losses_and_factors(tmp_path, tiny_encoder_path):
 
 def test_trainer_on_real_ptb_text(tmp_path, tiny_encoder_path):
     path = shared_file("ptb.valid.txt")
-    model, encoder_tokenizer, decoder_tokenizer = build_model(tiny_encoder_path, latent_size=4,
-                                                              decoder_config_overrides=TINY_DECODER)
+    model, encoder_tokenizer, decoder_tokenizer = build_model(
+        tiny_encoder_path, latent_size=4, decoder_config_overrides=TINY_DECODER
+    )
     data, stats = tokenize_dataset(load_text_dataset({"train": str(path)}), encoder_tokenizer, decoder_tokenizer, 16)
     assert stats["train"]["truncated"] > 0  # PTB has long sentences: truncation is counted
-    trainer = Trainer(model=model, args=args_for(tmp_path, max_steps=3), train_dataset=data["train"],
-                      data_collator=DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer))
+    trainer = Trainer(
+        model=model,
+        args=args_for(tmp_path, max_steps=3),
+        train_dataset=data["train"],
+        data_collator=DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer),
+    )
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
 
 
@@ -101,9 +135,30 @@ def test_trainer_on_real_ptb_text(tmp_path, tiny_encoder_path):
 def test_two_process_accelerate_run(tmp_path, tiny_encoder_path):
     """Two CPU processes over gloo, started by torchrun, train the example script end to end."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "examples/train_accelerate.py"),
-               "--encoder", tiny_encoder_path, "--decoder_layers", "1", "--decoder_width", "32", "--latent_size", "4",
-               "--max_steps", "6", "--batch_size", "8", "--logging_steps", "3", "--output_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "examples/train_accelerate.py"),
+        "--encoder",
+        tiny_encoder_path,
+        "--decoder_layers",
+        "1",
+        "--decoder_width",
+        "32",
+        "--latent_size",
+        "4",
+        "--max_steps",
+        "6",
+        "--batch_size",
+        "8",
+        "--logging_steps",
+        "3",
+        "--output_dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "model" / "model.safetensors").exists()

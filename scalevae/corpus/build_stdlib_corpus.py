@@ -394,9 +394,7 @@ def collect_sentences_isolated(timeout_s: float = WORKER_TIMEOUT_S) -> list[str]
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "sentences.json"
         command = [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--worker", str(result)]
-        subprocess.run(
-            command, check=True, timeout=timeout_s, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-        )
+        subprocess.run(command, check=True, timeout=timeout_s, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         return json.loads(result.read_text(encoding="utf-8"))
 
 
