@@ -348,17 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "compare":
         from .compare import run_comparison
 
-        summary = run_comparison(
-            args.preset,
-            args.output_dir or f"outputs/compare-{args.preset}",
-            args.data_dir,
-            args.encoder,
-            args.runs,
-            args.seeds,
-            args.max_steps,
-        )
-        print((Path(args.output_dir or f"outputs/compare-{args.preset}") / "results.md").read_text())
-        return summary
+        output_dir = args.output_dir or f"outputs/compare-{args.preset}"
+        run_comparison(args.preset, output_dir, args.data_dir, args.encoder, args.runs, args.seeds, args.max_steps)
+        print((Path(output_dir) / "results.md").read_text())
+        return
     if args.command == "quickstart":
         from .quickstart import run
 

@@ -457,7 +457,7 @@ def summarize(results: list[dict], preset: Preset) -> dict:
                 if isinstance(runs[0][split][k], (int, float, type(None)))
             }
         row["test"]["seconds_per_step"] = _mean_sd([r["seconds_per_step"] for r in runs])
-        row["seeds"] = [r["seed"] for r in runs]
+        row["seeds"] = sorted(r["seed"] for r in runs)
         table[name] = row
     sweep = [n for n in table if n.startswith("scale_") and n != "scale_epoch"]
     best, lowest = choose_des_std(table, sweep)
