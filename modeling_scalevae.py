@@ -641,30 +641,29 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         and variance), then the fitted prior to the exact moments of the aggregate decoder posterior. `batches`: an
         iterable (a DataLoader or a list) of dicts with the encoder's `input_ids` and `attention_mask`; the training
         glue calls it after training on (a sample of) the training set."""
+        inputs = []
+        for batch in batches:
+            ids = batch["input_ids"].to(self.device)
+            mask = batch.get("attention_mask")
+            inputs.append((ids, torch.ones_like(ids) if mask is None else mask.to(self.device)))
+        if not inputs:
+            raise ValueError("fit_prior got no batches.")
         was_training = self.training
         self.eval()
-        batches = list(batches)
-
-        def posteriors():
-            for batch in batches:
-                ids = batch["input_ids"].to(self.device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
-                hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                yield self.latent_head(hidden, mask)
-
-        if type(self.collapse).calibrate is not CollapseStrategy.calibrate:
-            self.collapse.calibrate(torch.cat([mu.float() for mu, _ in posteriors()]))
-        decoder_mus, logvars = [], []
-        for mu, logvar in posteriors():
-            mu = self.collapse.normalize_mean(mu)
-            factors = self.collapse.scale_factors_for(mu)
-            decoder_mus.append(mu if factors is None else factors * mu)
-            logvars.append(logvar)
-        if not decoder_mus:
-            raise ValueError("fit_prior got no batches.")
-        self.fitted_prior.fit(torch.cat(decoder_mus), torch.cat(logvars))
-        self.train(was_training)
+        try:
+            # First the statistics the posterior goes through (BN-VAE's), then the prior fitted to that posterior.
+            if type(self.collapse).calibrate is not CollapseStrategy.calibrate:
+                pre_norm_means = [
+                    self.latent_head(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)[0]
+                    for ids, mask in inputs
+                ]
+                self.collapse.calibrate(torch.cat(pre_norm_means).float())
+            posteriors = [self.encode(ids, mask) for ids, mask in inputs]
+            self.fitted_prior.fit(
+                torch.cat([p.decoder_mu for p in posteriors]), torch.cat([p.logvar for p in posteriors])
+            )
+        finally:
+            self.train(was_training)
 
     # -- the decoder --------------------------------------------------------------------------------------------------
 
