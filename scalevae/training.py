@@ -145,9 +145,7 @@ def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str
         count += n
     model.train(was_training)
     mu, logvar, decoder_mu = torch.cat(mus), torch.cat(logvars), torch.cat(decoder_mus)
-    factors = getattr(model.collapse, "scale_factors", None)
-    if factors is None:
-        factors = torch.ones(1)
+    _, factors = model.prior_parameters("scaled")  # the scale factors f (ones but for Scale-VAE)
     return {
         "reconstruction_loss": rec / count,
         "kl": kl / count,
