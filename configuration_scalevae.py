@@ -59,7 +59,8 @@ class ScaleVAEConfig(PreTrainedConfig):
             `"scale"` (Scale-VAE), `"vae"` (plain VAE; KL annealing through `kl_weight`), `"free_bits"`, `"bn"`
             (BN-VAE) or `"ae"` (deterministic autoencoder, no KL in the loss).
         kl_weight (`float`, defaults to 1.0):
-            β, the weight of the KL term. A training callback may change it (KL annealing).
+            β, the weight of the KL term. `forward(kl_weight=...)` overrides it for one call: KL schedules (annealing)
+            pass β that way, so the config keeps the value it was built with.
         scale_target_std (`float`, defaults to 1.0):
             Scale-VAE's `des_std`: the std, across the batch, that each dimension of the scaled posterior mean f ⊙ μ
             is given; f_d = scale_target_std / std_batch(μ_d).
@@ -74,7 +75,9 @@ class ScaleVAEConfig(PreTrainedConfig):
             of public reimplementations): after `scale_freeze_epochs` epochs, training uses the mean of the last
             epoch's per-batch factors, frozen.
         scale_freeze_steps (`int`, *optional*):
-            With `scale_schedule="running"`, the training step after which the factors stop changing.
+            With `scale_schedule="running"`, the number of optimizer steps after which the factors stop changing. The
+            training loop counts them by calling `model.collapse.end_step()` after each optimizer step (`make_trainer`
+            does; under gradient accumulation that is once per accumulated step).
         scale_freeze_epochs (`int`, defaults to 1):
             With `scale_schedule="epoch"`, the number of epochs (`f_epo`) after which the factors freeze.
         free_bits (`float`, defaults to 0.5):

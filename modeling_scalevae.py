@@ -164,8 +164,12 @@ class CollapseStrategy(nn.Module):
         """The KL term of each example, shape (batch,), from per-example per-dimension KLs."""
         return kl_per_dim.sum(-1)
 
+    def end_step(self) -> None:
+        """Called by the training loop after each optimizer step (`make_trainer` does it; a hand-written loop calls
+        `model.collapse.end_step()` after `optimizer.step()`); a schedule counted in optimizer steps overrides it."""
+
     def end_epoch(self) -> None:
-        """Called at each epoch's end by the training glue; a schedule that changes with epochs overrides it."""
+        """Called by the training loop at each epoch's end; a schedule that changes with epochs overrides it."""
 
     @torch.no_grad()
     def calibrate(self, mus: torch.Tensor) -> None:
@@ -300,19 +304,24 @@ class ScaleStrategy(CollapseStrategy):
             )
             return self.scale_factors
         with torch.no_grad():
-            if self._steps == 0:
-                self.scale_factors.copy_(factors)
-            else:
+            if self._steps or self._epochs or self._epoch_batches:
                 self.scale_factors.lerp_(factors, self.momentum)
-            self._steps += 1
-            self.steps.add_(1)
+            else:  # the first batch of the run starts the estimate
+                self.scale_factors.copy_(factors)
             self.epoch_factor_sum.add_(factors.double())
             self._epoch_batches += 1
             self.epoch_batches.add_(1)
-            if self.schedule == "running" and self.freeze_steps is not None and self._steps >= self.freeze_steps:
-                self._frozen = True
-                self.frozen.fill_(True)
         return factors
+
+    @torch.no_grad()
+    def end_step(self):
+        """Counts optimizer steps (not forward passes, which gradient accumulation multiplies); the `"running"`
+        schedule freezes the factors after `scale_freeze_steps` of them."""
+        self._steps += 1
+        self.steps.add_(1)
+        if self.schedule == "running" and self.freeze_steps is not None and self._steps >= self.freeze_steps:
+            self._frozen = True
+            self.frozen.fill_(True)
 
     @torch.no_grad()
     def end_epoch(self):
@@ -504,59 +513,13 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         the checksum recorded when it was saved (`verify_weights=False` skips that check; files saved without a
         checksum load as before). `output_loading_info=True` works as usual.
         """
-        from safetensors import SafetensorError
-
-        return_loading_info = kwargs.pop("output_loading_info", False)
-        verify_weights = kwargs.pop("verify_weights", True)
-        allow_resize = kwargs.pop("ignore_mismatched_sizes", False)
-        try:  # collect the mismatches instead of transformers' generic error, then explain them below
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path,
-                *model_args,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                **kwargs,
-            )
-        except SafetensorError as error:
-            raise OSError(
-                f"{_describe_weights_files(pretrained_model_name_or_path, kwargs.get('subfolder') or '')} is "
-                f"truncated or corrupted ({error}); re-download or re-save the model."
-            ) from error
-        problems = _weights_config_mismatches(model, info, allow_resize)
-        if problems:
-            raise ValueError(
-                f"The weights in {pretrained_model_name_or_path} do not match its config:\n - "
-                + "\n - ".join(problems)
-                + "\nA ScaleVAE folder loads only into the config it was saved with: drop the config overrides, or "
-                "fix config.json to the values the weights were trained with."
-            )
-        if verify_weights:
-            _verify_weights_checksums(_resolved_weights_files(pretrained_model_name_or_path, kwargs))
-        return (model, info) if return_loading_info else model
+        return _load_strictly(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained` (also behind Trainer checkpoints and `push_to_hub`), plus: each weights
         file records a checksum of its tensors and the time of the save (`from_pretrained` verifies the checksum), and
         config.json names local encoder/decoder folders by their name only, not by their path on this machine."""
-        import os
-
-        configs = [self.config, self.config.encoder, self.config.decoder]
-        names = [getattr(config, "_name_or_path", "") for config in configs]
-        hub_kwargs = {
-            key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs
-        }
-        try:
-            for config, name in zip(configs, names):
-                config._name_or_path = _public_name(name)
-            super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            for config, name in zip(configs, names):
-                config._name_or_path = name
-        if kwargs.get("is_main_process", True):
-            _record_weights_checksums(save_directory)
-        if push_to_hub:  # after the checksums: push_to_hub saves a fresh copy and uploads that
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
-            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+        _save_publicly(self, super().save_pretrained, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
 
     # -- construction from pretrained parts ------------------------------------------------------------------------
 
@@ -730,8 +693,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         latents: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        kl_weight: float | torch.Tensor | None = None,
         return_dict: bool | None = None,
-    ) -> ScaleVAEOutput:
+    ) -> ScaleVAEOutput | tuple:
         r"""
         input_ids, attention_mask: the encoder's tokens (its own tokenizer).
         decoder_input_ids, decoder_attention_mask: the decoder's inputs, starting with its BOS; built from `labels`
@@ -739,6 +703,8 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         labels: the decoder's targets aligned with `decoder_input_ids` (next tokens), -100 where ignored.
         latents: a given z of shape `(batch_size, latent_size)`; it bypasses the encoder (teacher-forced decoding
             from z, e.g. for importance sampling), and the KL fields are then None.
+        kl_weight: β for this call (a KL schedule passes it every step); defaults to `config.kl_weight`.
+        return_dict: `False` returns `ScaleVAEOutput.to_tuple()`, the loss first when there is one.
         """
         _check_forward_inputs(self.config, input_ids, decoder_input_ids, labels, latents, self.training)
         if decoder_input_ids is None:
@@ -774,7 +740,10 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             )
         if labels is not None:
             reconstruction_loss = token_nll(logits, labels).sum(-1).mean()
-            loss = reconstruction_loss if kl_loss is None else reconstruction_loss + self.config.kl_weight * kl_loss
+            kl_weight = kl_weight if kl_weight is not None else self.config.kl_weight
+            if isinstance(kl_weight, (int, float)) and not 0 <= kl_weight < float("inf"):
+                raise ValueError(f"kl_weight={kl_weight!r} must be a finite number >= 0.")
+            loss = reconstruction_loss if kl_loss is None else reconstruction_loss + kl_weight * kl_loss
         output = ScaleVAEOutput(  # loss first: outputs[0] and to_tuple()[0] are the loss, transformers' convention
             loss=loss,
             logits=logits,
@@ -868,98 +837,12 @@ def token_nll(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
     return nll.view(labels.shape)
 
 
-def _describe_weights_files(path, subfolder: str = "") -> str:
-    """The safetensors file that fails to parse, for an error message (a local folder; a Hub id is named as such)."""
-    import os
-
-    from safetensors import SafetensorError, safe_open
-
-    folder = os.path.join(str(path), subfolder)
-    if not os.path.isdir(folder):
-        return f"The safetensors weights of {path} (in the Hub cache)"
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-    for file in files:
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except (SafetensorError, OSError):
-            return file
-    return ", ".join(files) or folder
-
-
-# Tensors whose shape reveals a config value: key -> ((config field, dimension of the saved shape, divisor), ...).
-_SHAPE_WITNESSES = {
-    "latent_head.proj.weight": (("latent_size", 0, 2), ("encoder.hidden_size", 1, 1)),
-    "encoder.embeddings.word_embeddings.weight": (("encoder.vocab_size", 0, 1), ("encoder.hidden_size", 1, 1)),
-    "encoder.embeddings.position_embeddings.weight": (("encoder.max_position_embeddings", 0, 1),),
-    "decoder.transformer.wte.weight": (("decoder.vocab_size", 0, 1), ("decoder.n_embd", 1, 1)),
-    "decoder.transformer.wpe.weight": (("decoder.n_positions", 0, 1),),
-}
-
-
-def _weights_config_mismatches(model: "ScaleVAEForLatentLM", info: dict, allow_resize: bool = False) -> list[str]:
-    """Every disagreement between a loaded weights file and the model's config, in words naming both values."""
-    config = model.config
-    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
-    problems = []
-
-    def in_file(key: str, present_in_model: bool) -> bool:
-        return key in unexpected or (present_in_model and key not in missing)
-
-    has_memory = in_file("injection.to_memory.weight", model.injection.to_memory is not None)
-    has_embedding = in_file("injection.to_embedding.weight", model.injection.to_embedding is not None)
-    saved_injection = {(True, True): "both", (True, False): "memory", (False, True): "embedding"}.get(
-        (has_memory, has_embedding), "none of memory/embedding/both"
-    )
-    has_scale = in_file("collapse.scale_factors", hasattr(model.collapse, "scale_factors"))
-    has_bn = in_file("collapse.beta", hasattr(model.collapse, "beta"))
-    saved_strategy = "'scale'" if has_scale else "'bn'" if has_bn else "'vae', 'free_bits' or 'ae'"
-    groups = {}  # (field, config value, saved value, missing?) -> keys
-    for key in sorted(missing | unexpected):
-        if key.startswith("injection."):
-            group = ("latent_injection", repr(config.latent_injection), repr(saved_injection))
-        elif key.startswith("collapse."):
-            group = ("collapse_strategy", repr(config.collapse_strategy), saved_strategy)
-        else:
-            group = (None, None, None)
-        groups.setdefault((*group, key in missing), []).append(key)
-    for (field, value, saved, is_missing), keys in groups.items():
-        names = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
-        if field is None:
-            problems.append(
-                f"the config builds {names}, which the weights file lacks"
-                if is_missing
-                else f"the weights file holds {names}, which the config does not build"
-            )
-        elif is_missing:
-            problems.append(
-                f"{field}={value} expects {names}, which the weights file lacks (was it saved with {field}={saved}?)"
-            )
-        else:
-            problems.append(
-                f"the weights file holds {names}, which {field}={value} does not use (was it saved with {field}={saved}?)"
-            )
-    if allow_resize:
-        return problems
-    explained = set()
-    for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
-        for field, dim, divisor in _SHAPE_WITNESSES.get(key, ()):
-            owner = config
-            for part in field.split(".")[:-1]:
-                owner = getattr(owner, part)
-            value, saved = getattr(owner, field.split(".")[-1]), saved_shape[dim] // divisor
-            if value != saved and field not in explained:
-                explained.add(field)
-                problems.append(
-                    f"{field}={value} in the config, but the weights file was saved with {field}={saved} ({key} has "
-                    f"shape {tuple(saved_shape)}, the config needs {tuple(model_shape)})"
-                )
-    if not explained:  # no witness named the field: list the shapes themselves
-        for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
-            problems.append(
-                f"{key} has shape {tuple(saved_shape)} in the weights file, the config needs {tuple(model_shape)}"
-            )
-    return problems
+# ---------------------------------------------------------------------------------------------------------------------
+# Input checks: a clear error naming the argument instead of a crash deep in torch or a silently wrong result
+#
+# Each check reads a few numbers back to the host, before any work: a bad id or shape then fails with its name, value
+# and valid range instead of an IndexError deep inside an embedding.
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int, check_values: bool = True) -> None:
@@ -969,11 +852,6 @@ def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int, che
         )
     if check_values and not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or infinite values.")
-
-
-# -- inputs -----------------------------------------------------------------------------------------------------------
-# Each check reads a few numbers back to the host, before any work: a bad id or shape then fails with its name, value
-# and valid range instead of an IndexError deep inside an embedding.
 
 
 def _may_read_values(tensor: torch.Tensor | None, training: bool) -> bool:
@@ -1090,6 +968,164 @@ def _as_model_latents(latents, dtype: torch.dtype, device: torch.device) -> torc
     if not latents.is_floating_point():
         raise ValueError(f"latents must be floating point, got dtype {latents.dtype}.")
     return latents.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and saving: strict loading and its diagnosis, weights checksums, public names in config.json
+#
+# Kept in this file, after the model, rather than in a sibling module: a saved folder carries exactly the two model
+# files, and remote-code users (`trust_remote_code=True`, no scalevae installed) get the same strict loading.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
+    """`ScaleVAEForLatentLM.from_pretrained`, given `PreTrainedModel.from_pretrained` as `load`."""
+    from safetensors import SafetensorError
+
+    return_loading_info = kwargs.pop("output_loading_info", False)
+    verify_weights = kwargs.pop("verify_weights", True)
+    allow_resize = kwargs.pop("ignore_mismatched_sizes", False)
+    try:  # collect the mismatches instead of transformers' generic error, then explain them below
+        model, info = load(
+            pretrained_model_name_or_path,
+            *model_args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+    except SafetensorError as error:
+        raise OSError(
+            f"{_describe_weights_files(pretrained_model_name_or_path, kwargs.get('subfolder') or '')} is "
+            f"truncated or corrupted ({error}); re-download or re-save the model."
+        ) from error
+    problems = _weights_config_mismatches(model, info, allow_resize)
+    if problems:
+        raise ValueError(
+            f"The weights in {pretrained_model_name_or_path} do not match its config:\n - "
+            + "\n - ".join(problems)
+            + "\nA ScaleVAE folder loads only into the config it was saved with: drop the config overrides, or "
+            "fix config.json to the values the weights were trained with."
+        )
+    if verify_weights:
+        _verify_weights_checksums(_resolved_weights_files(pretrained_model_name_or_path, kwargs))
+    return (model, info) if return_loading_info else model
+
+
+def _save_publicly(model, save, save_directory, *args, push_to_hub: bool = False, **kwargs):
+    """`ScaleVAEForLatentLM.save_pretrained`, given `PreTrainedModel.save_pretrained` (bound to `model`) as `save`."""
+    import os
+
+    configs = [model.config, model.config.encoder, model.config.decoder]
+    names = [getattr(config, "_name_or_path", "") for config in configs]
+    hub_kwargs = {
+        key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs
+    }
+    try:
+        for config, name in zip(configs, names):
+            config._name_or_path = _public_name(name)
+        save(save_directory, *args, **kwargs)
+    finally:
+        for config, name in zip(configs, names):
+            config._name_or_path = name
+    if kwargs.get("is_main_process", True):
+        _record_weights_checksums(save_directory)
+    if push_to_hub:  # after the checksums: push_to_hub saves a fresh copy and uploads that
+        repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+        model.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+
+def _describe_weights_files(path, subfolder: str = "") -> str:
+    """The safetensors file that fails to parse, for an error message (a local folder; a Hub id is named as such)."""
+    import os
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = os.path.join(str(path), subfolder)
+    if not os.path.isdir(folder):
+        return f"The safetensors weights of {path} (in the Hub cache)"
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    for file in files:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return file
+    return ", ".join(files) or folder
+
+
+# Tensors whose shape reveals a config value: key -> ((config field, dimension of the saved shape, divisor), ...).
+_SHAPE_WITNESSES = {
+    "latent_head.proj.weight": (("latent_size", 0, 2), ("encoder.hidden_size", 1, 1)),
+    "encoder.embeddings.word_embeddings.weight": (("encoder.vocab_size", 0, 1), ("encoder.hidden_size", 1, 1)),
+    "encoder.embeddings.position_embeddings.weight": (("encoder.max_position_embeddings", 0, 1),),
+    "decoder.transformer.wte.weight": (("decoder.vocab_size", 0, 1), ("decoder.n_embd", 1, 1)),
+    "decoder.transformer.wpe.weight": (("decoder.n_positions", 0, 1),),
+}
+
+
+def _weights_config_mismatches(model: "ScaleVAEForLatentLM", info: dict, allow_resize: bool = False) -> list[str]:
+    """Every disagreement between a loaded weights file and the model's config, in words naming both values."""
+    config = model.config
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    problems = []
+
+    def in_file(key: str, present_in_model: bool) -> bool:
+        return key in unexpected or (present_in_model and key not in missing)
+
+    has_memory = in_file("injection.to_memory.weight", model.injection.to_memory is not None)
+    has_embedding = in_file("injection.to_embedding.weight", model.injection.to_embedding is not None)
+    saved_injection = {(True, True): "both", (True, False): "memory", (False, True): "embedding"}.get(
+        (has_memory, has_embedding), "none of memory/embedding/both"
+    )
+    has_scale = in_file("collapse.scale_factors", hasattr(model.collapse, "scale_factors"))
+    has_bn = in_file("collapse.beta", hasattr(model.collapse, "beta"))
+    saved_strategy = "'scale'" if has_scale else "'bn'" if has_bn else "'vae', 'free_bits' or 'ae'"
+    groups = {}  # (field, config value, saved value, missing?) -> keys
+    for key in sorted(missing | unexpected):
+        if key.startswith("injection."):
+            group = ("latent_injection", repr(config.latent_injection), repr(saved_injection))
+        elif key.startswith("collapse."):
+            group = ("collapse_strategy", repr(config.collapse_strategy), saved_strategy)
+        else:
+            group = (None, None, None)
+        groups.setdefault((*group, key in missing), []).append(key)
+    for (field, value, saved, is_missing), keys in groups.items():
+        names = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
+        if field is None:
+            problems.append(
+                f"the config builds {names}, which the weights file lacks"
+                if is_missing
+                else f"the weights file holds {names}, which the config does not build"
+            )
+        elif is_missing:
+            problems.append(
+                f"{field}={value} expects {names}, which the weights file lacks (was it saved with {field}={saved}?)"
+            )
+        else:
+            problems.append(
+                f"the weights file holds {names}, which {field}={value} does not use (was it saved with {field}={saved}?)"
+            )
+    if allow_resize:
+        return problems
+    explained = set()
+    for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
+        for field, dim, divisor in _SHAPE_WITNESSES.get(key, ()):
+            owner = config
+            for part in field.split(".")[:-1]:
+                owner = getattr(owner, part)
+            value, saved = getattr(owner, field.split(".")[-1]), saved_shape[dim] // divisor
+            if value != saved and field not in explained:
+                explained.add(field)
+                problems.append(
+                    f"{field}={value} in the config, but the weights file was saved with {field}={saved} ({key} has "
+                    f"shape {tuple(saved_shape)}, the config needs {tuple(model_shape)})"
+                )
+    if not explained:  # no witness named the field: list the shapes themselves
+        for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
+            problems.append(
+                f"{key} has shape {tuple(saved_shape)} in the weights file, the config needs {tuple(model_shape)}"
+            )
+    return problems
 
 
 # -- weights integrity ------------------------------------------------------------------------------------------------

@@ -87,10 +87,10 @@ def main():
     progress = tqdm(total=args.max_steps, disable=not accelerator.is_main_process, desc="training")
     while step < args.max_steps:
         for batch in loader:
-            unwrapped.config.kl_weight = schedule(step)
-            out = model(**batch)
+            out = model(**batch, kl_weight=schedule(step))
             accelerator.backward(out.loss)
             optimizer.step()
+            unwrapped.collapse.end_step()
             scheduler.step()
             optimizer.zero_grad()
             step += 1
@@ -103,8 +103,7 @@ def main():
                     history.append(record)
             if step >= args.max_steps:
                 break
-        if hasattr(unwrapped.collapse, "end_epoch"):
-            unwrapped.collapse.end_epoch()
+        unwrapped.collapse.end_epoch()
     progress.close()
 
     accelerator.wait_for_everyone()

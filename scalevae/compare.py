@@ -289,7 +289,6 @@ def train_and_evaluate(name: str, seed: int, preset: Preset, data: ComparisonDat
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    model.config.kl_weight = 1.0  # the schedule's last β is not a property of the model
 
     result = dict(
         run=name,

@@ -267,10 +267,6 @@ def _flat_config(config) -> dict:
     return flat
 
 
-# Settings a run changes while it trains (the KL schedule sets the weight at every step): not part of a run's identity.
-_RUNTIME_SETTINGS = {"kl_weight"}
-
-
 def checkpoint_config_differences(config: ScaleVAEConfig, checkpoint: str | os.PathLike) -> list[str]:
     """Every setting of `config` that the checkpoint folder's config.json holds with another value, in words naming
     the field and both values (empty: the checkpoint was trained with this model's settings, or has no config.json,
@@ -282,7 +278,7 @@ def checkpoint_config_differences(config: ScaleVAEConfig, checkpoint: str | os.P
     return [
         f"{key}={values.get(key, NOT_SET)!r} now, {saved.get(key, NOT_SET)!r} in the checkpoint"
         for key in sorted(set(values) | set(saved))
-        if key not in _RUNTIME_SETTINGS and values.get(key, NOT_SET) != saved.get(key, NOT_SET)
+        if values.get(key, NOT_SET) != saved.get(key, NOT_SET)
     ]
 
 

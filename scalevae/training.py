@@ -1,10 +1,11 @@
-"""Training glue for the stock `transformers.Trainer`: the KL-weight schedule, the Scale-VAE epoch hook, and the
-latent statistics logged beside the loss (console, TensorBoard, `trainer.state.log_history`).
+"""Training glue for the stock `transformers.Trainer`: the KL-weight schedule, the collapse strategy's step and epoch
+hooks, the prior fit at the end, and the latent statistics logged beside the loss (console, TensorBoard,
+`trainer.state.log_history`).
 
 The basic path needs none of it: `Trainer(model=model, args=args, train_dataset=..., data_collator=...)` trains.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -61,22 +62,51 @@ class KLSchedule:
 
 
 class KLScheduleCallback(TrainerCallback):
-    """Sets `model.config.kl_weight` before every step. The weight is a function of the global step, which the
-    Trainer checkpoints, so a resumed run continues the schedule where it stopped."""
+    """Passes β = schedule(global step) to every training forward as `kl_weight=` (a forward pre-hook on the model)
+    and logs it; the model's config keeps its own `kl_weight`, so a saved config never records a schedule's passing
+    value. The global step is checkpointed by the Trainer, so a resumed run continues the schedule where it stopped.
+    Evaluation passes (the Trainer's `eval_loss`, the latent monitor) use `config.kl_weight`.
+
+    It logs before the reporting callbacks (TensorBoard, console) only if it runs first: `make_trainer` puts it there.
+    """
 
     def __init__(self, schedule: KLSchedule):
         self.schedule = schedule
+        self.kl_weight: float | None = None  # set before every step
+        self._hook = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.schedule.total_steps == 0:  # the run's real length, epochs included, known once training begins
-            self.schedule.total_steps = state.max_steps
+            self.schedule = replace(self.schedule, total_steps=state.max_steps)
+        if self._hook is None:
+            self._hook = _unwrap(model).register_forward_pre_hook(self._pass_kl_weight, with_kwargs=True)
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        _unwrap(model).config.kl_weight = self.schedule(state.global_step)
+    def _pass_kl_weight(self, module, args, kwargs):
+        if module.training and self.kl_weight is not None and kwargs.get("kl_weight") is None:
+            return args, {**kwargs, "kl_weight": self.kl_weight}
+        return None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.kl_weight = self.schedule(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self.kl_weight is not None:
+            logs["kl_weight"] = self.kl_weight
+            if state.log_history:
+                state.log_history[-1]["kl_weight"] = self.kl_weight
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
-class ScaleEpochCallback(TrainerCallback):
-    """Tells the collapse strategy that an epoch ended (Scale-VAE's `f_epo` schedule freezes its factors then)."""
+class CollapseScheduleCallback(TrainerCallback):
+    """Tells the collapse strategy when an optimizer step and an epoch end (Scale-VAE's factors freeze after
+    `scale_freeze_steps` optimizer steps or `f_epo` epochs)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        _unwrap(model).collapse.end_step()
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         _unwrap(model).collapse.end_epoch()
@@ -101,7 +131,7 @@ class FitPriorCallback(TrainerCallback):
 class LatentMonitorCallback(TrainerCallback):
     """At every logging step, measures the latent on a fixed probe set and adds it to the logged values:
     reconstruction loss and KL (paper's and bound's), mutual information and active units on the encoder's posterior
-    and on the decoder's latent, the current KL weight and the scale factors' range.
+    and on the decoder's latent, and the scale factors' range.
 
     It must run before the reporting callbacks (TensorBoard, console) so they see the values: `attach` does that.
     """
@@ -154,7 +184,6 @@ def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str
         "mi_decoder": mutual_information(decoder_mu, logvar),
         "au": active_units(mu),
         "au_decoder": active_units(decoder_mu),
-        "kl_weight": float(model.config.kl_weight),
         "scale_factor_min": factors.min().item(),
         "scale_factor_max": factors.max().item(),
     }
@@ -194,13 +223,12 @@ def make_trainer(
     prior_fit_sentences: int = 4000,
     **trainer_kwargs,
 ) -> Trainer:
-    """A stock `Trainer` with the KL schedule, the Scale-VAE epoch hook and the latent monitor attached; with a
+    """A stock `Trainer` with the KL schedule, the collapse strategy's step and epoch hooks, the prior fit at the end of
+    training and the latent monitor attached; with a
     `DataCollatorForLatentLM`, every checkpoint also gets both tokenizers and a model card (`training`: the card's
     training record, see `scalevae.hub.render_model_card`)."""
     training = trainer_kwargs.pop("training", None)
-    callbacks = [ScaleEpochCallback(), FitPriorCallback(train_dataset, data_collator, prior_fit_sentences)]
-    if kl_schedule is not None:
-        callbacks.append(KLScheduleCallback(kl_schedule))
+    callbacks = [CollapseScheduleCallback(), FitPriorCallback(train_dataset, data_collator, prior_fit_sentences)]
     encoder_tokenizer = getattr(data_collator, "encoder_tokenizer", None)
     decoder_tokenizer = getattr(data_collator, "decoder_tokenizer", None)
     if encoder_tokenizer is not None and decoder_tokenizer is not None:
@@ -214,6 +242,8 @@ def make_trainer(
         callbacks=callbacks,
         **trainer_kwargs,
     )
+    if kl_schedule is not None:  # first, so the reporting callbacks see the β it logs
+        trainer.callback_handler.callbacks.insert(0, KLScheduleCallback(kl_schedule))
     probe_source = eval_dataset if eval_dataset is not None else train_dataset
     if len(probe_source) < 2 and probe_source is not train_dataset and len(train_dataset) >= 2:
         logger.warning("The validation set has one sentence; the latent monitor probes the training set instead.")

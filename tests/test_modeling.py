@@ -78,15 +78,22 @@ def test_running_estimate_is_saved_and_used_outside_training(tmp_path):
     assert torch.equal(loaded.encode(batch["input_ids"], batch["attention_mask"]).decoder_mu, posterior.decoder_mu)
 
 
-def test_running_estimate_follows_momentum_and_freezes_after_steps():
+def test_running_estimate_follows_momentum_and_freezes_after_optimizer_steps():
     model = tiny_model(scale_momentum=0.25, scale_freeze_steps=2).train()
-    mus = [torch.randn(8, 4) * s for s in (1.0, 2.0, 4.0)]
-    first = model.collapse.scale_factors_for(mus[0])
-    assert torch.allclose(model.collapse.scale_factors, first)  # the first batch initialises the estimate
-    second = model.collapse.scale_factors_for(mus[1])
-    assert torch.allclose(model.collapse.scale_factors, 0.75 * first + 0.25 * second)
-    frozen = model.collapse.scale_factors.clone()
-    assert torch.equal(model.collapse.scale_factors_for(mus[2]), frozen)  # frozen: training uses the estimate
+    strategy = model.collapse
+    mus = [torch.randn(8, 4) * s for s in (1.0, 2.0, 4.0, 8.0)]
+    first = strategy.scale_factors_for(mus[0])
+    assert torch.allclose(strategy.scale_factors, first)  # the first batch initialises the estimate
+    strategy.end_step()
+    # Two micro-batches of one accumulated optimizer step: both update the estimate, the step counts once.
+    second, third = strategy.scale_factors_for(mus[1]), strategy.scale_factors_for(mus[2])
+    expected = 0.75 * (0.75 * first + 0.25 * second) + 0.25 * third
+    assert torch.allclose(strategy.scale_factors, expected)
+    assert not strategy._frozen and strategy.steps.item() == 1
+    strategy.end_step()
+    assert strategy._frozen and strategy.steps.item() == 2
+    frozen = strategy.scale_factors.clone()
+    assert torch.equal(strategy.scale_factors_for(mus[3]), frozen)  # frozen: training uses the estimate
 
 
 def test_epoch_schedule_freezes_to_the_last_epoch_mean():
@@ -106,9 +113,10 @@ def test_epoch_schedule_freezes_to_the_last_epoch_mean():
 def test_batch_of_one_falls_back_to_running_estimate():
     model = tiny_model().train()
     train_steps(model, steps=2)
-    estimate, steps = model.collapse.scale_factors.clone(), model.collapse.steps.item()
+    estimate, batches = model.collapse.scale_factors.clone(), model.collapse.epoch_batches.item()
     assert torch.equal(model.collapse.scale_factors_for(torch.randn(1, 4)), estimate)
-    assert model.collapse.steps.item() == steps  # a batch of one teaches the estimate nothing
+    assert torch.equal(model.collapse.scale_factors, estimate)  # a batch of one teaches the estimate nothing
+    assert model.collapse.epoch_batches.item() == batches
     out = model(**random_batch(batch_size=1))
     assert torch.isfinite(out.loss) and torch.isfinite(out.latents).all() and out.latents.shape == (1, 4)
 
@@ -171,16 +179,18 @@ def test_bn_vae_refuses_a_training_batch_of_one():
         model(**random_batch(batch_size=1))
 
 
-def test_kl_weight_scales_the_kl_term():
-    model = tiny_model(collapse_strategy="vae").train()
+def test_kl_weight_argument_overrides_the_config_for_one_call():
+    model = tiny_model(collapse_strategy="vae", kl_weight=0.5).train()
     batch = random_batch()
     torch.manual_seed(0)
-    full = model(**batch)
-    model.config.kl_weight = 0.25
+    default = model(**batch)
     torch.manual_seed(0)
-    annealed = model(**batch)
+    annealed = model(**batch, kl_weight=0.25)
+    assert torch.allclose(default.loss, default.reconstruction_loss + 0.5 * default.kl_loss)
     assert torch.allclose(annealed.loss, annealed.reconstruction_loss + 0.25 * annealed.kl_loss)
-    assert torch.allclose(full.loss, full.reconstruction_loss + full.kl_loss)
+    assert model.config.kl_weight == 0.5
+    with pytest.raises(ValueError, match="kl_weight=inf"):
+        model(**batch, kl_weight=float("inf"))
 
 
 def test_decoder_kl_is_the_kl_against_the_scaled_prior():

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
 
 from scalevae import build_model
 from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-from scalevae.training import KLSchedule, make_trainer
+from scalevae.training import KLSchedule, KLScheduleCallback, make_trainer
 from tests.conftest import TINY_DECODER, shared_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,35 @@ def test_callbacks_log_latent_figures_and_schedule_kl(tmp_path, tiny_encoder_pat
     for key in ("reconstruction_loss", "kl", "decoder_kl", "mi", "mi_decoder", "au", "au_decoder", "kl_weight"):
         assert all(key in h for h in logged), key
     assert [h["kl_weight"] for h in logged] == pytest.approx([1 / 6, 3 / 6, 5 / 6])  # set before steps 2, 4, 6
+    assert model.config.kl_weight == 1.0 and not model._forward_pre_hooks  # the config keeps its β; hook removed
     assert list(tmp_path.rglob("events.out.tfevents*")), "TensorBoard got nothing"
+
+
+def test_kl_schedule_passes_beta_to_training_forwards_only(tiny_encoder_path):
+    model, _, _, data, collator = tiny_setup(tiny_encoder_path, strategy="vae")
+    callback = KLScheduleCallback(KLSchedule("linear", warmup_steps=4))
+    state = TrainerState(max_steps=8, global_step=1)
+    callback.on_train_begin(None, state, None, model=model)
+    callback.on_step_begin(None, state, None)
+    batch = collator([data["train"][i] for i in range(8)])
+    torch.manual_seed(0)
+    out = model.train()(**batch)
+    assert torch.allclose(out.loss, out.reconstruction_loss + 0.25 * out.kl_loss)
+    out = model.eval()(**batch)  # evaluation scores the config's β
+    assert torch.allclose(out.loss, out.reconstruction_loss + out.kl_loss)
+    callback.on_train_end(None, state, None)
+    torch.manual_seed(0)
+    out = model.train()(**batch)
+    assert torch.allclose(out.loss, out.reconstruction_loss + out.kl_loss)
+
+
+def test_scale_schedule_counts_optimizer_steps_under_gradient_accumulation(tmp_path, tiny_encoder_path):
+    model, _, _, data, collator = tiny_setup(tiny_encoder_path)
+    trainer = make_trainer(
+        model, args_for(tmp_path, max_steps=3, gradient_accumulation_steps=2), data["train"], collator
+    )
+    trainer.train()
+    assert model.collapse.steps.item() == trainer.state.global_step == 3  # 6 forward passes
 
 
 def test_resume_gives_the_same_losses_and_factors(tmp_path, tiny_encoder_path):
@@ -169,14 +197,12 @@ def test_two_process_accelerate_run(tmp_path, tiny_encoder_path):
 def test_cyclical_schedule_without_a_length_takes_the_runs_length():
     """`scalevae train --kl_schedule cyclical` without --max_steps: the schedule learns the run's length when training
     begins (it used to cycle over 1 step, leaving β = 0 for the whole run)."""
-    from types import SimpleNamespace
-
-    from scalevae.training import KLSchedule, KLScheduleCallback
-
-    schedule = KLSchedule("cyclical", 1.0, total_steps=0, n_cycle=4)
+    unset = KLSchedule("cyclical", 1.0, total_steps=0, n_cycle=4)
     with pytest.raises(ValueError, match="total_steps is unset"):
-        schedule(10)
-    KLScheduleCallback(schedule).on_train_begin(None, SimpleNamespace(max_steps=400), None)
-    assert schedule.total_steps == 400
+        unset(10)
+    callback = KLScheduleCallback(unset)
+    callback.on_train_begin(None, TrainerState(max_steps=400), None, model=torch.nn.Linear(1, 1))
+    schedule = callback.schedule
+    assert schedule.total_steps == 400 and unset.total_steps == 0  # the caller's schedule is not mutated
     betas = [schedule(step) for step in range(400)]
     assert betas[0] == 0.0 and max(betas) == 1.0 and sum(b == 1.0 for b in betas) == 200  # half of each cycle at 1
