@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
+from scalevae.factory import build_model
 from scalevae.hub import save_model
-from scalevae.text import build_model
 from scalevae.training import KLSchedule, latent_statistics
 
 

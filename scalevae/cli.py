@@ -111,9 +111,10 @@ class DataArguments:
 def train(argv: list[str]) -> None:
     from transformers import HfArgumentParser, TrainingArguments, enable_full_determinism, set_seed
 
+    from .card import checkpoint_config_differences, public_command
     from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-    from .hub import checkpoint_config_differences, public_command, save_model
-    from .text import build_model
+    from .factory import build_model
+    from .hub import save_model
     from .training import KLSchedule, make_trainer
 
     parser = HfArgumentParser(
@@ -204,8 +205,8 @@ def evaluate(args) -> None:
     from torch.utils.data import DataLoader
 
     from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
+    from .factory import load_pretrained
     from .metrics import evaluate_model, reconstruction_bleu_of
-    from .text import load_pretrained
 
     model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model)
     model.to(resolve_device(args.device))
@@ -230,7 +231,7 @@ def evaluate(args) -> None:
 
 
 def generate(args) -> None:
-    from .text import LatentText
+    from .latent import LatentText
 
     text = LatentText.from_pretrained(args.model)
     text.model.to(resolve_device(args.device))

@@ -190,7 +190,7 @@ def prepare_data(preset: Preset, data_dir: Path, encoder: str | None, work_dir: 
     from transformers import AutoTokenizer
 
     from .data import DataCollatorForLatentLM, tokenize_dataset
-    from .text import fit_decoder_tokenizer, offline_encoder_path, prepare_decoder_tokenizer
+    from .factory import fit_decoder_tokenizer, offline_encoder_path, prepare_decoder_tokenizer
 
     files = dict(train=preset.train_file, validation=preset.validation_file, test=preset.test_file)
     for split, name in files.items():
@@ -243,8 +243,8 @@ def _new_encoder(preset: Preset, tokenizer, folder: Path) -> Path:
 
 
 def train_and_evaluate(name: str, seed: int, preset: Preset, data: ComparisonData, work_dir: Path) -> dict:
+    from .factory import build_model
     from .metrics import evaluate_model, linear_probe_accuracy, reconstruction_bleu_of
-    from .text import build_model
     from .training import KLSchedule, make_trainer
 
     config_fields, kl_schedule = run_settings(name)

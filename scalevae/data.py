@@ -21,7 +21,7 @@ import datasets
 import torch
 
 from scalevae.corpus import default_corpus_files
-from scalevae.text import decoder_special_token_ids
+from scalevae.factory import decoder_special_token_ids
 
 logger = logging.getLogger(__name__)
 

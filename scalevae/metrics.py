@@ -25,7 +25,7 @@ import torch
 
 from modeling_scalevae import gaussian_kl, token_nll
 
-from .text import LatentText
+from .latent import LatentText
 
 LOG_2PI = math.log(2 * math.pi)
 

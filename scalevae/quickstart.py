@@ -21,10 +21,11 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback, Tra
 from transformers.utils import logging as hf_logging
 
 from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
+from .factory import build_model
 from .hub import save_model
+from .latent import LatentText
 from .metrics import evaluate_model, reconstruction_bleu_of
 from .plots import plot_latent_map, plot_training_curves
-from .text import LatentText, build_model
 from .training import make_trainer
 
 TABLE_ROWS = [

@@ -201,8 +201,8 @@ class CompleteCheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         import os
 
-        from .hub import write_model_card
-        from .text import save_tokenizers
+        from .card import write_model_card
+        from .factory import save_tokenizers
 
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not args.should_save or not os.path.isdir(folder):
@@ -226,7 +226,7 @@ def make_trainer(
     """A stock `Trainer` with the KL schedule, the collapse strategy's step and epoch hooks, the prior fit at the end of
     training and the latent monitor attached; with a
     `DataCollatorForLatentLM`, every checkpoint also gets both tokenizers and a model card (`training`: the card's
-    training record, see `scalevae.hub.render_model_card`)."""
+    training record, see `scalevae.card.render_model_card`)."""
     training = trainer_kwargs.pop("training", None)
     callbacks = [CollapseScheduleCallback(), FitPriorCallback(train_dataset, data_collator, prior_fit_sentences)]
     encoder_tokenizer = getattr(data_collator, "encoder_tokenizer", None)

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, BertConfig, GPT2Config  # noqa: E402
 
 from configuration_scalevae import ScaleVAEConfig  # noqa: E402
 from modeling_scalevae import ScaleVAEForLatentLM  # noqa: E402
-from scalevae.text import decoder_tokenizer_from_encoder, offline_encoder_path  # noqa: E402
+from scalevae.factory import decoder_tokenizer_from_encoder, offline_encoder_path  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

