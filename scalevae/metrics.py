@@ -30,6 +30,7 @@ from .latent import LatentText
 LOG_2PI = math.log(2 * math.pi)
 
 __all__ = [
+    "PosteriorAccumulator",
     "active_units",
     "active_units_variance",
     "count_tokens",
@@ -376,6 +377,52 @@ def reconstruction_bleu_of(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# A pass over data: the one per-batch accumulator
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PosteriorAccumulator:
+    """What a pass over data collects batch by batch, for `evaluate_model` and the training monitor alike: the
+    posterior parameters of every sentence (for the set-level MI and active units) and sums of per-sentence figures
+    (divided by the number of sentences at the end)."""
+
+    def __init__(self):
+        self.mus, self.logvars, self.decoder_mus = [], [], []
+        self.sums: dict[str, float] = {}
+        self.num_sentences = self.num_tokens = 0
+
+    def add(self, posterior, labels: torch.Tensor, **sums: float) -> None:
+        """One batch: its posterior (`mu`, `logvar`, `decoder_mu`), its labels, and per-sentence figures summed over
+        the batch."""
+        self.mus.append(posterior.mu.detach().double().cpu())
+        self.logvars.append(posterior.logvar.detach().double().cpu())
+        self.decoder_mus.append(posterior.decoder_mu.detach().double().cpu())
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.num_sentences += labels.shape[0]
+        self.num_tokens += count_tokens(labels)
+
+    def posteriors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mu, logvar, decoder_mu) of every sentence so far, each (N, d), float64."""
+        if not self.num_sentences:
+            raise ValueError("no batches were accumulated: the data is empty.")
+        return torch.cat(self.mus), torch.cat(self.logvars), torch.cat(self.decoder_mus)
+
+    def summary(self, generator: torch.Generator | None = None) -> dict:
+        """Each sum per sentence, and the latent figures of the whole set: `mi`, `mi_decoder` (`mutual_information`),
+        `au`, `au_decoder` (`active_units`; 0 for a set of one sentence)."""
+        mu, logvar, decoder_mu = self.posteriors()
+        several = self.num_sentences > 1
+        return {
+            **{key: value / self.num_sentences for key, value in self.sums.items()},
+            "mi": mutual_information(mu, logvar, generator=generator),
+            "mi_decoder": mutual_information(decoder_mu, logvar, generator=generator),
+            "au": active_units(mu) if several else 0,
+            "au_decoder": active_units(decoder_mu) if several else 0,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Everything in one pass
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -422,10 +469,7 @@ def evaluate_model(
     stochastic = model.collapse.stochastic
     use_iw = stochastic and bool(num_importance_samples)
     prior_names = ["", *priors]
-    density = {(key, name): 0.0 for key in ("iw_nll", "elbo", "decoder_kl") for name in prior_names}
-    sums = dict(reconstruction_nll=0.0, kl=0.0, correct=0)
-    num_sentences = num_tokens = 0
-    mus, logvars, decoder_mus, decoder_batches = [], [], [], []
+    accumulated, decoder_batches = PosteriorAccumulator(), []
     try:
         total = len(dataloader)
     except TypeError:  # an iterable-style dataset has no length
@@ -442,37 +486,30 @@ def evaluate_model(
             labels = batch["labels"]
             decoder_input_ids, decoder_attention_mask = _decoder_inputs(model, batch)
             posterior = model.encode(batch["input_ids"], batch.get("attention_mask"))
-            mu, logvar, decoder_mu = posterior.mu, posterior.logvar, posterior.decoder_mu
-
-            logits = model.decode(decoder_mu, decoder_input_ids, decoder_attention_mask).logits
-            counted = labels != -100
-            sums["reconstruction_nll"] += float(token_nll(logits, labels).double().sum())
-            sums["correct"] += int(((logits.argmax(-1) == labels) & counted).sum())
-            sums["kl"] += float(gaussian_kl(mu.double(), logvar.double()).sum())
+            logits = model.decode(posterior.decoder_mu, decoder_input_ids, decoder_attention_mask).logits
+            sums = {
+                "reconstruction_nll": token_nll(logits, labels).double().sum(),
+                "kl": gaussian_kl(posterior.mu.double(), posterior.logvar.double()).sum(),
+                "correct_tokens": ((logits.argmax(-1) == labels) & (labels != -100)).sum(),
+            }
             for name, (prior_mean, prior_std) in _priors_of(model, posterior, prior_names).items():
-                density["decoder_kl", name] += float(_decoder_kl(posterior, prior_mean, prior_std).sum())
+                sums[_with_prior("decoder_kl", name)] = _decoder_kl(posterior, prior_mean, prior_std).sum()
             if use_iw:
                 iw = _iw_from_posterior(
                     model, batch, posterior, num_importance_samples, chunk_size, generator, prior_names
                 )
-                for name in prior_names:
-                    density["iw_nll", name] -= float(iw[name].sum())
+                sums |= {_with_prior("iw_nll", name): -iw[name].sum() for name in prior_names}
             if stochastic:
                 bound = _elbo_from_posterior(model, batch, posterior, generator, prior_names)
-                for name in prior_names:
-                    density["elbo", name] += float(bound[name].sum())
-
-            num_sentences += labels.shape[0]
-            num_tokens += int(counted.sum())
-            mus.append(mu.double().cpu())
-            logvars.append(logvar.double().cpu())
-            decoder_mus.append(decoder_mu.cpu())
+                sums |= {_with_prior("elbo", name): bound[name].sum() for name in prior_names}
+            accumulated.add(posterior, labels, **sums)
             mask = None if decoder_attention_mask is None else decoder_attention_mask.cpu()
             decoder_batches.append((decoder_input_ids.cpu(), mask, labels.cpu()))
 
-        if num_sentences == 0:
+        if accumulated.num_sentences == 0:
             raise ValueError("evaluate_model got no batches: the dataloader is empty (or max_batches is 0).")
-        mu, logvar, decoder_mu = torch.cat(mus), torch.cat(logvars), torch.cat(decoder_mus)
+        num_sentences, num_tokens, totals = accumulated.num_sentences, accumulated.num_tokens, accumulated.sums
+        decoder_mu = accumulated.posteriors()[2].to(model.dtype)
 
         # Second, decoder-only pass: each sentence decoded from another's latent (a random cyclic derangement).
         shuffle_gap = float("nan")
@@ -492,31 +529,36 @@ def evaluate_model(
                     None if decoder_attention_mask is None else decoder_attention_mask.to(device),
                 ).logits
                 shuffled_nll += float(token_nll(logits, labels.to(device)).double().sum())
-            shuffle_gap = (shuffled_nll - sums["reconstruction_nll"]) / num_sentences
+            shuffle_gap = (shuffled_nll - totals["reconstruction_nll"]) / num_sentences
+        figures = accumulated.summary(generator)  # after the permutation: a seeded generator draws in a fixed order
 
     nan = float("nan")
     per_prior = {}
     for name in prior_names:
-        suffix = f"_{name}" if name else ""
-        iw_nll = density["iw_nll", name]
-        per_prior.update(
-            {
-                f"nll{suffix}": iw_nll / num_sentences if use_iw else nan,
-                f"ppl{suffix}": math.exp(iw_nll / num_tokens) if use_iw and num_tokens else nan,
-                f"elbo{suffix}": density["elbo", name] / num_sentences if stochastic else nan,
-                f"decoder_kl{suffix}": density["decoder_kl", name] / num_sentences,
-            }
-        )
+        iw_nll = figures.get(_with_prior("iw_nll", name), nan)
+        per_prior |= {
+            _with_prior("nll", name): iw_nll,
+            _with_prior("ppl", name): math.exp(totals[_with_prior("iw_nll", name)] / num_tokens)
+            if use_iw and num_tokens
+            else nan,
+            _with_prior("elbo", name): figures.get(_with_prior("elbo", name), nan),
+            _with_prior("decoder_kl", name): figures[_with_prior("decoder_kl", name)],
+        }
     return {
         **per_prior,
-        "reconstruction_nll": sums["reconstruction_nll"] / num_sentences,
-        "kl": sums["kl"] / num_sentences,
-        "mi": mutual_information(mu, logvar, generator=generator),
-        "mi_decoder": mutual_information(decoder_mu.double(), logvar, generator=generator),
-        "au": active_units(mu) if num_sentences > 1 else 0,
-        "au_decoder": active_units(decoder_mu) if num_sentences > 1 else 0,
-        "token_accuracy": sums["correct"] / num_tokens if num_tokens else nan,
+        "reconstruction_nll": figures["reconstruction_nll"],
+        "kl": figures["kl"],
+        "mi": figures["mi"],
+        "mi_decoder": figures["mi_decoder"],
+        "au": figures["au"],
+        "au_decoder": figures["au_decoder"],
+        "token_accuracy": totals["correct_tokens"] / num_tokens if num_tokens else nan,
         "shuffle_gap": shuffle_gap,
         "num_sentences": num_sentences,
         "num_tokens": num_tokens,
     }
+
+
+def _with_prior(key: str, prior: str) -> str:
+    """The name of a density figure under a named prior (`nll_fitted`); the model's own prior keeps the bare name."""
+    return f"{key}_{prior}" if prior else key

@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .metrics import active_units, mutual_information
+from .metrics import PosteriorAccumulator
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
 
@@ -156,34 +156,28 @@ class LatentMonitorCallback(TrainerCallback):
 
 @torch.no_grad()
 def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Cheap latent health figures on a few batches (no importance sampling; see `metrics.evaluate_model`)."""
+    """Cheap latent health figures on a few batches, from the training forward in eval mode (one sampled z, no
+    importance sampling; see `metrics.evaluate_model` for the full evaluation)."""
+    accumulated = PosteriorAccumulator()
     was_training = model.training
     model.eval()
-    mus, logvars, decoder_mus, rec, kl, decoder_kl, count = [], [], [], 0.0, 0.0, 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        out = model(**batch)
-        n = batch["input_ids"].shape[0]
-        mus.append(out.mu)
-        logvars.append(out.logvar)
-        decoder_mus.append(out.decoder_mu)
-        rec, kl, decoder_kl = (
-            rec + out.reconstruction_loss.item() * n,
-            kl + out.kl.item() * n,
-            decoder_kl + out.decoder_kl.item() * n,
-        )
-        count += n
-    model.train(was_training)
-    mu, logvar, decoder_mu = torch.cat(mus), torch.cat(logvars), torch.cat(decoder_mus)
+    try:
+        for batch in batches:
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            out = model(**batch)
+            n = batch["labels"].shape[0]
+            accumulated.add(
+                out,
+                batch["labels"],
+                reconstruction_loss=out.reconstruction_loss * n,
+                kl=out.kl * n,
+                decoder_kl=out.decoder_kl * n,
+            )
+    finally:
+        model.train(was_training)
     _, factors = model.prior_parameters("scaled")  # the scale factors f (ones but for Scale-VAE)
     return {
-        "reconstruction_loss": rec / count,
-        "kl": kl / count,
-        "decoder_kl": decoder_kl / count,
-        "mi": mutual_information(mu, logvar),
-        "mi_decoder": mutual_information(decoder_mu, logvar),
-        "au": active_units(mu),
-        "au_decoder": active_units(decoder_mu),
+        **accumulated.summary(),
         "scale_factor_min": factors.min().item(),
         "scale_factor_max": factors.max().item(),
     }
