@@ -14,40 +14,26 @@ from configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
 from modeling_scalevae import ScaleVAEForLatentLM, _public_name
 
 from . import __version__
+from .metrics import METRICS, metric_info
 
 CARD_TEMPLATE_NAME = "model_card.md"
 CARD_TAGS = ["scalevae", "vae", "text-generation"]
 DEFAULT_LICENSE = "apache-2.0"
 
-# The evaluation table's rows (the names of `scalevae.metrics.evaluate_model` and of the CLI): key in `metrics`, name,
-# what it measures. Keys are matched case-insensitively, with an optional "eval_" prefix (Trainer's), and through the
-# aliases below. Every row is in the table; one without a measured value reads "not evaluated".
-METRICS = (
-    (
-        "nll",
-        "NLL",
-        "−log p(x) per sentence, nats: importance-weighted estimate, latent integrated out (lower is better)",
-    ),
-    ("ppl", "PPL", "exp(total NLL / counted tokens), tokens including EOS (lower is better)"),
-    ("kl", "KL", "the paper's KL: KL(N(μ, σ²) ‖ N(0, I)) of the encoder's posterior, nats per sentence"),
-    ("mi", "MI", "mutual information I(x; z) under the encoder's posterior, nats"),
-    ("au", "AU", "active units: dimensions of μ whose variance across sentences exceeds 0.01 (Burda et al. 2016)"),
-    (
-        "bleu",
-        "Reconstruction BLEU",
-        "corpus BLEU (sacreBLEU, 0-100) of each sentence's greedy decoding from its latent",
-    ),
+# The evaluation table's six rows (names and meanings from `scalevae.metrics.METRICS`). Keys are matched
+# case-insensitively, with an optional "eval_" prefix (Trainer's), and through the aliases below. Every row is in the
+# table; one without a measured value reads "not evaluated".
+CARD_METRICS = ("nll", "ppl", "kl", "mi", "au", "bleu")
+# Further figures of `evaluate_model`: listed under the six rows when measured, with their meanings.
+EXTRA_METRICS = (
+    "elbo",
+    "reconstruction_nll",
+    "decoder_kl",
+    "mi_decoder",
+    "au_decoder",
+    "token_accuracy",
+    "shuffle_gap",
 )
-# Further figures of `evaluate_model`: listed under the table's six rows when measured, with these descriptions.
-EXTRA_METRICS = {
-    "elbo": "single-sample evidence lower bound, nats per sentence (higher is better)",
-    "reconstruction_nll": "−log p(x|z) at z = the decoder's posterior mean, nats per sentence",
-    "decoder_kl": "the bound's KL: KL(N(f ⊙ μ, σ²) ‖ N(0, diag f²)), nats per sentence",
-    "mi_decoder": "mutual information of the decoder's (scaled) posterior, nats",
-    "au_decoder": "active units of the decoder's latent f ⊙ μ (high by construction for Scale-VAE)",
-    "token_accuracy": "fraction of tokens whose teacher-forced prediction from the posterior mean is right",
-    "shuffle_gap": "rise of the reconstruction NLL when each sentence is decoded from another's latent, nats",
-}
 # Entries of `metrics` that describe the evaluation rather than measure the model.
 EVALUATION_SETTINGS = ("dataset", "split", "num_sentences", "num_tokens", "num_importance_samples")
 _METRIC_ALIASES = {
@@ -195,7 +181,7 @@ def _split_metrics(metrics: dict | None) -> tuple[dict, dict, dict]:
     """(the six table metrics, other numeric figures, evaluation settings such as dataset and split). NaN means "not
     computed" (`evaluate_model` returns it, e.g. NLL without importance sampling): such a figure is left out."""
     known, other, settings = {}, {}, {}
-    table = {key for key, _, _ in METRICS}
+    table = set(CARD_METRICS)
     for key, value in (metrics or {}).items():
         name = key.lower()
         name = name[len("eval_") :] if name.startswith("eval_") else name
@@ -263,7 +249,7 @@ def _yaml_metadata(model_name: str, known: dict, other: dict, settings: dict, tr
     if measured:  # model-index only for evaluation figures that were measured
         split = settings.get("split")
         eval_dataset = str(dataset or "unspecified")
-        names = {key: name for key, name, _ in METRICS}
+        names = {key: METRICS[key].name for key in CARD_METRICS}
         eval_results = [
             EvalResult(
                 task_type="text-generation",
@@ -319,11 +305,11 @@ def _architecture(model: ScaleVAEForLatentLM, base_model: str | None = None) -> 
 
 def _evaluation(known: dict, other: dict, settings: dict, training: dict) -> str:
     rows = ["| metric | value | what it measures |", "| --- | --- | --- |"]
-    for key, name, meaning in METRICS:
-        rows.append(f"| {name} | {_number(known[key]) if key in known else 'not evaluated'} | {_cell(meaning)} |")
+    for key in CARD_METRICS:
+        value = _number(known[key]) if key in known else "not evaluated"
+        rows.append(f"| {METRICS[key].name} | {value} | {_cell(METRICS[key].description)} |")
     for key, value in other.items():
-        meaning = EXTRA_METRICS.get(key, "as reported by the evaluation")
-        rows.append(f"| {_cell(key)} | {_number(value)} | {_cell(meaning)} |")
+        rows.append(f"| {_cell(key)} | {_number(value)} | {_cell(metric_info(key).description)} |")
     if not known and not other:
         lead = (
             "**This model has not been evaluated**: the table below holds no figures. Evaluate it (see the scalevae "
@@ -400,7 +386,7 @@ def render_model_card(
 ) -> str:
     """The model card (README.md) text for `model`.
 
-    `metrics`: figures measured on this very model: `nll`, `ppl`, `kl`, `mi`, `au`, `bleu` (see `METRICS`; an `eval_`
+    `metrics`: figures measured on this very model: `nll`, `ppl`, `kl`, `mi`, `au`, `bleu` (see `CARD_METRICS`; an `eval_`
     prefix is accepted), other numeric figures (listed as reported), and string settings such as `dataset` and
     `split`. Without them every figure reads "not evaluated", and the card's metadata carries no model-index.
     `training`: the recipe: `dataset` (a Hub id, also listed in the metadata), `data` (a description of the training

@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
+from .metrics import metric_info
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # name -> (ScaleVAEConfig fields, KL schedule). The des_std sweep adds "scale_<des_std>" runs.
@@ -124,27 +126,28 @@ PRESETS = {
     ),
 }
 
-# Columns of the table: key in a run's test metrics, header, format. `_fitted`/`_scaled` are the two priors.
+# Columns of the table, keys of a run's test metrics (`_fitted`/`_scaled`: the two priors); headers and formats come
+# from `scalevae.metrics.METRICS`.
 COLUMNS = (
-    ("nll_fitted", "IW-NLL fitted", ".2f"),
-    ("nll_scaled", "IW-NLL N(0,f²)", ".2f"),
-    ("ppl_fitted", "PPL fitted", ".1f"),
-    ("ppl_scaled", "PPL N(0,f²)", ".1f"),
-    ("elbo_fitted", "ELBO fitted", ".2f"),
-    ("elbo_scaled", "ELBO N(0,f²)", ".2f"),
-    ("reconstruction_nll", "rec. NLL", ".2f"),
-    ("kl", "KL orig.", ".2f"),
-    ("decoder_kl_fitted", "KL bound (fitted)", ".2f"),
-    ("mi", "MI orig.", ".2f"),
-    ("mi_decoder", "MI dec.", ".2f"),
-    ("au", "AU orig.", ".1f"),
-    ("au_decoder", "AU dec.", ".1f"),
-    ("token_accuracy", "tok. acc.", ".3f"),
-    ("bleu", "BLEU", ".2f"),
-    ("shuffle_gap", "shuffle gap", ".2f"),
-    ("probe_mu", "probe acc. μ", ".3f"),
-    ("probe_decoder_mu", "probe acc. dec.", ".3f"),
-    ("seconds_per_step", "s/step", ".3f"),
+    "nll_fitted",
+    "nll_scaled",
+    "ppl_fitted",
+    "ppl_scaled",
+    "elbo_fitted",
+    "elbo_scaled",
+    "reconstruction_nll",
+    "kl",
+    "decoder_kl_fitted",
+    "mi",
+    "mi_decoder",
+    "au",
+    "au_decoder",
+    "token_accuracy",
+    "bleu",
+    "shuffle_gap",
+    "probe_mu",
+    "probe_decoder_mu",
+    "seconds_per_step",
 )
 
 
@@ -481,7 +484,11 @@ def format_markdown(summary: dict, keys: tuple[str, ...] | None = None) -> str:
     """The comparison table (every column of `COLUMNS` that was measured, or those named in `keys`)."""
     preset = summary["preset"]
     runs = summary["runs"]
-    columns = [c for c in COLUMNS if any(c[0] in row["test"] for row in runs.values()) and (not keys or c[0] in keys)]
+    columns = [
+        (key, metric_info(key).name, ".1f" if metric_info(key).format == "d" else metric_info(key).format)  # means
+        for key in COLUMNS
+        if any(key in row["test"] for row in runs.values()) and (not keys or key in keys)
+    ]
     lines = [
         f"Comparison `{preset['name']}`: test split, mean ± sd over the seeds in the `seeds` column; "
         f"{preset['max_steps']} steps of batch {preset['batch_size']}, k = {preset['num_importance_samples']} "

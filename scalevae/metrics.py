@@ -20,6 +20,7 @@ Conventions (every function states its own definition; these are the common ones
 import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,9 @@ from .latent import LatentText
 LOG_2PI = math.log(2 * math.pi)
 
 __all__ = [
+    "METRICS",
+    "MetricInfo",
+    "metric_info",
     "PosteriorAccumulator",
     "active_units",
     "active_units_variance",
@@ -42,6 +46,122 @@ __all__ = [
     "reconstruction_bleu",
     "reconstruction_bleu_of",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Names: the one table of figure names, labels and meanings that the console, the model card and the plots read
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str  # short: the model card's rows, table headers
+    label: str  # long, with units: console tables and plot axes
+    description: str  # what it measures: the model card
+    format: str = ".2f"
+
+
+METRICS: dict[str, MetricInfo] = {
+    "nll": MetricInfo(
+        "NLL",
+        "IW-NLL (nats/sentence)",
+        "−log p(x) per sentence, nats: importance-weighted estimate, latent integrated out (lower is better)",
+    ),
+    "ppl": MetricInfo(
+        "PPL", "perplexity", "exp(total NLL / counted tokens), tokens including EOS (lower is better)", ".1f"
+    ),
+    "elbo": MetricInfo(
+        "ELBO", "ELBO (nats/sentence)", "single-sample evidence lower bound, nats per sentence (higher is better)"
+    ),
+    "reconstruction_nll": MetricInfo(
+        "rec. NLL",
+        "reconstruction NLL from mean z",
+        "−log p(x|z) at z = the decoder's posterior mean, nats per sentence",
+    ),
+    "reconstruction_loss": MetricInfo(
+        "rec. loss",
+        "reconstruction NLL, sampled z (nats/sentence)",
+        "−log p(x|z) at one z sampled from the decoder's posterior, nats per sentence (the training loss's term)",
+    ),
+    "kl": MetricInfo(
+        "KL",
+        "KL, original posterior",
+        "the paper's KL: KL(N(μ, σ²) ‖ N(0, I)) of the encoder's posterior, nats per sentence",
+    ),
+    "decoder_kl": MetricInfo(
+        "KL bound",
+        "KL, decoder's latent (bound)",
+        "the bound's KL: KL(N(f ⊙ μ, σ²) ‖ p(z)) of the decoder's posterior to the generative prior, nats per sentence",
+    ),
+    "mi": MetricInfo("MI", "MI, original posterior", "mutual information I(x; z) under the encoder's posterior, nats"),
+    "mi_decoder": MetricInfo(
+        "MI dec.", "MI, decoder's latent", "mutual information of the decoder's (scaled) posterior, nats"
+    ),
+    "au": MetricInfo(
+        "AU",
+        "AU, original posterior",
+        "active units: dimensions of μ whose variance across sentences exceeds 0.01 (Burda et al. 2016)",
+        "d",
+    ),
+    "au_decoder": MetricInfo(
+        "AU dec.",
+        "AU, decoder's latent",
+        "active units of the decoder's latent f ⊙ μ (high by construction for Scale-VAE)",
+        "d",
+    ),
+    "token_accuracy": MetricInfo(
+        "tok. acc.",
+        "token accuracy from mean z",
+        "fraction of tokens whose teacher-forced prediction from the posterior mean is right",
+        ".3f",
+    ),
+    "bleu": MetricInfo(
+        "Reconstruction BLEU",
+        "reconstruction BLEU",
+        "corpus BLEU (sacreBLEU, 0-100) of each sentence's greedy decoding from its latent",
+        ".1f",
+    ),
+    "shuffle_gap": MetricInfo(
+        "shuffle gap",
+        "shuffled-z NLL gap (nats)",
+        "rise of the reconstruction NLL when each sentence is decoded from another's latent, nats",
+    ),
+    "probe_mu": MetricInfo(
+        "probe acc. μ", "linear-probe accuracy of μ", "held-out accuracy of a logistic regression on μ", ".3f"
+    ),
+    "probe_decoder_mu": MetricInfo(
+        "probe acc. dec.",
+        "linear-probe accuracy of f ⊙ μ",
+        "held-out accuracy of a logistic regression on the decoder's latent mean",
+        ".3f",
+    ),
+    "prior_distinct_2": MetricInfo(
+        "distinct-2",
+        "distinct bigrams, 20 prior samples",
+        "distinct bigrams / all bigrams over texts sampled from the prior",
+    ),
+    "longest_repeat": MetricInfo(
+        "longest run", "longest same-token run, printed text", "longest run of one repeated token", "d"
+    ),
+    "steps": MetricInfo("steps", "training steps", "optimizer steps trained", "d"),
+    "seconds_per_step": MetricInfo("s/step", "seconds per step", "wall-clock seconds per optimizer step", ".3f"),
+}
+# The priors a density figure may be computed under (`evaluate_model(priors=...)` adds `nll_fitted`, ...).
+PRIOR_NAMES = {"fitted": "fitted prior", "scaled": "N(0, diag f²)"}
+
+
+def metric_info(key: str) -> MetricInfo:
+    """The table's entry for `key`, including a density figure under a named prior (`nll_fitted`); a key the table
+    does not know gets its own name as name and label."""
+    if key in METRICS:
+        return METRICS[key]
+    base, _, prior = key.rpartition("_")
+    if base in METRICS and prior in PRIOR_NAMES:
+        info = METRICS[base]
+        return MetricInfo(
+            f"{info.name}, {prior}", f"{info.label}, {PRIOR_NAMES[prior]}", info.description, info.format
+        )
+    return MetricInfo(key, key, "as reported by the evaluation")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,20 +8,15 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .metrics import metric_info  # noqa: E402
+
+# The training curves' panels: the logged figures each plots (line labels from `scalevae.metrics.METRICS`), title.
 CURVES = [
-    ("reconstruction_loss", "reconstruction NLL (nats / sentence)"),
+    (("reconstruction_loss",), "reconstruction NLL (nats / sentence)"),
     (("kl", "decoder_kl"), "KL (nats / sentence)"),
     (("mi", "mi_decoder"), "mutual information (nats)"),
     (("au", "au_decoder"), "active units"),
 ]
-LABELS = {
-    "kl": "paper's KL (original posterior)",
-    "decoder_kl": "bound's KL (decoder's latent)",
-    "mi": "original posterior",
-    "mi_decoder": "decoder's latent",
-    "au": "original posterior",
-    "au_decoder": "decoder's latent",
-}
 
 
 def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
@@ -29,13 +24,12 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> 
     (e.g. {"scale": trainer.state.log_history, "vae": ...})."""
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
     for ax, (keys, title) in zip(axes, CURVES):
-        keys = keys if isinstance(keys, tuple) else (keys,)
         for (run, history), style in zip(histories.items(), ["-", "--", ":", "-."]):
             for key in keys:
                 points = [(h["step"], h[key]) for h in history if key in h]
                 if points:
                     steps, values = zip(*points)
-                    label = f"{run}: {LABELS.get(key, key)}" if len(keys) > 1 else run
+                    label = f"{run}: {metric_info(key).label}" if len(keys) > 1 else run
                     ax.plot(steps, values, style, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -88,19 +82,15 @@ def plot_comparison(results: list[dict], summary: dict, output_dir: str | Path) 
     for result in results:
         first_seed.setdefault(result["run"], result)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for ax, (key, title) in zip(
+    for ax, (key, unit) in zip(
         axes,
-        [
-            ("reconstruction_loss", "reconstruction NLL (nats / sentence)"),
-            ("kl", "KL, original posterior (nats)"),
-            ("mi_decoder", "MI, decoder's latent (nats)"),
-        ],
+        [("reconstruction_loss", "nats / sentence"), ("kl", "nats / sentence"), ("mi_decoder", "nats")],
     ):
         for name, result in first_seed.items():
             points = [(h["step"], h[key]) for h in result["history"] if key in h]
             if points:
                 ax.plot(*zip(*points), label=name)
-        ax.set_title(title)
+        ax.set_title(f"{metric_info(key).label} ({unit})")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -113,8 +103,8 @@ def plot_comparison(results: list[dict], summary: dict, output_dir: str | Path) 
         if nll == nll:  # AE has no density
             ax.errorbar(mi, nll, xerr=mi_sd, yerr=nll_sd, fmt="o", capsize=3)
             ax.annotate(name, (mi, nll), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("MI of the decoder's latent (nats)")
-    ax.set_ylabel("test IW-NLL, fitted prior (nats / sentence)")
+    ax.set_xlabel(f"{metric_info('mi_decoder').label} (nats)")
+    ax.set_ylabel(f"test {metric_info('nll_fitted').label}")
     ax.set_title("density against latent use (lower right is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -126,14 +116,14 @@ def plot_comparison(results: list[dict], summary: dict, output_dir: str | Path) 
     if sweep:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         des = [d for d, _ in sweep]
-        for key, label in [("nll_fitted", "IW-NLL, fitted prior"), ("nll_scaled", "IW-NLL, N(0, diag f²)")]:
+        for key in ("nll_fitted", "nll_scaled"):
             ax.errorbar(
                 des,
                 [r["test"][key][0] for _, r in sweep],
                 yerr=[r["test"][key][1] for _, r in sweep],
                 marker="o",
                 capsize=3,
-                label=label,
+                label=metric_info(key).label,
             )
         ax.set_xlabel("des_std")
         ax.set_ylabel("test IW-NLL (nats / sentence)")
@@ -145,7 +135,7 @@ def plot_comparison(results: list[dict], summary: dict, output_dir: str | Path) 
             marker="s",
             color="tab:green",
             capsize=3,
-            label="MI, decoder's latent",
+            label=metric_info("mi_decoder").label,
         )
         twin.set_ylabel("MI (nats)")
         fig.legend(loc="upper center", fontsize=8, ncol=3)
