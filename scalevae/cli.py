@@ -11,13 +11,27 @@ import torch
 TRAIN_HELP = """Train with the stock transformers Trainer. Every TrainingArguments option is accepted, plus the model's
 and the data's options below. Example:
   scalevae train --output_dir runs/ptb --train_file ../shared/data/ptb.train.txt
-      --validation_file ../shared/data/ptb.valid.txt --collapse_strategy scale --des_std 1.0 --max_steps 2000"""
+      --validation_file ../shared/data/ptb.valid.txt --collapse_strategy scale --des_std 1.0 --max_steps 2000
+Fine-tune a saved model on other text (its config, weights and tokenizers; options given override its config):
+  scalevae train --model_name_or_path runs/ptb/final --output_dir runs/snli --train_file ../shared/data/snli.train.txt
+      --kl_weight 0.5 --max_steps 500"""
 
 
 @dataclass
 class ModelArguments:
     """How the model is built and trained; its hyperparameters are `ScaleVAEConfig`'s (see `config_arguments`)."""
 
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "fine-tune a saved Scale-VAE (a folder or Hub id written by scalevae.hub.save_model or `scalevae "
+            "train`) instead of building a new model: its config, weights, both tokenizers and its scale-factor, "
+            "schedule and prior buffers carry on. Config options given override the saved config where the weights "
+            "can follow (kl_weight, scale_target_std, scale_momentum, scale_schedule, free_bits, freeze_encoder, ...);"
+            " options that change the architecture (latent_size, latent_injection, a collapse_strategy with other "
+            "buffers, the encoder/decoder options) are refused."
+        },
+    )
     encoder: str | None = field(
         default=None, metadata={"help": "BERT-style encoder path or Hub id (default: offline MiniLM)."}
     )
@@ -99,6 +113,106 @@ def config_kwargs_from(arguments) -> dict:
     return kwargs
 
 
+# ModelArguments fields that describe how a new model is built: meaningless when a saved one is fine-tuned.
+NEW_MODEL_OPTIONS = ("encoder", "decoder", "decoder_layers", "decoder_width", "decoder_heads", "decoder_vocab_size")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options `argv` actually gives (also under an alias or a `--no_*` form), as opposed to
+    those holding their defaults: a dataclass default must not overwrite a value saved in a folder."""
+    defaults = [(action, action.default) for action in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in defaults:
+            action.default = default
+        parser._defaults.update(saved_defaults)
+    return set(vars(given))
+
+
+def load_for_finetuning(model_name_or_path: str, overrides: dict):
+    """A saved model and its two tokenizers, its config updated by `overrides` (`ScaleVAEConfig` fields the user gave).
+
+    The model loads through `ScaleVAEForLatentLM.from_pretrained` (a folder or a Hub id), strictly: an override the
+    saved weights cannot follow (a latent size, an injection or a collapse strategy with other tensors) makes the load
+    fail, and the error names the override. The collapse strategy's buffers (Scale-VAE's running scale factors and
+    schedule counts, BN-VAE's statistics) and the fitted prior continue from their saved values.
+
+    Raises:
+        ValueError: an override is not a valid config value, or the saved weights cannot follow it.
+    """
+    import re
+
+    from configuration_scalevae import ScaleVAEConfig
+    from modeling_scalevae import ScaleVAEForLatentLM
+
+    from .factory import load_tokenizers
+
+    encoder_tokenizer, decoder_tokenizer = load_tokenizers(model_name_or_path)
+    saved = ScaleVAEConfig.from_pretrained(model_name_or_path)
+    changed = {name: value for name, value in overrides.items() if getattr(saved, name) != value}
+
+    def described(names) -> str:
+        return ", ".join(f"--{name} {changed[name]} (saved: {getattr(saved, name)})" for name in names)
+
+    strategy = changed.get("collapse_strategy", saved.collapse_strategy)
+    if "bn_gamma" in changed and strategy == "bn":
+        # γ is a buffer of the BN-VAE weights: the saved value would silently win over the config's.
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path}: {described(['bn_gamma'])} cannot be changed when "
+            "fine-tuning: BN-VAE's γ is saved in the weights (collapse.gamma). Drop --bn_gamma."
+        )
+
+    def load(overrides: dict) -> ScaleVAEForLatentLM:
+        try:
+            config = ScaleVAEConfig.from_dict({**saved.to_dict(), **overrides})
+        except ValueError as error:
+            raise ValueError(f"--model_name_or_path {model_name_or_path}: {error}") from error
+        return ScaleVAEForLatentLM.from_pretrained(model_name_or_path, config=config)
+
+    try:
+        model = load(changed)
+    except ValueError as error:
+        if not changed or str(error).startswith("--model_name_or_path"):
+            raise
+        # The strict loader's message names the config fields the weights contradict (latent_size=8 in the
+        # config, ...). Where it names only tensors, each change is tried alone: this is the error path, and a
+        # message that blames a legal option along with the culprit sends the user the wrong way.
+        named = [name for name in changed if re.search(rf"(?<![\w.]){name}\b", str(error))]
+        if not named and len(changed) > 1:
+            named = [name for name in changed if not loads_with(load, {name: changed[name]})]
+        named = named or list(changed)
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path}: the saved weights cannot follow {described(named)}; "
+            f"fine-tuning keeps the saved model's architecture. Drop the option(s), or train a new model.\n{error}"
+        ) from error
+    # from_pretrained loses the requires_grad=False that the model's __init__ set on a frozen encoder (transformers
+    # materialises the loaded parameters anew): freeze it again, or fine-tuning would train a "frozen" encoder.
+    model._freeze_encoder(model.config.freeze_encoder)
+    collapse = model.collapse
+    schedule_changes = {"scale_schedule", "scale_freeze_steps", "scale_freeze_epochs"} & set(changed)
+    if schedule_changes and bool(getattr(collapse, "frozen", False)):
+        print(
+            f"note: the saved Scale-VAE factors are already frozen (after {int(collapse.steps)} optimizer steps, "
+            f"{int(collapse.epochs)} epochs): {described(sorted(schedule_changes))} does not unfreeze them.",
+            file=sys.stderr,
+        )
+    return model, encoder_tokenizer, decoder_tokenizer
+
+
+def loads_with(load, overrides: dict) -> bool:
+    """Whether `load(overrides)` succeeds: the strict loader accepts the saved weights under those overrides."""
+    try:
+        load(overrides)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "one text per line (default: embedded corpus)."})
@@ -122,6 +236,15 @@ def train(argv: list[str]) -> None:
     )
     config_args, model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     config_kwargs = config_kwargs_from(config_args)
+    given = explicit_options(parser, argv)
+    if model_args.model_name_or_path:
+        new_model_only = [name for name in NEW_MODEL_OPTIONS if name in given]
+        if new_model_only:
+            raise ValueError(
+                f"--model_name_or_path {model_args.model_name_or_path} fine-tunes a saved model with its own encoder, "
+                f"decoder and tokenizers: {', '.join('--' + name for name in new_model_only)} only build(s) a new "
+                "model. Drop the option(s)."
+            )
     if training_args.max_steps == 0 or training_args.max_steps < -1:
         raise ValueError(
             f"--max_steps {training_args.max_steps}: give a number of optimizer steps >= 1, or leave it out (-1) to "
@@ -143,16 +266,21 @@ def train(argv: list[str]) -> None:
         raw = load_text_dataset(files)
     else:
         raw = load_text_dataset(dataset_name=data_args.dataset_name, text_column=data_args.text_column)
-    model, encoder_tokenizer, decoder_tokenizer = build_model(
-        model_args.encoder,
-        model_args.decoder,
-        train_texts=raw["train"]["text"],
-        decoder_vocab_size=model_args.decoder_vocab_size,
-        decoder_config_overrides=dict(
-            n_layer=model_args.decoder_layers, n_embd=model_args.decoder_width, n_head=model_args.decoder_heads
-        ),
-        **config_kwargs,
-    )
+    if model_args.model_name_or_path:
+        model, encoder_tokenizer, decoder_tokenizer = load_for_finetuning(
+            model_args.model_name_or_path, {name: value for name, value in config_kwargs.items() if name in given}
+        )
+    else:
+        model, encoder_tokenizer, decoder_tokenizer = build_model(
+            model_args.encoder,
+            model_args.decoder,
+            train_texts=raw["train"]["text"],
+            decoder_vocab_size=model_args.decoder_vocab_size,
+            decoder_config_overrides=dict(
+                n_layer=model_args.decoder_layers, n_embd=model_args.decoder_width, n_head=model_args.decoder_heads
+            ),
+            **config_kwargs,
+        )
     # decoder sequences are at most max_length long, and with memory injection the latent takes one more position
     longest = model.config.decoder.n_positions - int(model.config.latent_injection != "embedding")
     if data_args.max_length > longest:
@@ -173,7 +301,7 @@ def train(argv: list[str]) -> None:
     total = training_args.max_steps if training_args.max_steps > 0 else None
     schedule = KLSchedule(
         model_args.kl_schedule,
-        config_kwargs["kl_weight"],
+        model.config.kl_weight,  # a fine-tuned model's saved β unless --kl_weight is given
         model_args.kl_warmup_steps,
         total or 0,
         model_args.kl_n_cycle,
@@ -185,6 +313,8 @@ def train(argv: list[str]) -> None:
         data=data_args.train_file or data_args.dataset_name or "embedded default corpus",
         command=public_command(["scalevae", "train", *argv]),
     )
+    if model_args.model_name_or_path:
+        recipe["fine_tuned_from"] = model_args.model_name_or_path  # the card shows a local folder by its name only
     trainer = make_trainer(
         model,
         training_args,
