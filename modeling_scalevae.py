@@ -708,60 +708,55 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         """
         _check_forward_inputs(self.config, input_ids, decoder_input_ids, labels, latents, self.training)
         if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("Pass decoder_input_ids or labels: the decoder needs its inputs.")
             decoder_input_ids, decoder_attention_mask = self.shift_labels_right(labels)
-        mu = logvar = posterior = kl_per_example_dim = None
+        latent_fields = {}
         if latents is None:
-            if input_ids is None:
-                raise ValueError("Pass input_ids (encoder tokens) or latents: the decoder needs a latent.")
             posterior = self.encode(input_ids, attention_mask)
-            mu, logvar = posterior.mu.float(), posterior.logvar.float()
             latents = posterior.decoder_mu
             if self.collapse.stochastic:
                 latents = latents + torch.randn_like(latents) * (0.5 * posterior.logvar).exp()
             if self.training:
-                self.fitted_prior.update(posterior.decoder_mu.detach(), logvar.detach())
-            kl_per_example_dim = gaussian_kl(mu, logvar)
+                self.fitted_prior.update(posterior.decoder_mu.detach(), posterior.logvar.detach())
+            latent_fields = self._latent_fields(posterior)
         decoder_outputs = self.decode(
             latents, decoder_input_ids, decoder_attention_mask, cache=cache, use_cache=bool(use_cache)
         )
         logits = decoder_outputs.logits
-
-        loss = reconstruction_loss = kl = kl_per_dim = kl_loss = decoder_kl = None
-        if kl_per_example_dim is not None:
-            kl_per_dim = kl_per_example_dim.mean(0)
-            kl = kl_per_example_dim.sum(-1).mean()
-            kl_loss = self.collapse.kl_in_loss(kl_per_example_dim).mean()
-            decoder_kl = (
-                gaussian_kl(posterior.decoder_mu.float(), logvar, posterior.prior_std, posterior.prior_mean)
-                .sum(-1)
-                .mean()
-            )
+        loss = reconstruction_loss = None
         if labels is not None:
-            reconstruction_loss = token_nll(logits, labels).sum(-1).mean()
-            kl_weight = kl_weight if kl_weight is not None else self.config.kl_weight
-            if isinstance(kl_weight, (int, float)) and not 0 <= kl_weight < float("inf"):
-                raise ValueError(f"kl_weight={kl_weight!r} must be a finite number >= 0.")
-            loss = reconstruction_loss if kl_loss is None else reconstruction_loss + kl_weight * kl_loss
+            reconstruction_loss = loss = token_nll(logits, labels).sum(-1).mean()
+            if latent_fields:
+                kl_weight = _checked_kl_weight(kl_weight if kl_weight is not None else self.config.kl_weight)
+                loss = reconstruction_loss + kl_weight * latent_fields["kl_loss"]
         output = ScaleVAEOutput(  # loss first: outputs[0] and to_tuple()[0] are the loss, transformers' convention
             loss=loss,
             logits=logits,
             reconstruction_loss=reconstruction_loss,
-            kl=kl,
-            kl_per_dim=kl_per_dim,
-            kl_loss=kl_loss,
-            decoder_kl=decoder_kl,
-            mu=mu,
-            logvar=logvar,
-            decoder_mu=None if posterior is None else posterior.decoder_mu,
-            prior_mean=None if posterior is None else posterior.prior_mean,
-            prior_std=None if posterior is None else posterior.prior_std,
             latents=latents,
             cache=decoder_outputs.cache if use_cache else None,
+            **latent_fields,
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def _latent_fields(self, posterior: ScaleVAEEncoderOutput) -> dict[str, torch.Tensor]:
+        """The output's posterior and KL fields: the paper's KL of the original posterior (per dimension and summed),
+        the KL the strategy puts in the loss, and the KL of the decoder's posterior to the generative prior; batch
+        means, in float32 whatever the autocast dtype."""
+        mu, logvar = posterior.mu.float(), posterior.logvar.float()
+        kl_per_example_dim = gaussian_kl(mu, logvar)
+        decoder_kl = gaussian_kl(posterior.decoder_mu.float(), logvar, posterior.prior_std, posterior.prior_mean)
+        return dict(
+            kl=kl_per_example_dim.sum(-1).mean(),
+            kl_per_dim=kl_per_example_dim.mean(0),
+            kl_loss=self.collapse.kl_in_loss(kl_per_example_dim).mean(),
+            decoder_kl=decoder_kl.sum(-1).mean(),
+            mu=mu,
+            logvar=logvar,
+            decoder_mu=posterior.decoder_mu,
+            prior_mean=posterior.prior_mean,
+            prior_std=posterior.prior_std,
+        )
 
     def shift_labels_right(self, labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
         """Teacher-forcing inputs from labels (as `EncoderDecoderModel`): BOS, then the labels shifted right, with
@@ -915,6 +910,10 @@ def _check_decoder_inputs(
 
 
 def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents, training: bool = False) -> None:
+    if decoder_input_ids is None and labels is None:
+        raise ValueError("Pass decoder_input_ids or labels: the decoder needs its inputs.")
+    if latents is None and input_ids is None:
+        raise ValueError("Pass input_ids (encoder tokens) or latents: the decoder needs a latent.")
     sizes = {
         name: tensor.shape[0]
         for name, tensor in (
@@ -932,6 +931,12 @@ def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents,
             + ". Each row of the encoder's and the decoder's inputs is one sentence."
         )
     _check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100, training=training)
+
+
+def _checked_kl_weight(kl_weight):
+    if isinstance(kl_weight, (int, float)) and not 0 <= kl_weight < float("inf"):
+        raise ValueError(f"kl_weight={kl_weight!r} must be a finite number >= 0.")
+    return kl_weight
 
 
 def _check_generation_length(model, decoder_input_ids, generation_kwargs: dict) -> None:
