@@ -150,3 +150,21 @@ def test_overrides_the_weights_follow_are_applied(base_model):
     assert {name: getattr(model.config, name) for name in legal} == legal
     assert model.collapse.target_std == 1.5 and model.collapse.schedule == "epoch"
     assert not any(parameter.requires_grad for parameter in model.encoder.parameters())
+
+
+def test_strategies_without_buffers_switch_and_bn_gamma_is_refused(tmp_path, tiny_encoder_path):
+    from scalevae import build_model
+    from scalevae.hub import save_model
+    from tests.conftest import TINY_DECODER
+
+    for strategy in ("vae", "bn"):
+        model, encoder_tokenizer, decoder_tokenizer = build_model(
+            tiny_encoder_path, latent_size=4, collapse_strategy=strategy, decoder_config_overrides=TINY_DECODER
+        )
+        save_model(tmp_path / strategy, model, encoder_tokenizer, decoder_tokenizer)
+    for strategy in ("free_bits", "ae"):
+        model, _, _ = load_for_finetuning(str(tmp_path / "vae"), {"collapse_strategy": strategy})
+        assert model.config.collapse_strategy == strategy
+    # BN-VAE's γ is a saved buffer: the loaded value would silently win over the config's.
+    with pytest.raises(ValueError, match=r"--bn_gamma 0.9 \(saved: 0.5\)"):
+        load_for_finetuning(str(tmp_path / "bn"), {"bn_gamma": 0.9})
