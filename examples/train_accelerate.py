@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from configuration_scalevae import COLLAPSE_STRATEGIES
 from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
 from scalevae.factory import build_model
 from scalevae.hub import save_model
-from scalevae.training import KLSchedule, latent_statistics
+from scalevae.training import KL_SCHEDULES, KLSchedule, latent_statistics
 
 
 def parse_args():
@@ -35,10 +36,10 @@ def parse_args():
     parser.add_argument("--decoder", default=None, help="GPT-2 path or Hub id (default: a new small GPT-2)")
     parser.add_argument("--decoder_layers", type=int, default=4)
     parser.add_argument("--decoder_width", type=int, default=256)
-    parser.add_argument("--collapse_strategy", default="scale")
+    parser.add_argument("--collapse_strategy", default="scale", choices=COLLAPSE_STRATEGIES)
     parser.add_argument("--latent_size", type=int, default=32)
     parser.add_argument("--des_std", type=float, default=1.0)
-    parser.add_argument("--kl_schedule", default="constant", choices=["constant", "linear", "cyclical"])
+    parser.add_argument("--kl_schedule", default="constant", choices=KL_SCHEDULES)
     parser.add_argument("--max_steps", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=32, help="per process")
     parser.add_argument("--learning_rate", type=float, default=5e-4)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from configuration_scalevae import COLLAPSE_STRATEGIES
+
 TRAIN_HELP = """Train with the stock transformers Trainer. Every TrainingArguments option is accepted, plus the model's
 and the data's options below. Example:
   scalevae train --output_dir runs/ptb --train_file ../shared/data/ptb.train.txt
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
 
     quick = commands.add_parser("quickstart", help="train on the embedded corpus and show what the model learned")
     quick.add_argument("--output_dir", default="outputs/quickstart")
-    quick.add_argument("--collapse_strategy", default="scale", choices=["scale", "vae", "free_bits", "bn", "ae"])
+    quick.add_argument("--collapse_strategy", default="scale", choices=COLLAPSE_STRATEGIES)
     quick.add_argument("--compare_vae", action="store_true", help="also train a plain VAE and print it beside")
     quick.add_argument("--train_minutes", type=float, default=7.0, help="wall-clock training budget of each run")
     quick.add_argument(
