@@ -8,16 +8,21 @@ from transformers.configuration_utils import SubConfigSpec
 
 # The on-disk format this code writes and reads. Bump it when a saved folder's meaning changes, so an old
 # package refuses a newer folder instead of silently misreading it.
-SCALEVAE_FORMAT_VERSION = 1
+#   1 (scalevae 0.1.0): the first release.
+#   2 (scalevae 0.2.0): the generative prior (`prior`, `prior_momentum`; buffers `fitted_prior.*` for "fitted"),
+#     `freeze_encoder`, and BN-VAE normalising without eps, with population statistics (buffers `collapse.running_*`
+#     instead of `collapse.norm.*`). Format-1 folders load with prior="scaled", the prior they were trained and
+#     evaluated with, except BN-VAE folders, whose normalisation changed meaning: they are refused.
+SCALEVAE_FORMAT_VERSION = 2
 
 LATENT_INJECTIONS = ("memory", "embedding", "both")
 COLLAPSE_STRATEGIES = ("scale", "vae", "free_bits", "bn", "ae")
 SCALE_SCHEDULES = ("running", "epoch")
 PRIORS = ("fitted", "scaled")
 
-# The fields every format-1 config.json holds (`save_pretrained` writes them all). A saved config missing one was
-# truncated or hand-edited: loading it refuses rather than silently using a default. Fields added later, within
-# format 1, must not be listed here, so that older folders keep loading with the new field's default.
+# The fields every config.json of a format holds (`save_pretrained` writes them all). A saved config missing one was
+# truncated or hand-edited: loading it refuses rather than silently using a default. A field added without a format
+# bump must not be listed, so that older folders keep loading with the new field's default.
 FORMAT_1_FIELDS = (
     "encoder",
     "decoder",
@@ -35,6 +40,7 @@ FORMAT_1_FIELDS = (
     "bn_gamma",
     "scalevae_format_version",
 )
+FORMAT_2_FIELDS = ("prior", "prior_momentum", "freeze_encoder")
 
 # The names public Scale-VAE reimplementations use, accepted as aliases.
 _PAPER_ALIASES = {"des_std": "scale_target_std", "f_epo": "scale_freeze_epochs"}
@@ -146,13 +152,22 @@ class ScaleVAEConfig(PreTrainedConfig):
             f"{_installed_scalevae_version()} (format {SCALEVAE_FORMAT_VERSION})"
         )
         if config_dict.get("model_type") == cls.model_type:
-            config_dict = {"prior": "scaled", **config_dict}  # saved before the fitted prior existed
-            missing = [field for field in FORMAT_1_FIELDS if field not in config_dict]
+            saved_format = config_dict.get("scalevae_format_version", 1)
+            required = FORMAT_1_FIELDS + (FORMAT_2_FIELDS if saved_format >= 2 else ())
+            missing = [field for field in required if field not in config_dict]
             if missing:
                 raise ValueError(
                     f"config.json lacks the required field(s) {', '.join(missing)}; {versions}. The file was truncated "
                     "or edited: re-save the model rather than let a default stand in for a saved value."
                 )
+            if saved_format < 2:
+                if config_dict.get("collapse_strategy") == "bn":
+                    raise ValueError(
+                        f"This BN-VAE folder cannot be read by this scalevae; {versions}. BN-VAE changed meaning in "
+                        "format 2 (no eps under the batch variance, population statistics in evaluation), so its "
+                        "saved statistics would be misread. Retrain it, or load it with scalevae 0.1.0."
+                    )
+                config_dict = {"prior": "scaled", **config_dict}  # what format-1 folders were trained with
         try:
             return super().from_dict(config_dict, **kwargs)
         except ValueError as error:

@@ -5,6 +5,7 @@ Reading order: outputs -> latent head -> collapse strategies (Scale-VAE is `Scal
 torch, transformers (and safetensors, which transformers requires) and its sibling configuration file.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +25,9 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput, logging
 
 try:  # a saved folder loaded with trust_remote_code: transformers only allows relative imports between its files
-    from .configuration_scalevae import ScaleVAEConfig
+    from .configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
 except ImportError:  # the same file installed as a top-level module
-    from configuration_scalevae import ScaleVAEConfig
+    from configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
 
 logger = logging.get_logger(__name__)
 
@@ -1003,7 +1004,11 @@ def _load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
             f"{_describe_weights_files(pretrained_model_name_or_path, kwargs.get('subfolder') or '')} is "
             f"truncated or corrupted ({error}); re-download or re-save the model."
         ) from error
+    model.config.validate_scalevae()  # config fields given as keyword arguments override the saved ones unchecked
     problems = _weights_config_mismatches(model, info, allow_resize)
+    gamma = getattr(model.collapse, "gamma", None)  # BN-VAE's γ is a saved buffer: the config must agree with it
+    if gamma is not None and not math.isclose(gamma.item(), model.config.bn_gamma, rel_tol=1e-6):
+        problems.append(f"bn_gamma={model.config.bn_gamma} in the config, but the weights hold γ={gamma.item():.6g}")
     if problems:
         raise ValueError(
             f"The weights in {pretrained_model_name_or_path} do not match its config:\n - "
@@ -1013,6 +1018,8 @@ def _load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
         )
     if verify_weights:
         _verify_weights_checksums(_resolved_weights_files(pretrained_model_name_or_path, kwargs))
+    # Loading materialises the parameters anew, without the requires_grad=False that __init__ set on a frozen encoder.
+    model._freeze_encoder(model.config.freeze_encoder)
     return (model, info) if return_loading_info else model
 
 
@@ -1020,6 +1027,7 @@ def _save_publicly(model, save, save_directory, *args, push_to_hub: bool = False
     """`ScaleVAEForLatentLM.save_pretrained`, given `PreTrainedModel.save_pretrained` (bound to `model`) as `save`."""
     import os
 
+    model.config.scalevae_format_version = SCALEVAE_FORMAT_VERSION  # a loaded older folder is saved in today's format
     configs = [model.config, model.config.encoder, model.config.decoder]
     names = [getattr(config, "_name_or_path", "") for config in configs]
     hub_kwargs = {

@@ -47,9 +47,6 @@ def main(argv=None):
     # cannot follow (e.g. latent_size) raises a ValueError naming it.
     overrides = {"kl_weight": args.kl_weight} if args.kl_weight is not None else {}
     model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model, **overrides)
-    # Loading loses requires_grad=False on a frozen encoder (freeze_encoder=True, the quickstart's default): freeze it
-    # again so that fine-tuning trains what the saved model trained.
-    model._freeze_encoder(model.config.freeze_encoder)
 
     texts = load_text_dataset({"train": args.train_file})
     dataset, _ = tokenize_dataset(texts, encoder_tokenizer, decoder_tokenizer, args.max_length)

@@ -6,7 +6,7 @@ building and loading models), `latent` (text-level latent operations), `data`, `
 `card` (model cards), `hub` (saved folders and the Hub), `plots`, `compare`, `quickstart` and `cli`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from transformers import AutoConfig, AutoModel  # noqa: E402
 

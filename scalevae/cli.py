@@ -192,9 +192,6 @@ def load_for_finetuning(model_name_or_path: str, overrides: dict):
             f"--model_name_or_path {model_name_or_path}: the saved weights cannot follow {described(named)}; "
             f"fine-tuning keeps the saved model's architecture. Drop the option(s), or train a new model.\n{error}"
         ) from error
-    # from_pretrained loses the requires_grad=False that the model's __init__ set on a frozen encoder (transformers
-    # materialises the loaded parameters anew): freeze it again, or fine-tuning would train a "frozen" encoder.
-    model._freeze_encoder(model.config.freeze_encoder)
     collapse = model.collapse
     schedule_changes = {"scale_schedule", "scale_freeze_steps", "scale_freeze_epochs"} & set(changed)
     if schedule_changes and bool(getattr(collapse, "frozen", False)):
