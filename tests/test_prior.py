@@ -8,18 +8,15 @@ import torch
 from configuration_scalevae import ScaleVAEConfig
 from modeling_scalevae import ScaleVAEForLatentLM
 from scalevae.metrics import elbo, evaluate_model, iw_log_likelihood
+from tests.conftest import shared_file
+from tests.model_tester import DENSITY_STRATEGIES, tester
 
-from conftest import random_batch, shared_file, tiny_config, tiny_model
+tiny_model, random_batch = tester.get_model, tester.prepare_inputs
 
 
 def trained(seed=0, steps=20, **kwargs):
-    model = tiny_model(seed=seed, **kwargs).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        loss = model(**random_batch(batch_size=8, seed=step)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    model = tiny_model(seed=seed, **kwargs)
+    tester.train_steps(model, steps=steps, lr=3e-3, optimizer=torch.optim.Adam)
     return model.eval()
 
 
@@ -35,7 +32,7 @@ def aggregate_moments(model, data):
     return decoder_mu.mean(0), (decoder_mu.var(0, unbiased=False) + variance.mean(0)).sqrt()
 
 
-@pytest.mark.parametrize("strategy", ["scale", "vae", "bn", "free_bits"])
+@pytest.mark.parametrize("strategy", DENSITY_STRATEGIES)
 def test_fitted_prior_equals_the_aggregate_posteriors_moments(strategy):
     model = trained(collapse_strategy=strategy)
     data = batches()
@@ -157,18 +154,9 @@ def test_bn_vae_keeps_its_guarantee_in_eval_on_held_out_text():
     # One small BPE fitted to the text serves both sides: the test is about the latent, not the vocabulary.
     decoder_tokenizer = prepare_decoder_tokenizer(fit_decoder_tokenizer(lines[:3200], vocab_size=600))
     encoder_tokenizer = decoder_tokenizer
-    torch.manual_seed(0)
-    config = tiny_config(
-        vocab_size=len(decoder_tokenizer),
-        latent_size=8,
-        collapse_strategy="bn",
-        bn_gamma=0.5,
-        bos=decoder_tokenizer.bos_token_id,
-        eos=decoder_tokenizer.eos_token_id,
-        pad=decoder_tokenizer.pad_token_id,
-        encoder_pad=decoder_tokenizer.pad_token_id,
-    )
-    model = ScaleVAEForLatentLM(config).train()
+    model = tester.get_model_for_tokenizers(
+        encoder_tokenizer, decoder_tokenizer, latent_size=8, collapse_strategy="bn", bn_gamma=0.5
+    ).train()
     collator = DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
 
     def as_batches(texts, size):

@@ -13,7 +13,7 @@ import pytest
 from scalevae import LatentText, build_model, quickstart
 from scalevae.corpus import default_corpus_files
 from scalevae.quickstart import TimeBudgetCallback, distinct_bigrams, longest_repeat
-from tests.conftest import TINY_DECODER
+from tests.model_tester import tester
 
 TINY_RUN = dict(
     max_steps=4,
@@ -71,7 +71,11 @@ def runs(tmp_path_factory, tiny_encoder_path, tiny_corpus):
     """The same tiny quickstart (tiny encoder and decoder, tiny corpus) twice, same seed, with what it printed."""
     outputs = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(quickstart, "build_model", functools.partial(build_model, decoder_config_overrides=TINY_DECODER))
+        patch.setattr(
+            quickstart,
+            "build_model",
+            functools.partial(build_model, decoder_config_overrides=tester.decoder_overrides()),
+        )
         for name in ("first", "second"):
             folder = tmp_path_factory.mktemp(name)
             printed, bars = io.StringIO(), io.StringIO()

@@ -14,11 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import scalevae
-from scalevae import LatentText, build_model, hub
+from scalevae import LatentText, hub
 from scalevae.card import public_command
 from scalevae.cli import main
 from scalevae.data import load_text_dataset
-from tests.conftest import TINY_DECODER, random_batch, shared_file, tiny_model
+from tests.conftest import shared_file
+from tests.model_tester import tester
 
 TOKEN = "hf_" + "Zq7" * 10  # what a real access token looks like
 
@@ -236,8 +237,7 @@ def test_public_command_hides_credentials_and_local_paths(tmp_path):
 
 @pytest.fixture(scope="module")
 def parts(tiny_encoder_path):
-    torch.manual_seed(0)
-    return build_model(tiny_encoder_path, latent_size=4, decoder_config_overrides=TINY_DECODER)
+    return tester.build(tiny_encoder_path)
 
 
 def other_weights(model, seed):
@@ -367,7 +367,7 @@ def test_folders_without_tokenizers_say_which_and_how_to_fix(tmp_path, parts, ca
 
 @pytest.fixture(scope="module")
 def small():
-    return tiny_model(dropout=0.0).eval()
+    return tester.get_model(dropout=0.0).eval()
 
 
 @pytest.mark.parametrize(
@@ -385,14 +385,14 @@ def small():
     ],
 )
 def test_token_ids_outside_the_vocabulary(small, name, value, match):
-    batch = random_batch()
+    batch = tester.prepare_inputs()
     batch[name][0, 0] = value
     with pytest.raises(ValueError, match=match):
         small(**batch)
 
 
 def test_batch_sizes_that_differ_name_both_inputs(small):
-    batch = random_batch(batch_size=4)
+    batch = tester.prepare_inputs(batch_size=4)
     batch["decoder_input_ids"] = batch["decoder_input_ids"][:3]
     batch.pop("decoder_attention_mask")
     batch.pop("labels")
@@ -401,7 +401,7 @@ def test_batch_sizes_that_differ_name_both_inputs(small):
 
 
 def test_an_all_zero_attention_row_warns_once(small, caplog):
-    batch = random_batch()
+    batch = tester.prepare_inputs()
     batch["attention_mask"][1] = 0
     with caplog.at_level(logging.WARNING):
         small(**batch)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import Trainer, TrainerState, TrainingArguments
 
-from scalevae import build_model
 from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
 from scalevae.training import KLSchedule, KLScheduleCallback, make_trainer
-from tests.conftest import TINY_DECODER, shared_file
+from tests.conftest import shared_file
+from tests.model_tester import tester
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,25 +26,6 @@ def test_kl_schedules():
         KLSchedule("exponential")
     with pytest.raises(ValueError, match="ratio_zero"):
         KLSchedule("cyclical", total_steps=10, ratio_zero=0.8, ratio_increase=0.5)
-
-
-def tiny_setup(tiny_encoder_path, strategy="scale", sentences=96):
-    torch.manual_seed(0)  # the new decoder's initial weights
-    model, encoder_tokenizer, decoder_tokenizer = build_model(
-        tiny_encoder_path, latent_size=4, collapse_strategy=strategy, decoder_config_overrides=TINY_DECODER
-    )
-    raw = load_text_dataset()
-    raw = {"train": raw["train"].select(range(sentences)), "validation": raw["validation"].select(range(32))}
-    data = {
-        split: tokenize_dataset(d, encoder_tokenizer, decoder_tokenizer, max_length=24)[0] for split, d in raw.items()
-    }
-    return (
-        model,
-        encoder_tokenizer,
-        decoder_tokenizer,
-        data,
-        DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer),
-    )
 
 
 def args_for(tmp_path, **kwargs):
@@ -65,7 +46,7 @@ def args_for(tmp_path, **kwargs):
 
 
 def test_stock_trainer_trains_without_subclass(tmp_path, tiny_encoder_path):
-    model, _, _, data, collator = tiny_setup(tiny_encoder_path)
+    model, _, _, data, collator = tester.get_trainer_setup(tiny_encoder_path)
     trainer = Trainer(
         model=model,
         args=args_for(tmp_path),
@@ -82,7 +63,7 @@ def test_stock_trainer_trains_without_subclass(tmp_path, tiny_encoder_path):
 
 
 def test_callbacks_log_latent_figures_and_schedule_kl(tmp_path, tiny_encoder_path):
-    model, _, _, data, collator = tiny_setup(tiny_encoder_path, strategy="vae")
+    model, _, _, data, collator = tester.get_trainer_setup(tiny_encoder_path, strategy="vae")
     args = args_for(tmp_path, report_to=["tensorboard"])
     trainer = make_trainer(
         model,
@@ -102,7 +83,7 @@ def test_callbacks_log_latent_figures_and_schedule_kl(tmp_path, tiny_encoder_pat
 
 
 def test_kl_schedule_passes_beta_to_training_forwards_only(tiny_encoder_path):
-    model, _, _, data, collator = tiny_setup(tiny_encoder_path, strategy="vae")
+    model, _, _, data, collator = tester.get_trainer_setup(tiny_encoder_path, strategy="vae")
     callback = KLScheduleCallback(KLSchedule("linear", warmup_steps=4))
     state = TrainerState(max_steps=8, global_step=1)
     callback.on_train_begin(None, state, None, model=model)
@@ -120,7 +101,7 @@ def test_kl_schedule_passes_beta_to_training_forwards_only(tiny_encoder_path):
 
 
 def test_scale_schedule_counts_optimizer_steps_under_gradient_accumulation(tmp_path, tiny_encoder_path):
-    model, _, _, data, collator = tiny_setup(tiny_encoder_path)
+    model, _, _, data, collator = tester.get_trainer_setup(tiny_encoder_path)
     trainer = make_trainer(
         model, args_for(tmp_path, max_steps=3, gradient_accumulation_steps=2), data["train"], collator
     )
@@ -130,7 +111,7 @@ def test_scale_schedule_counts_optimizer_steps_under_gradient_accumulation(tmp_p
 
 def test_resume_gives_the_same_losses_and_factors(tmp_path, tiny_encoder_path):
     def run(output, resume=None, max_steps=6):
-        model, _, _, data, collator = tiny_setup(tiny_encoder_path)
+        model, _, _, data, collator = tester.get_trainer_setup(tiny_encoder_path)
         args = args_for(output, max_steps=max_steps, save_strategy="steps", save_steps=3, logging_steps=1)
         trainer = make_trainer(model, args, data["train"], collator)
         trainer.train(resume_from_checkpoint=resume)
@@ -145,9 +126,7 @@ def test_resume_gives_the_same_losses_and_factors(tmp_path, tiny_encoder_path):
 
 def test_trainer_on_real_ptb_text(tmp_path, tiny_encoder_path):
     path = shared_file("ptb.valid.txt")
-    model, encoder_tokenizer, decoder_tokenizer = build_model(
-        tiny_encoder_path, latent_size=4, decoder_config_overrides=TINY_DECODER
-    )
+    model, encoder_tokenizer, decoder_tokenizer = tester.build(tiny_encoder_path)
     data, stats = tokenize_dataset(load_text_dataset({"train": str(path)}), encoder_tokenizer, decoder_tokenizer, 16)
     assert stats["train"]["truncated"] > 0  # PTB has long sentences: truncation is counted
     trainer = Trainer(
