@@ -19,6 +19,7 @@ from transformers.dynamic_module_utils import check_imports, get_imports, get_re
 
 import scalevae
 import scalevae.card
+from configuration_scalevae import SCALEVAE_FORMAT_VERSION
 from scalevae import hub
 from scalevae.card import card_template_path, non_default_hyperparameters, render_model_card
 from tests.model_tester import ScaleVAEModelTester
@@ -119,7 +120,7 @@ def test_saved_folder_holds_exactly_everything(saved, model):
     }
     assert config["model_type"] == "scalevae"
     assert config["scalevae_version"] == scalevae.__version__
-    assert config["scalevae_format_version"] == 1
+    assert config["scalevae_format_version"] == FORMAT
     for name in ("configuration_scalevae.py", "modeling_scalevae.py"):  # the code that wrote the folder, verbatim
         assert (saved / name).read_bytes() == (REPO / name).read_bytes()
     with safe_open(saved / "model.safetensors", framework="pt") as weights:
@@ -534,15 +535,17 @@ LOADERS = {
     "package": lambda folder: scalevae.ScaleVAEForLatentLM.from_pretrained(folder),
     "remote_code": lambda folder: AutoModel.from_pretrained(folder, trust_remote_code=True),
 }
-INSTALLED = f"installed: scalevae {scalevae.__version__} (format 1)"
+FORMAT = SCALEVAE_FORMAT_VERSION
+INSTALLED = f"installed: scalevae {scalevae.__version__} (format {FORMAT})"
 
 
 @pytest.mark.parametrize("loader", sorted(LOADERS))
 def test_newer_format_names_the_versions(remote_code_only, saved, tmp_path, loader):
-    folder = edited_copy(saved, tmp_path, lambda c: c.update(scalevae_format_version=2, scalevae_version="9.0.0"))
-    with pytest.raises(ValueError, match=r"scalevae_format_version=2 was written by a newer scalevae") as error:
+    newer = FORMAT + 1
+    folder = edited_copy(saved, tmp_path, lambda c: c.update(scalevae_format_version=newer, scalevae_version="9.0.0"))
+    with pytest.raises(ValueError, match=rf"scalevae_format_version={newer} was written by a newer scalevae") as error:
         LOADERS[loader](folder)
-    assert "saved by scalevae 9.0.0 (format 2)" in str(error.value) and INSTALLED in str(error.value)
+    assert f"saved by scalevae 9.0.0 (format {newer})" in str(error.value) and INSTALLED in str(error.value)
 
 
 @pytest.mark.parametrize("loader", sorted(LOADERS))
@@ -550,7 +553,7 @@ def test_unknown_collapse_strategy_names_field_and_versions(remote_code_only, sa
     folder = edited_copy(saved, tmp_path, lambda c: c.update(collapse_strategy="magic", scalevae_version="0.9.0"))
     with pytest.raises(ValueError, match=r"collapse_strategy='magic' is not one of") as error:
         LOADERS[loader](folder)
-    assert "saved by scalevae 0.9.0 (format 1)" in str(error.value) and INSTALLED in str(error.value)
+    assert f"saved by scalevae 0.9.0 (format {FORMAT})" in str(error.value) and INSTALLED in str(error.value)
 
 
 @pytest.mark.parametrize("loader", sorted(LOADERS))
@@ -558,7 +561,8 @@ def test_missing_field_names_field_and_versions(remote_code_only, saved, tmp_pat
     folder = edited_copy(saved, tmp_path, lambda c: c.pop("latent_size"))
     with pytest.raises(ValueError, match=r"lacks the required field\(s\) latent_size") as error:
         LOADERS[loader](folder)
-    assert f"saved by scalevae {scalevae.__version__} (format 1)" in str(error.value) and INSTALLED in str(error.value)
+    assert f"saved by scalevae {scalevae.__version__} (format {FORMAT})" in str(error.value)
+    assert INSTALLED in str(error.value)
 
 
 def test_partial_dicts_still_build_configs():

@@ -137,6 +137,7 @@ def test_folders_saved_before_the_fitted_prior_load_with_the_scaled_prior(tmp_pa
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["prior"], config["prior_momentum"], config["freeze_encoder"]  # what the previous release wrote
+    config["scalevae_format_version"] = 1
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = ScaleVAEForLatentLM.from_pretrained(tmp_path)
     assert loaded.config.prior == "scaled"
