@@ -760,18 +760,12 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         )
 
     def shift_labels_right(self, labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
-        """Teacher-forcing inputs from labels (as `EncoderDecoderModel`): BOS, then the labels shifted right, with
-        ignored positions (-100) filled with the pad id; returns `(decoder_input_ids, decoder_attention_mask)`."""
-        bos, pad = self.config.decoder.bos_token_id, self.config.decoder.pad_token_id
-        if bos is None:
+        """`shift_labels_right` with the decoder's BOS and pad ids (EOS where it has no pad token)."""
+        decoder = self.config.decoder
+        if decoder.bos_token_id is None:
             raise ValueError("config.decoder.bos_token_id is None: set it from the decoder tokenizer's BOS token.")
-        fill = pad if pad is not None else bos
-        keep = labels != -100
-        shifted = torch.cat(
-            [labels.new_full((labels.shape[0], 1), bos), labels[:, :-1].masked_fill(~keep[:, :-1], fill)], 1
-        )
-        mask = torch.cat([keep.new_ones(labels.shape[0], 1), keep[:, :-1]], 1).long()
-        return shifted, mask
+        pad = decoder.pad_token_id if decoder.pad_token_id is not None else decoder.eos_token_id
+        return shift_labels_right(labels, decoder.bos_token_id, pad if pad is not None else decoder.bos_token_id)
 
     # -- generation -----------------------------------------------------------------------------------------------------
 
@@ -814,6 +808,17 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.decoder.get_output_embeddings()
+
+
+def shift_labels_right(
+    labels: torch.LongTensor, bos_token_id: int, pad_token_id: int
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Teacher-forcing inputs from right-padded labels, the one rule of the data collator and the model (as
+    `EncoderDecoderModel`): BOS, then the labels shifted right; a position whose label is ignored (-100) holds
+    `pad_token_id` and is masked out. Returns `(decoder_input_ids, decoder_attention_mask)`."""
+    keep = labels != -100
+    shifted = torch.cat([labels.new_full((labels.shape[0], 1), bos_token_id), labels[:, :-1]], 1)
+    return shifted.masked_fill(~keep, pad_token_id), keep.long()
 
 
 def default_decoder_config(vocab_size: int, **overrides) -> GPT2Config:

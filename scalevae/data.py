@@ -20,6 +20,7 @@ from typing import Any
 import datasets
 import torch
 
+from modeling_scalevae import shift_labels_right
 from scalevae.corpus import default_corpus_files
 from scalevae.factory import decoder_special_token_ids
 
@@ -202,7 +203,7 @@ def tokenize_texts(
 ) -> dict[str, list]:
     """One batch of texts as `tokenize_dataset` stores them (see there), with per-text truncation flags in
     `_encoder_truncated` / `_decoder_truncated`."""
-    bos_id, eos_id = decoder_special_token_ids(decoder_tokenizer)
+    _, eos_id = decoder_special_token_ids(decoder_tokenizer)
     max_decoder_tokens = max_length - 1
     encoded = encoder_tokenizer(texts, truncation=True, max_length=max_length, return_token_type_ids=False)
     encoder_cut = _encoder_truncated(encoder_tokenizer, texts, encoded["input_ids"], max_length)
@@ -212,7 +213,6 @@ def tokenize_texts(
     return {
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"],
-        "decoder_input_ids": [[bos_id, *ids] for ids in raw],
         "labels": [[*ids, eos_id] for ids in raw],
         # Counted after map, so that the numbers survive caching and num_proc.
         "_encoder_truncated": encoder_cut,
@@ -231,8 +231,9 @@ def tokenize_dataset(
 
     Encoder: ``input_ids``/``attention_mask`` with the encoder's special tokens, truncated
     to ``max_length``. Decoder: the text's tokens without special tokens, cut to
-    ``max_length - 1``, as ``decoder_input_ids = [bos] + ids`` and ``labels = ids + [eos]``
-    (so both are at most ``max_length`` long). BOS/EOS come from ``decoder_tokenizer``.
+    ``max_length - 1``, as ``labels = ids + [eos]`` (at most ``max_length`` long); the
+    collator makes the decoder's inputs ``[bos] + ids`` from them. BOS/EOS come from
+    ``decoder_tokenizer``.
 
     Returns:
         The tokenised dataset (text column removed; same type as the input) and per-split
@@ -292,9 +293,10 @@ class DataCollatorForLatentLM:
     """Pad a list of :func:`tokenize_dataset` examples into a batch of tensors.
 
     The encoder side is padded by ``encoder_tokenizer.pad`` (its own pad id: 0 for BERT,
-    1 for RoBERTa). The decoder side is right-padded with the decoder's ``pad_token_id``
-    (its ``eos_token_id`` if it has none), and ``labels`` with -100 so padding is not
-    scored. ``pad_to_multiple_of`` rounds both sequence lengths up (tensor-core friendly).
+    1 for RoBERTa). ``labels`` are right-padded with -100 so padding is not scored, and the
+    decoder's inputs are made from them by ``shift_labels_right`` (the model's own rule): its
+    BOS, then the labels shifted right, padding with its ``pad_token_id`` (``eos_token_id``
+    if it has none). ``pad_to_multiple_of`` rounds both lengths up (tensor-core friendly).
     """
 
     encoder_tokenizer: Any
@@ -329,20 +331,13 @@ class DataCollatorForLatentLM:
             encoder_features, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
         )
 
-        decoder_inputs = [list(f["decoder_input_ids"]) for f in features]
         labels = [list(f["labels"]) for f in features]
-        for inputs, targets in zip(decoder_inputs, labels):
-            if len(inputs) != len(targets):
-                raise ValueError(f"decoder_input_ids and labels differ in length ({len(inputs)} vs {len(targets)})")
-        length = self._padded_length(max(len(ids) for ids in decoder_inputs))
-        pad_id = self._decoder_pad_id()
-        decoder_input_ids = torch.full((len(features), length), pad_id, dtype=torch.long)
-        decoder_attention_mask = torch.zeros((len(features), length), dtype=torch.long)
+        length = self._padded_length(max(len(targets) for targets in labels))
         label_tensor = torch.full((len(features), length), LABEL_PAD_ID, dtype=torch.long)
-        for row, (inputs, targets) in enumerate(zip(decoder_inputs, labels)):
-            decoder_input_ids[row, : len(inputs)] = torch.tensor(inputs, dtype=torch.long)
-            decoder_attention_mask[row, : len(inputs)] = 1
+        for row, targets in enumerate(labels):
             label_tensor[row, : len(targets)] = torch.tensor(targets, dtype=torch.long)
+        bos_id, _ = decoder_special_token_ids(self.decoder_tokenizer)
+        decoder_input_ids, decoder_attention_mask = shift_labels_right(label_tensor, bos_id, self._decoder_pad_id())
 
         return {
             "input_ids": encoder_batch["input_ids"],

@@ -273,12 +273,10 @@ def test_tokenize_dataset_bos_eos_from_decoder_tokenizer(tokenizers, tmp_path, c
     assert (bos, eos) == (decoder.cls_token_id, decoder.sep_token_id) == (101, 102)
     train = tokenized["train"]
     assert "text" not in train.column_names
-    assert set(train.column_names) == {"input_ids", "attention_mask", "decoder_input_ids", "labels"}
+    assert set(train.column_names) == {"input_ids", "attention_mask", "labels"}  # the collator shifts the labels
     for row, text in zip(train, texts):
-        assert row["decoder_input_ids"][0] == bos
-        assert row["labels"][-1] == eos
-        assert row["decoder_input_ids"][1:] == row["labels"][:-1]
-        assert len(row["decoder_input_ids"]) <= max_length and len(row["input_ids"]) <= max_length
+        assert row["labels"][-1] == eos and bos not in row["labels"]
+        assert len(row["labels"]) <= max_length and len(row["input_ids"]) <= max_length
         assert row["input_ids"][0] == encoder.cls_token_id and row["input_ids"][-1] == encoder.sep_token_id
         raw = decoder(text, add_special_tokens=False)["input_ids"]
         assert row["labels"][:-1] == raw[: max_length - 1]
@@ -304,7 +302,9 @@ def test_tokenize_uses_roberta_bos_eos(roberta_like_tokenizer, tmp_path):
     dataset = load_text_dataset(str(path), cache_dir=str(tmp_path))
     tokenized, _ = tokenize_dataset(dataset, tok, tok, max_length=32)
     row = tokenized["train"][0]
-    assert row["decoder_input_ids"][0] == 0 and row["labels"][-1] == 2
+    assert row["labels"][-1] == 2
+    batch = DataCollatorForLatentLM(tok, tok)([row])
+    assert batch["decoder_input_ids"][0, 0] == 0  # RoBERTa's BOS
     assert row["input_ids"][0] == 0 and row["input_ids"][-1] == 2
 
 
@@ -336,8 +336,9 @@ def _check_batch(batch: dict[str, torch.Tensor], features: list[dict], encoder_p
         n = len(feature["input_ids"])
         assert batch["input_ids"][row, :n].tolist() == feature["input_ids"]
         assert batch["attention_mask"][row].sum() == n
-        m = len(feature["decoder_input_ids"])
-        assert batch["decoder_input_ids"][row, :m].tolist() == feature["decoder_input_ids"]
+        m = len(feature["labels"])
+        bos = batch["decoder_input_ids"][0, 0].item()
+        assert batch["decoder_input_ids"][row, :m].tolist() == [bos, *feature["labels"][:-1]]  # teacher forcing
         assert batch["labels"][row, :m].tolist() == feature["labels"]
         assert batch["decoder_attention_mask"][row].sum() == m
 
@@ -359,7 +360,7 @@ def test_collator_pads_with_bert_pad_id_0(tokenizers, tmp_path, pad_to_multiple_
     collator = DataCollatorForLatentLM(encoder, decoder, pad_to_multiple_of=pad_to_multiple_of)
     batch = collator(features)
     _check_batch(batch, features, encoder_pad=0, decoder_pad=0)
-    longest = max(len(f["decoder_input_ids"]) for f in features)
+    longest = max(len(f["labels"]) for f in features)
     assert batch["decoder_input_ids"].shape[1] == (longest if pad_to_multiple_of is None else -(-longest // 8) * 8)
     if pad_to_multiple_of:
         assert batch["input_ids"].shape[1] % pad_to_multiple_of == 0
@@ -381,8 +382,8 @@ def test_collator_decoder_pad_falls_back_to_eos(tokenizers):
     no_pad.pad_token = None
     assert no_pad.pad_token_id is None
     features = [
-        {"input_ids": [101, 5, 102], "attention_mask": [1, 1, 1], "decoder_input_ids": [101, 5], "labels": [5, 102]},
-        {"input_ids": [101, 102], "attention_mask": [1, 1], "decoder_input_ids": [101], "labels": [102]},
+        {"input_ids": [101, 5, 102], "attention_mask": [1, 1, 1], "labels": [5, 102]},
+        {"input_ids": [101, 102], "attention_mask": [1, 1], "labels": [102]},
     ]
     batch = DataCollatorForLatentLM(encoder, no_pad)(features)
     assert batch["decoder_input_ids"].tolist() == [[101, 5], [101, 102]]
