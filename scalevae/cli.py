@@ -161,14 +161,6 @@ def load_for_finetuning(model_name_or_path: str, overrides: dict):
     def described(names) -> str:
         return ", ".join(f"--{name} {changed[name]} (saved: {getattr(saved, name)})" for name in names)
 
-    strategy = changed.get("collapse_strategy", saved.collapse_strategy)
-    if "bn_gamma" in changed and strategy == "bn":
-        # γ is a buffer of the BN-VAE weights: the saved value would silently win over the config's.
-        raise ValueError(
-            f"--model_name_or_path {model_name_or_path}: {described(['bn_gamma'])} cannot be changed when "
-            "fine-tuning: BN-VAE's γ is saved in the weights (collapse.gamma). Drop --bn_gamma."
-        )
-
     def load(overrides: dict) -> ScaleVAEForLatentLM:
         try:
             config = ScaleVAEConfig.from_dict({**saved.to_dict(), **overrides})
