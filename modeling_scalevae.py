@@ -1011,9 +1011,6 @@ def _load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
         ) from error
     model.config.validate_scalevae()  # config fields given as keyword arguments override the saved ones unchecked
     problems = _weights_config_mismatches(model, info, allow_resize)
-    gamma = getattr(model.collapse, "gamma", None)  # BN-VAE's γ is a saved buffer: the config must agree with it
-    if gamma is not None and not math.isclose(gamma.item(), model.config.bn_gamma, rel_tol=1e-6):
-        problems.append(f"bn_gamma={model.config.bn_gamma} in the config, but the weights hold γ={gamma.item():.6g}")
     if problems:
         raise ValueError(
             f"The weights in {pretrained_model_name_or_path} do not match its config:\n - "
@@ -1123,6 +1120,9 @@ def _weights_config_mismatches(model: "ScaleVAEForLatentLM", info: dict, allow_r
             problems.append(
                 f"the weights file holds {names}, which {field}={value} does not use (was it saved with {field}={saved}?)"
             )
+    gamma = getattr(model.collapse, "gamma", None)  # BN-VAE's γ is a saved buffer: the config must agree with it
+    if gamma is not None and not math.isclose(gamma.item(), config.bn_gamma, rel_tol=1e-6):
+        problems.append(f"bn_gamma={config.bn_gamma} in the config, but the weights hold γ={gamma.item():.6g}")
     if allow_resize:
         return problems
     explained = set()
