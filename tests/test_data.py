@@ -19,6 +19,7 @@ from scalevae.data import (
     decoder_special_token_ids,
     load_text_dataset,
     tokenize_dataset,
+    tokenize_texts,
 )
 
 PTB_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb.valid.txt"
@@ -396,3 +397,23 @@ def test_collator_rejects_empty_batch(tokenizers):
     encoder, decoder = tokenizers
     with pytest.raises(ValueError, match="empty batch"):
         DataCollatorForLatentLM(encoder, decoder)([])
+
+
+def test_benchmark_collates_on_the_fly_like_the_training_path(tokenizers):
+    """benchmarks/benchmark.py tokenises and collates texts on the fly (no CI job runs it): its batch must be the
+    one `tokenize_texts` + the collator give, or a change to the data path breaks it unnoticed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("scalevae_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    encoder, decoder = tokenizers
+    texts = _COLLATE_TEXTS[:2]
+    batch = benchmark.collate(texts, encoder, decoder, max_length=16)
+    columns = tokenize_texts(texts, encoder, decoder, 16)
+    expected = DataCollatorForLatentLM(encoder, decoder)(
+        [{key: columns[key][i] for key in ("input_ids", "attention_mask", "labels")} for i in range(len(texts))]
+    )
+    assert batch.keys() == expected.keys()
+    assert all(torch.equal(batch[key].cpu(), expected[key]) for key in batch)
