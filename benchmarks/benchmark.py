@@ -87,10 +87,7 @@ def collate(texts, enc, dec, max_length):
     """What one training batch costs on the data side if done on the fly: tokenising its texts with both tokenizers
     (the work `tokenize_dataset` does once, cached, for a whole corpus) plus dynamic padding by the collator."""
     columns = tokenize_texts(texts, enc, dec, max_length)
-    features = [
-        {key: columns[key][i] for key in ("input_ids", "attention_mask", "labels")}
-        for i in range(len(texts))
-    ]
+    features = [{key: columns[key][i] for key in ("input_ids", "attention_mask", "labels")} for i in range(len(texts))]
     return {key: value.to(DEVICE) for key, value in DataCollatorForLatentLM(enc, dec)(features).items()}
 
 
