@@ -43,7 +43,7 @@ FORMAT_1_FIELDS = (
 FORMAT_2_FIELDS = ("prior", "prior_momentum", "freeze_encoder")
 
 # The names public Scale-VAE reimplementations use, accepted as aliases.
-_PAPER_ALIASES = {"des_std": "scale_target_std", "f_epo": "scale_freeze_epochs"}
+PAPER_ALIASES = {"des_std": "scale_target_std", "f_epo": "scale_freeze_epochs"}
 
 
 class ScaleVAEConfig(PreTrainedConfig):
@@ -136,7 +136,7 @@ class ScaleVAEConfig(PreTrainedConfig):
     scalevae_version: str | None = None
 
     def __post_init__(self, **kwargs):
-        for alias, field in _PAPER_ALIASES.items():
+        for alias, field in PAPER_ALIASES.items():
             if alias in kwargs:
                 setattr(self, field, kwargs.pop(alias))
         super().__post_init__(**kwargs)

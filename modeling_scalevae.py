@@ -1,11 +1,11 @@
 """Scale-VAE (Song et al., LREC-COLING 2024): a text VAE whose GPT-2 decoder keeps using the latent.
 
 Reading order: outputs -> latent head -> collapse strategies (Scale-VAE is `ScaleStrategy`) -> latent injection ->
-`ScaleVAEForLatentLM`. This file travels inside every saved model folder (``trust_remote_code=True``): it imports only
-torch, transformers (and safetensors, which transformers requires) and its sibling configuration file.
+`ScaleVAEForLatentLM`. This file travels inside every saved model folder (``trust_remote_code=True``) with its
+siblings: `configuration_scalevae.py`, `checks_scalevae.py` (input checks) and `loading_scalevae.py` (strict loading,
+checksums). All of them import only torch and transformers (and safetensors, which transformers requires).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +25,29 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput, logging
 
 try:  # a saved folder loaded with trust_remote_code: transformers only allows relative imports between its files
-    from .configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
-except ImportError:  # the same file installed as a top-level module
-    from configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
+    from .checks_scalevae import (
+        as_model_latents,
+        check_decoder_inputs,
+        check_encoder_inputs,
+        check_forward_inputs,
+        check_generation_length,
+        check_latents,
+        checked_kl_weight,
+    )
+    from .configuration_scalevae import ScaleVAEConfig
+    from .loading_scalevae import load_strictly, save_publicly
+except ImportError:  # the same files installed as top-level modules
+    from checks_scalevae import (
+        as_model_latents,
+        check_decoder_inputs,
+        check_encoder_inputs,
+        check_forward_inputs,
+        check_generation_length,
+        check_latents,
+        checked_kl_weight,
+    )
+    from configuration_scalevae import ScaleVAEConfig
+    from loading_scalevae import load_strictly, save_publicly
 
 logger = logging.get_logger(__name__)
 
@@ -514,13 +534,13 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         the checksum recorded when it was saved (`verify_weights=False` skips that check; files saved without a
         checksum load as before). `output_loading_info=True` works as usual.
         """
-        return _load_strictly(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
+        return load_strictly(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained` (also behind Trainer checkpoints and `push_to_hub`), plus: each weights
         file records a checksum of its tensors and the time of the save (`from_pretrained` verifies the checksum), and
         config.json names local encoder/decoder folders by their name only, not by their path on this machine."""
-        _save_publicly(self, super().save_pretrained, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
+        save_publicly(self, super().save_pretrained, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
 
     # -- construction from pretrained parts ------------------------------------------------------------------------
 
@@ -561,7 +581,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     ) -> ScaleVAEEncoderOutput:
         """The posterior of each sentence and the generative prior (`prior` overrides `config.prior`). Outside training
         the scale factors are the saved running estimate."""
-        _check_encoder_inputs(self.config, input_ids, attention_mask, self.training)
+        check_encoder_inputs(self.config, input_ids, attention_mask, self.training)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -640,15 +660,15 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         use_cache: bool = False,
     ):
         """Teacher-forced decoder pass conditioned on z; returns the GPT-2 `CausalLMOutput` (logits, cache)."""
-        latents = _as_model_latents(latents, self.dtype, self.device)
-        _check_decoder_inputs(
+        latents = as_model_latents(latents, self.dtype, self.device)
+        check_decoder_inputs(
             self.config, decoder_input_ids, cache, self.injection.to_memory is not None, self.training
         )
         # The value check reads a tensor back to the host: once per call (not per generated token), never in a
         # training step or under torch.compile.
         first_call = cache is None or cache.get_seq_length() == 0
         check_values = first_call and not self.training and not torch.compiler.is_compiling()
-        _check_latents(latents, decoder_input_ids.shape[0], self.config.latent_size, check_values)
+        check_latents(latents, decoder_input_ids.shape[0], self.config.latent_size, check_values)
         embeds = self.decoder.transformer.wte(decoder_input_ids)
         if self.injection.to_embedding is not None:
             embeds = embeds + self.injection.to_embedding(latents).unsqueeze(1).to(embeds.dtype)
@@ -707,7 +727,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         kl_weight: β for this call (a KL schedule passes it every step); defaults to `config.kl_weight`.
         return_dict: `False` returns `ScaleVAEOutput.to_tuple()`, the loss first when there is one.
         """
-        _check_forward_inputs(self.config, input_ids, decoder_input_ids, labels, latents, self.training)
+        check_forward_inputs(self.config, input_ids, decoder_input_ids, labels, latents, self.training)
         if decoder_input_ids is None:
             decoder_input_ids, decoder_attention_mask = self.shift_labels_right(labels)
         latent_fields = {}
@@ -727,7 +747,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         if labels is not None:
             reconstruction_loss = loss = token_nll(logits, labels).sum(-1).mean()
             if latent_fields:
-                kl_weight = _checked_kl_weight(kl_weight if kl_weight is not None else self.config.kl_weight)
+                kl_weight = checked_kl_weight(kl_weight if kl_weight is not None else self.config.kl_weight)
                 loss = reconstruction_loss + kl_weight * latent_fields["kl_loss"]
         output = ScaleVAEOutput(  # loss first: outputs[0] and to_tuple()[0] are the loss, transformers' convention
             loss=loss,
@@ -783,7 +803,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         Give `latents`, or encoder `input_ids` whose posterior mean (as the decoder sees it) is decoded. The decoder
         starts from `decoder_input_ids` (a prompt) or from its BOS token. Returns decoder token ids, BOS included.
         """
-        _check_generation_length(self, decoder_input_ids, generation_kwargs)
+        check_generation_length(self, decoder_input_ids, generation_kwargs)
         if latents is None:
             if input_ids is None:
                 raise ValueError("generate() needs latents= or encoder input_ids= to know what to decode.")
@@ -836,485 +856,6 @@ def token_nll(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
         )
     nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
     return nll.view(labels.shape)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Input checks: a clear error naming the argument instead of a crash deep in torch or a silently wrong result
-#
-# Each check reads a few numbers back to the host, before any work: a bad id or shape then fails with its name, value
-# and valid range instead of an IndexError deep inside an embedding.
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_latents(latents: torch.Tensor, batch_size: int, latent_size: int, check_values: bool = True) -> None:
-    if latents.dim() != 2 or latents.shape[1] != latent_size or latents.shape[0] != batch_size:
-        raise ValueError(
-            f"latents must have shape (batch_size={batch_size}, latent_size={latent_size}), got {tuple(latents.shape)}."
-        )
-    if check_values and not torch.isfinite(latents).all():
-        raise ValueError("latents contain NaN or infinite values.")
-
-
-def _may_read_values(tensor: torch.Tensor | None, training: bool) -> bool:
-    """Whether a check may read `tensor`'s values: always on the CPU (no device sync there), outside training on an
-    accelerator (a training step never waits on the host), never while torch.compile traces."""
-    return tensor is not None and not torch.compiler.is_compiling() and (tensor.device.type == "cpu" or not training)
-
-
-def _check_token_ids(
-    name: str, ids: torch.Tensor | None, vocab_size: int, part: str, ignore_index=None, training: bool = False
-) -> None:
-    if ids is None or ids.numel() == 0 or not _may_read_values(ids, training):
-        return
-    valid = ids if ignore_index is None else ids[ids != ignore_index]
-    if valid.numel() == 0:
-        return
-    low, high = torch.stack([valid.min(), valid.max()]).tolist()
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        allowed = f" (or {ignore_index} for ignored positions)" if ignore_index is not None else ""
-        raise ValueError(
-            f"{name} holds the token id {bad}, outside the {part}'s vocabulary: valid ids are 0 to {vocab_size - 1}"
-            f"{allowed} (config.{part}.vocab_size={vocab_size}). Were they made by the {part}'s own tokenizer?"
-        )
-
-
-def _check_encoder_inputs(
-    config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, training: bool = False
-) -> None:
-    _check_token_ids("input_ids", input_ids, config.encoder.vocab_size, "encoder", training=training)
-    if (
-        attention_mask is not None
-        and attention_mask.dim() == 2
-        and attention_mask.shape[1] > 0
-        and _may_read_values(attention_mask, training)
-    ):
-        empty = (attention_mask == 0).all(dim=1)
-        if bool(empty.any()):
-            logger.warning_once(
-                "attention_mask has a row of zeros only: the encoder sees no token of that sentence, and every such "
-                "row gets the same posterior. Is the mask inverted, or is a sentence empty?"
-            )
-
-
-def _check_decoder_inputs(
-    config, decoder_input_ids: torch.Tensor, cache, memory_slot: bool, training: bool = False
-) -> None:
-    past = cache.get_seq_length() if cache is not None else 0
-    if past == 0:  # later steps of generate() decode the model's own tokens
-        _check_token_ids(
-            "decoder_input_ids", decoder_input_ids, config.decoder.vocab_size, "decoder", training=training
-        )
-    slot = int(memory_slot and past == 0)  # the latent's key/value pair takes the first position
-    needed = past + slot + decoder_input_ids.shape[-1]
-    if needed > config.decoder.n_positions:
-        raise ValueError(
-            f"decoder_input_ids of length {decoder_input_ids.shape[-1]} (after {past} cached positions"
-            f"{' and the latent slot' if slot else ''}) need {needed} positions, but the decoder has "
-            f"config.decoder.n_positions={config.decoder.n_positions}."
-        )
-
-
-def _check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents, training: bool = False) -> None:
-    if decoder_input_ids is None and labels is None:
-        raise ValueError("Pass decoder_input_ids or labels: the decoder needs its inputs.")
-    if latents is None and input_ids is None:
-        raise ValueError("Pass input_ids (encoder tokens) or latents: the decoder needs a latent.")
-    sizes = {
-        name: tensor.shape[0]
-        for name, tensor in (
-            ("input_ids", input_ids),
-            ("latents", latents),
-            ("decoder_input_ids", decoder_input_ids),
-            ("labels", labels),
-        )
-        if tensor is not None and tensor.dim() > 0
-    }
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            "The inputs disagree on the batch size: "
-            + ", ".join(f"{k} has {v}" for k, v in sizes.items())
-            + ". Each row of the encoder's and the decoder's inputs is one sentence."
-        )
-    _check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100, training=training)
-
-
-def _checked_kl_weight(kl_weight):
-    if isinstance(kl_weight, (int, float)) and not 0 <= kl_weight < float("inf"):
-        raise ValueError(f"kl_weight={kl_weight!r} must be a finite number >= 0.")
-    return kl_weight
-
-
-def _check_generation_length(model, decoder_input_ids, generation_kwargs: dict) -> None:
-    """Generating past the decoder's positions would fail after producing every token up to them: refuse first."""
-    n_positions = model.config.decoder.n_positions
-    prompt = decoder_input_ids.shape[-1] if decoder_input_ids is not None else 1  # the BOS token
-    slot = int(model.injection.to_memory is not None)
-    generation_config = generation_kwargs.get("generation_config") or model.generation_config
-    max_new_tokens = generation_kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-    if max_new_tokens is not None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
-        if prompt + slot + max_new_tokens > n_positions:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} is too many: a prompt of {prompt} token(s)"
-                f"{', the latent slot' if slot else ''} and {max_new_tokens} new tokens need "
-                f"{prompt + slot + max_new_tokens} positions, but the decoder has config.decoder.n_positions="
-                f"{n_positions}; use max_new_tokens <= {n_positions - prompt - slot}."
-            )
-        return
-    max_length = generation_kwargs.get("max_length", generation_config.max_length)
-    if max_length is not None and max_length + slot > n_positions:
-        raise ValueError(
-            f"max_length={max_length} is too long: with{' the latent slot and' if slot else ''} a prompt of {prompt} "
-            f"token(s) the decoder has config.decoder.n_positions={n_positions}; use max_length <= "
-            f"{n_positions - slot} (or max_new_tokens <= {n_positions - prompt - slot})."
-        )
-
-
-def _as_model_latents(latents, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Latents of another float type (numpy arrays, float16/float64 tensors) in the model's dtype and device."""
-    if not isinstance(latents, torch.Tensor):
-        latents = torch.as_tensor(latents)
-    if not latents.is_floating_point():
-        raise ValueError(f"latents must be floating point, got dtype {latents.dtype}.")
-    return latents.to(device=device, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading and saving: strict loading and its diagnosis, weights checksums, public names in config.json
-#
-# Kept in this file, after the model, rather than in a sibling module: a saved folder carries exactly the two model
-# files, and remote-code users (`trust_remote_code=True`, no scalevae installed) get the same strict loading.
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
-    """`ScaleVAEForLatentLM.from_pretrained`, given `PreTrainedModel.from_pretrained` as `load`."""
-    from safetensors import SafetensorError
-
-    return_loading_info = kwargs.pop("output_loading_info", False)
-    verify_weights = kwargs.pop("verify_weights", True)
-    allow_resize = kwargs.pop("ignore_mismatched_sizes", False)
-    try:  # collect the mismatches instead of transformers' generic error, then explain them below
-        model, info = load(
-            pretrained_model_name_or_path,
-            *model_args,
-            output_loading_info=True,
-            ignore_mismatched_sizes=True,
-            **kwargs,
-        )
-    except SafetensorError as error:
-        raise OSError(
-            f"{_describe_weights_files(pretrained_model_name_or_path, kwargs.get('subfolder') or '')} is "
-            f"truncated or corrupted ({error}); re-download or re-save the model."
-        ) from error
-    model.config.validate_scalevae()  # config fields given as keyword arguments override the saved ones unchecked
-    problems = _weights_config_mismatches(model, info, allow_resize)
-    if problems:
-        raise ValueError(
-            f"The weights in {pretrained_model_name_or_path} do not match its config:\n - "
-            + "\n - ".join(problems)
-            + "\nA ScaleVAE folder loads only into the config it was saved with: drop the config overrides, or "
-            "fix config.json to the values the weights were trained with."
-        )
-    if verify_weights:
-        _verify_weights_checksums(_resolved_weights_files(pretrained_model_name_or_path, kwargs))
-    # Loading materialises the parameters anew, without the requires_grad=False that __init__ set on a frozen encoder.
-    model._freeze_encoder(model.config.freeze_encoder)
-    return (model, info) if return_loading_info else model
-
-
-def _save_publicly(model, save, save_directory, *args, push_to_hub: bool = False, **kwargs):
-    """`ScaleVAEForLatentLM.save_pretrained`, given `PreTrainedModel.save_pretrained` (bound to `model`) as `save`."""
-    import os
-
-    model.config.scalevae_format_version = SCALEVAE_FORMAT_VERSION  # a loaded older folder is saved in today's format
-    configs = [model.config, model.config.encoder, model.config.decoder]
-    names = [getattr(config, "_name_or_path", "") for config in configs]
-    hub_kwargs = {
-        key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs
-    }
-    try:
-        for config, name in zip(configs, names):
-            config._name_or_path = _public_name(name)
-        save(save_directory, *args, **kwargs)
-    finally:
-        for config, name in zip(configs, names):
-            config._name_or_path = name
-    if kwargs.get("is_main_process", True):
-        _record_weights_checksums(save_directory)
-    if push_to_hub:  # after the checksums: push_to_hub saves a fresh copy and uploads that
-        repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
-        model.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
-
-
-def _describe_weights_files(path, subfolder: str = "") -> str:
-    """The safetensors file that fails to parse, for an error message (a local folder; a Hub id is named as such)."""
-    import os
-
-    from safetensors import SafetensorError, safe_open
-
-    folder = os.path.join(str(path), subfolder)
-    if not os.path.isdir(folder):
-        return f"The safetensors weights of {path} (in the Hub cache)"
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-    for file in files:
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except (SafetensorError, OSError):
-            return file
-    return ", ".join(files) or folder
-
-
-# Tensors whose shape reveals a config value: key -> ((config field, dimension of the saved shape, divisor), ...).
-_SHAPE_WITNESSES = {
-    "latent_head.proj.weight": (("latent_size", 0, 2), ("encoder.hidden_size", 1, 1)),
-    "encoder.embeddings.word_embeddings.weight": (("encoder.vocab_size", 0, 1), ("encoder.hidden_size", 1, 1)),
-    "encoder.embeddings.position_embeddings.weight": (("encoder.max_position_embeddings", 0, 1),),
-    "decoder.transformer.wte.weight": (("decoder.vocab_size", 0, 1), ("decoder.n_embd", 1, 1)),
-    "decoder.transformer.wpe.weight": (("decoder.n_positions", 0, 1),),
-}
-
-
-def _weights_config_mismatches(model: "ScaleVAEForLatentLM", info: dict, allow_resize: bool = False) -> list[str]:
-    """Every disagreement between a loaded weights file and the model's config, in words naming both values."""
-    config = model.config
-    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
-    problems = []
-
-    def in_file(key: str, present_in_model: bool) -> bool:
-        return key in unexpected or (present_in_model and key not in missing)
-
-    has_memory = in_file("injection.to_memory.weight", model.injection.to_memory is not None)
-    has_embedding = in_file("injection.to_embedding.weight", model.injection.to_embedding is not None)
-    saved_injection = {(True, True): "both", (True, False): "memory", (False, True): "embedding"}.get(
-        (has_memory, has_embedding), "none of memory/embedding/both"
-    )
-    has_scale = in_file("collapse.scale_factors", hasattr(model.collapse, "scale_factors"))
-    has_bn = in_file("collapse.beta", hasattr(model.collapse, "beta"))
-    saved_strategy = "'scale'" if has_scale else "'bn'" if has_bn else "'vae', 'free_bits' or 'ae'"
-    groups = {}  # (field, config value, saved value, missing?) -> keys
-    for key in sorted(missing | unexpected):
-        if key.startswith("injection."):
-            group = ("latent_injection", repr(config.latent_injection), repr(saved_injection))
-        elif key.startswith("collapse."):
-            group = ("collapse_strategy", repr(config.collapse_strategy), saved_strategy)
-        else:
-            group = (None, None, None)
-        groups.setdefault((*group, key in missing), []).append(key)
-    for (field, value, saved, is_missing), keys in groups.items():
-        names = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
-        if field is None:
-            problems.append(
-                f"the config builds {names}, which the weights file lacks"
-                if is_missing
-                else f"the weights file holds {names}, which the config does not build"
-            )
-        elif is_missing:
-            problems.append(
-                f"{field}={value} expects {names}, which the weights file lacks (was it saved with {field}={saved}?)"
-            )
-        else:
-            problems.append(
-                f"the weights file holds {names}, which {field}={value} does not use (was it saved with {field}={saved}?)"
-            )
-    gamma = getattr(model.collapse, "gamma", None)  # BN-VAE's γ is a saved buffer: the config must agree with it
-    if gamma is not None and not math.isclose(gamma.item(), config.bn_gamma, rel_tol=1e-6):
-        problems.append(f"bn_gamma={config.bn_gamma} in the config, but the weights hold γ={gamma.item():.6g}")
-    if allow_resize:
-        return problems
-    explained = set()
-    for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
-        for field, dim, divisor in _SHAPE_WITNESSES.get(key, ()):
-            owner = config
-            for part in field.split(".")[:-1]:
-                owner = getattr(owner, part)
-            value, saved = getattr(owner, field.split(".")[-1]), saved_shape[dim] // divisor
-            if value != saved and field not in explained:
-                explained.add(field)
-                problems.append(
-                    f"{field}={value} in the config, but the weights file was saved with {field}={saved} ({key} has "
-                    f"shape {tuple(saved_shape)}, the config needs {tuple(model_shape)})"
-                )
-    if not explained:  # no witness named the field: list the shapes themselves
-        for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
-            problems.append(
-                f"{key} has shape {tuple(saved_shape)} in the weights file, the config needs {tuple(model_shape)}"
-            )
-    return problems
-
-
-# -- weights integrity ------------------------------------------------------------------------------------------------
-# Every save records, in each safetensors file's metadata, a checksum of its tensors and the time of the save;
-# `from_pretrained` recomputes the checksum. Its data part is two 64-bit sums over the file's tensor bytes read as
-# 64-bit words (all words, and the rows of 1024 words weighted by their position): any flipped bit, zeroed page or
-# moved block changes it, and torch reads the bytes at memory speed, where a cryptographic hash of a large model costs
-# more than loading it. It guards against damage, not against someone who rewrites the file and its checksum alike.
-
-WEIGHTS_DIGEST_KEY = "scalevae_weights_checksum"
-WEIGHTS_SAVED_AT_KEY = "scalevae_saved_at"
-_CHECKSUM_VERSION = "scalevae-checksum-1"
-_CHECKSUM_ROW_WORDS = 1024
-
-
-def _weights_files_in(folder) -> list[str]:
-    """The safetensors weights files of a local folder: model.safetensors, or the shards its index lists."""
-    import json
-    import os
-
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            shards = sorted(set(json.load(handle).get("weight_map", {}).values()))
-        return [os.path.join(folder, shard) for shard in shards]
-    return []
-
-
-def _read_safetensors_header(path) -> tuple[int, dict]:
-    """(header length in bytes, parsed header) of a safetensors file."""
-    import json
-
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        return length, json.loads(handle.read(length))
-
-
-def _weights_checksum(path, header_length: int, header: dict) -> str:
-    import hashlib
-    import json
-    import mmap
-    import warnings
-
-    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
-    digest = hashlib.sha256(json.dumps(tensors, sort_keys=True, separators=(",", ":")).encode())
-    start = 8 + header_length
-    populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page at once, not one page fault at a time
-    with (
-        open(path, "rb") as handle,
-        (
-            mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
-            if populate
-            else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        ) as data,
-    ):
-        rows = (len(data) - start) // (8 * _CHECKSUM_ROW_WORDS)
-        end = start + rows * 8 * _CHECKSUM_ROW_WORDS
-        if rows:
-            with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is only read
-                warnings.simplefilter("ignore", UserWarning)
-                words = torch.frombuffer(data, dtype=torch.int64, offset=start, count=end - start >> 3)
-            row_sums = words.view(rows, _CHECKSUM_ROW_WORDS).sum(1)
-            weighted = (row_sums * torch.arange(1, rows + 1, dtype=torch.int64)).sum()
-            sums = torch.stack([row_sums.sum(), weighted]).tolist()
-            del words, row_sums, weighted
-        else:
-            sums = [0, 0]
-        for value in sums:
-            digest.update((value & (2**64 - 1)).to_bytes(8, "little"))
-        digest.update(data[end:])
-    return f"{_CHECKSUM_VERSION}:{digest.hexdigest()}"
-
-
-def _record_weights_checksum(path, saved_at: int) -> None:
-    """Rewrite a safetensors file with its checksum and save time in the metadata; the new file gets the folder's
-    usual mode (0o666 less the umask), like every other file of a save."""
-    import json
-    import os
-    import shutil
-
-    length, header = _read_safetensors_header(path)
-    metadata = dict(header.get("__metadata__") or {})
-    metadata[WEIGHTS_DIGEST_KEY] = _weights_checksum(path, length, header)
-    metadata[WEIGHTS_SAVED_AT_KEY] = str(saved_at)
-    new_header = json.dumps({**header, "__metadata__": metadata}, separators=(",", ":")).encode()
-    new_header += b" " * (-len(new_header) % 8)  # the data stays 8-byte aligned
-    partial = f"{path}.partial"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
-            out.write(len(new_header).to_bytes(8, "little"))
-            out.write(new_header)
-            source.seek(8 + length)
-            shutil.copyfileobj(source, out, 16 << 20)
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-
-
-def _record_weights_checksums(folder) -> None:
-    import time
-
-    saved_at = time.time_ns()
-    for path in _weights_files_in(folder):
-        _record_weights_checksum(path, saved_at)
-
-
-def _verify_weights_checksums(files) -> None:
-    """Raise an OSError naming the first weights file whose tensors differ from the checksum recorded at its save.
-    A file saved without one (older versions of scalevae) passes."""
-    for path in files:
-        length, header = _read_safetensors_header(path)
-        recorded = (header.get("__metadata__") or {}).get(WEIGHTS_DIGEST_KEY)
-        if recorded is None:
-            continue
-        if not recorded.startswith(_CHECKSUM_VERSION + ":"):
-            logger.warning_once(f"{path}: unknown weights checksum {recorded.split(':')[0]!r}, not verified.")
-            continue
-        if _weights_checksum(path, length, header) != recorded:
-            raise OSError(
-                f"{path} is corrupted: its tensors do not match the checksum recorded when it was saved "
-                f"({WEIGHTS_DIGEST_KEY} in its metadata). Re-download or re-save the model (or pass "
-                "verify_weights=False to load it anyway)."
-            )
-
-
-def _resolved_weights_files(path, kwargs: dict) -> list[str]:
-    """The weights files `from_pretrained` read: a local folder's, or the Hub cache's copies of a repository's."""
-    import os
-
-    subfolder = kwargs.get("subfolder") or ""
-    folder = os.path.join(str(path), subfolder)
-    if os.path.isdir(folder):
-        return _weights_files_in(folder)
-    from transformers.utils import cached_file
-
-    options = dict(
-        subfolder=subfolder,
-        cache_dir=kwargs.get("cache_dir"),
-        revision=kwargs.get("revision"),
-        local_files_only=True,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-    try:
-        single = cached_file(path, "model.safetensors", **options)
-        if single is not None:
-            return [single]
-        index = cached_file(path, "model.safetensors.index.json", **options)
-    except (OSError, ValueError):
-        return []
-    return _weights_files_in(os.path.dirname(index)) if index is not None else []
-
-
-def _public_name(name: str) -> str:
-    """A part's `_name_or_path` as a saved folder may show it: a Hub id as it is, a local path as its folder's name
-    only (the rest of the path belongs to the machine that saved it)."""
-    import os
-
-    if not name or not (os.path.isabs(name) or os.path.exists(name) or name.startswith(("~", "."))):
-        return name
-    head, base = os.path.split(os.path.normpath(os.path.expanduser(name)))
-    # a folder named only "model" (e.g. inside the offline MiniLM's package) says more with its parent's name
-    if base in ("model", "models", "final") and os.path.basename(head):
-        return f"{os.path.basename(head)}/{base}"
-    return base
 
 
 __all__ = ["ScaleVAEForLatentLM", "ScaleVAEPreTrainedModel", "ScaleVAEOutput", "ScaleVAEEncoderOutput"]

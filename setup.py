@@ -31,7 +31,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    py_modules=["configuration_scalevae", "modeling_scalevae"],
+    py_modules=["configuration_scalevae", "modeling_scalevae", "checks_scalevae", "loading_scalevae"],
     packages=find_packages(include=["scalevae", "scalevae.*"]),
     package_data={"scalevae": ["corpus/*.txt", "corpus/*.md"]},
     cmdclass={"build_py": BuildPyWithCardTemplate},

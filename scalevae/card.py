@@ -11,7 +11,8 @@ import string
 from pathlib import Path
 
 from configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
-from modeling_scalevae import ScaleVAEForLatentLM, _public_name
+from loading_scalevae import public_name
+from modeling_scalevae import ScaleVAEForLatentLM
 
 from . import __version__
 from .metrics import METRICS, metric_info
@@ -279,7 +280,7 @@ def _architecture(model: ScaleVAEForLatentLM, base_model: str | None = None) -> 
     enc, dec = config.encoder, config.decoder
     encoder_source = base_model or getattr(enc, "_name_or_path", "") or ""
     if _is_local_path(encoder_source):
-        encoder_source = f"local folder `{_public_name(encoder_source)}`"
+        encoder_source = f"local folder `{public_name(encoder_source)}`"
     elif encoder_source:
         encoder_source = f"`{public_value(encoder_source)}`"
     encoder_source = f" from {encoder_source}" if encoder_source else ""

@@ -65,7 +65,7 @@ def config_arguments(config_class=None) -> type:
     import inspect
     import re
 
-    from configuration_scalevae import _PAPER_ALIASES, ScaleVAEConfig
+    from configuration_scalevae import PAPER_ALIASES, ScaleVAEConfig
 
     config_class = config_class or ScaleVAEConfig
     # Google style, as transformers: "    name (`type`, ...):" then its text indented further (after cleandoc).
@@ -74,7 +74,7 @@ def config_arguments(config_class=None) -> type:
         for base in config_class.__mro__
         if isinstance(base, type) and issubclass(base, ScaleVAEConfig) and base.__doc__
     )
-    aliases = {field_name: alias for alias, field_name in _PAPER_ALIASES.items()}
+    aliases = {field_name: alias for alias, field_name in PAPER_ALIASES.items()}
     specs = []
     # ScaleVAEConfig's own fields and those of its subclasses, not PreTrainedConfig's (return_dict, dtype, ...).
     own = set().union(

@@ -6,8 +6,8 @@ A saved folder loads without this package:
     AutoModel.from_pretrained(folder, trust_remote_code=True)
 
 because the two model files register themselves for the auto classes (`register_for_auto_class`), so every
-`save_pretrained` (this module's, `Trainer`'s, `push_to_hub`'s) copies `configuration_scalevae.py` and
-`modeling_scalevae.py` into the folder and records them in config.json's `auto_map`.
+`save_pretrained` (this module's, `Trainer`'s, `push_to_hub`'s) copies the model code (`MODEL_CODE_FILES`)
+into the folder and records the two classes in config.json's `auto_map`.
 
 What a published folder says is the model's, not the machine's: every save records a checksum of the weights (checked
 on load) and its time; config.json and the card name local folders and files by their base name only, and the card's
@@ -23,23 +23,20 @@ import uuid
 from pathlib import Path
 
 from configuration_scalevae import ScaleVAEConfig
-from modeling_scalevae import (
-    WEIGHTS_SAVED_AT_KEY,
-    ScaleVAEForLatentLM,
-    _read_safetensors_header,
-    _verify_weights_checksums,
-    _weights_files_in,
-)
+from loading_scalevae import WEIGHTS_SAVED_AT_KEY, read_safetensors_header, verify_weights_checksums, weights_files_in
+from modeling_scalevae import ScaleVAEForLatentLM
 
 from . import __version__
 from .card import write_model_card
 from .factory import DECODER_TOKENIZER_SUBFOLDER, save_tokenizers
 
+# The model's code, which every saved folder carries for remote-code users: the modeling file and the siblings it
+# imports relatively (transformers' `custom_object_save` copies them).
+MODEL_CODE_FILES = ("configuration_scalevae.py", "modeling_scalevae.py", "checks_scalevae.py", "loading_scalevae.py")
 # What every saved folder holds besides its weights (model.safetensors, or shards and their index).
 REQUIRED_FILES = (
     "config.json",
-    "configuration_scalevae.py",
-    "modeling_scalevae.py",
+    *MODEL_CODE_FILES,
     "generation_config.json",
     "README.md",
     "tokenizer_config.json",
@@ -104,11 +101,11 @@ def save_time(folder: str | os.PathLike) -> int | None:
     if missing_files(folder) or not _is_model_folder(folder):
         return None
     try:
-        files = _weights_files_in(str(folder))
+        files = weights_files_in(str(folder))
         stamps = [
-            (_read_safetensors_header(path)[1].get("__metadata__") or {}).get(WEIGHTS_SAVED_AT_KEY) for path in files
+            (read_safetensors_header(path)[1].get("__metadata__") or {}).get(WEIGHTS_SAVED_AT_KEY) for path in files
         ]
-        _verify_weights_checksums(files)
+        verify_weights_checksums(files)
     except (OSError, ValueError):
         return None
     return max((int(stamp) for stamp in stamps if stamp and stamp.isdigit()), default=0) if files else None

@@ -30,8 +30,7 @@ SENTENCES = ["the cat sat on the mat", "a second, somewhat longer sentence to en
 EXPECTED_FILES = {
     "README.md",
     "config.json",
-    "configuration_scalevae.py",
-    "modeling_scalevae.py",
+    *hub.MODEL_CODE_FILES,
     "generation_config.json",
     "model.safetensors",
     "tokenizer.json",
@@ -121,7 +120,7 @@ def test_saved_folder_holds_exactly_everything(saved, model):
     assert config["model_type"] == "scalevae"
     assert config["scalevae_version"] == scalevae.__version__
     assert config["scalevae_format_version"] == FORMAT
-    for name in ("configuration_scalevae.py", "modeling_scalevae.py"):  # the code that wrote the folder, verbatim
+    for name in hub.MODEL_CODE_FILES:  # the code that wrote the folder, verbatim
         assert (saved / name).read_bytes() == (REPO / name).read_bytes()
     with safe_open(saved / "model.safetensors", framework="pt") as weights:
         assert torch.equal(weights.get_tensor("collapse.scale_factors"), model.collapse.scale_factors)
@@ -137,9 +136,9 @@ def test_saved_folder_holds_exactly_everything(saved, model):
 
 
 def test_plain_save_pretrained_carries_the_code(tmp_path, model):
-    """What Trainer(push_to_hub=True) and checkpoints write: model.save_pretrained alone copies both code files."""
+    """What Trainer(push_to_hub=True) and checkpoints write: model.save_pretrained alone copies every code file."""
     model.save_pretrained(tmp_path)
-    assert {"configuration_scalevae.py", "modeling_scalevae.py", "config.json", "model.safetensors"} <= {
+    assert {*hub.MODEL_CODE_FILES, "config.json", "model.safetensors"} <= {
         p.name for p in tmp_path.iterdir()
     }
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
@@ -185,9 +184,10 @@ def test_relative_import_passes_transformers_checks_and_both_import_ways(remote_
     assert "configuration_scalevae" not in get_imports(modeling)
     third_party = set(get_imports(modeling)) - set(sys.stdlib_module_names)
     assert third_party <= {"torch", "transformers", "safetensors"}
-    # ... while the relative import is found, so the configuration file travels with the modeling file
-    assert get_relative_imports(modeling) == ["configuration_scalevae"]
-    assert check_imports(modeling) == ["configuration_scalevae"]
+    # ... while the relative imports are found, so the sibling files travel with the modeling file
+    siblings = ["checks_scalevae", "configuration_scalevae", "loading_scalevae"]
+    assert sorted(get_relative_imports(modeling)) == siblings
+    assert sorted(check_imports(modeling)) == siblings
     # way 1: installed as top-level modules
     import configuration_scalevae
     import modeling_scalevae
@@ -210,7 +210,8 @@ FRESH_SCRIPT = textwrap.dedent(
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     folder, reference, sentences, report = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
-    importable = [m for m in ("scalevae", "configuration_scalevae", "modeling_scalevae") if importlib.util.find_spec(m)]
+    modules = ("scalevae", "configuration_scalevae", "modeling_scalevae", "checks_scalevae", "loading_scalevae")
+    importable = [m for m in modules if importlib.util.find_spec(m)]
     assert not importable, f"{importable} importable: this check must run without the package"
     ref = load_file(reference)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)

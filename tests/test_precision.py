@@ -78,10 +78,10 @@ def test_latent_values_are_checked_once_per_generate_call(monkeypatch):
     import modeling_scalevae
 
     calls = []
-    original = modeling_scalevae._check_latents
+    original = modeling_scalevae.check_latents
     monkeypatch.setattr(
         modeling_scalevae,
-        "_check_latents",
+        "check_latents",
         lambda *args, **kwargs: calls.append(args[3] if len(args) > 3 else kwargs) or original(*args, **kwargs),
     )
     model = tiny_model().eval()

@@ -1,0 +1,348 @@
+"""Loading and saving of Scale-VAE folders: strict loading and its diagnosis, weights checksums, public names in
+config.json. A sibling of `modeling_scalevae.py` that every saved folder carries (transformers' `custom_object_save`
+copies the modules a remote-code file imports relatively), so remote-code users (`trust_remote_code=True`, no scalevae
+installed) get the same strict loading. It imports only torch, transformers and safetensors."""
+
+import math
+
+import torch
+from transformers.utils import logging
+
+try:  # a saved folder loaded with trust_remote_code: transformers only allows relative imports between its files
+    from .configuration_scalevae import SCALEVAE_FORMAT_VERSION
+except ImportError:  # the same file installed as a top-level module
+    from configuration_scalevae import SCALEVAE_FORMAT_VERSION
+
+logger = logging.get_logger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and saving: strict loading and its diagnosis, weights checksums, public names in config.json
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
+    """`ScaleVAEForLatentLM.from_pretrained`, given `PreTrainedModel.from_pretrained` as `load`."""
+    from safetensors import SafetensorError
+
+    return_loading_info = kwargs.pop("output_loading_info", False)
+    verify_weights = kwargs.pop("verify_weights", True)
+    allow_resize = kwargs.pop("ignore_mismatched_sizes", False)
+    try:  # collect the mismatches instead of transformers' generic error, then explain them below
+        model, info = load(
+            pretrained_model_name_or_path,
+            *model_args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+    except SafetensorError as error:
+        raise OSError(
+            f"{describe_weights_files(pretrained_model_name_or_path, kwargs.get('subfolder') or '')} is "
+            f"truncated or corrupted ({error}); re-download or re-save the model."
+        ) from error
+    model.config.validate_scalevae()  # config fields given as keyword arguments override the saved ones unchecked
+    problems = weights_config_mismatches(model, info, allow_resize)
+    if problems:
+        raise ValueError(
+            f"The weights in {pretrained_model_name_or_path} do not match its config:\n - "
+            + "\n - ".join(problems)
+            + "\nA ScaleVAE folder loads only into the config it was saved with: drop the config overrides, or "
+            "fix config.json to the values the weights were trained with."
+        )
+    if verify_weights:
+        verify_weights_checksums(resolved_weights_files(pretrained_model_name_or_path, kwargs))
+    # Loading materialises the parameters anew, without the requires_grad=False that __init__ set on a frozen encoder.
+    model._freeze_encoder(model.config.freeze_encoder)
+    return (model, info) if return_loading_info else model
+
+
+def save_publicly(model, save, save_directory, *args, push_to_hub: bool = False, **kwargs):
+    """`ScaleVAEForLatentLM.save_pretrained`, given `PreTrainedModel.save_pretrained` (bound to `model`) as `save`."""
+    import os
+
+    model.config.scalevae_format_version = SCALEVAE_FORMAT_VERSION  # a loaded older folder is saved in today's format
+    configs = [model.config, model.config.encoder, model.config.decoder]
+    names = [getattr(config, "_name_or_path", "") for config in configs]
+    hub_kwargs = {
+        key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs
+    }
+    try:
+        for config, name in zip(configs, names):
+            config._name_or_path = public_name(name)
+        save(save_directory, *args, **kwargs)
+    finally:
+        for config, name in zip(configs, names):
+            config._name_or_path = name
+    if kwargs.get("is_main_process", True):
+        record_weights_checksums(save_directory)
+    if push_to_hub:  # after the checksums: push_to_hub saves a fresh copy and uploads that
+        repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+        model.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+
+def describe_weights_files(path, subfolder: str = "") -> str:
+    """The safetensors file that fails to parse, for an error message (a local folder; a Hub id is named as such)."""
+    import os
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = os.path.join(str(path), subfolder)
+    if not os.path.isdir(folder):
+        return f"The safetensors weights of {path} (in the Hub cache)"
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    for file in files:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return file
+    return ", ".join(files) or folder
+
+
+# Tensors whose shape reveals a config value: key -> ((config field, dimension of the saved shape, divisor), ...).
+_SHAPE_WITNESSES = {
+    "latent_head.proj.weight": (("latent_size", 0, 2), ("encoder.hidden_size", 1, 1)),
+    "encoder.embeddings.word_embeddings.weight": (("encoder.vocab_size", 0, 1), ("encoder.hidden_size", 1, 1)),
+    "encoder.embeddings.position_embeddings.weight": (("encoder.max_position_embeddings", 0, 1),),
+    "decoder.transformer.wte.weight": (("decoder.vocab_size", 0, 1), ("decoder.n_embd", 1, 1)),
+    "decoder.transformer.wpe.weight": (("decoder.n_positions", 0, 1),),
+}
+
+
+def weights_config_mismatches(model, info: dict, allow_resize: bool = False) -> list[str]:
+    """Every disagreement between a loaded weights file and the model's config, in words naming both values."""
+    config = model.config
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    problems = []
+
+    def in_file(key: str, present_in_model: bool) -> bool:
+        return key in unexpected or (present_in_model and key not in missing)
+
+    has_memory = in_file("injection.to_memory.weight", model.injection.to_memory is not None)
+    has_embedding = in_file("injection.to_embedding.weight", model.injection.to_embedding is not None)
+    saved_injection = {(True, True): "both", (True, False): "memory", (False, True): "embedding"}.get(
+        (has_memory, has_embedding), "none of memory/embedding/both"
+    )
+    has_scale = in_file("collapse.scale_factors", hasattr(model.collapse, "scale_factors"))
+    has_bn = in_file("collapse.beta", hasattr(model.collapse, "beta"))
+    saved_strategy = "'scale'" if has_scale else "'bn'" if has_bn else "'vae', 'free_bits' or 'ae'"
+    groups = {}  # (field, config value, saved value, missing?) -> keys
+    for key in sorted(missing | unexpected):
+        if key.startswith("injection."):
+            group = ("latent_injection", repr(config.latent_injection), repr(saved_injection))
+        elif key.startswith("collapse."):
+            group = ("collapse_strategy", repr(config.collapse_strategy), saved_strategy)
+        else:
+            group = (None, None, None)
+        groups.setdefault((*group, key in missing), []).append(key)
+    for (field, value, saved, is_missing), keys in groups.items():
+        names = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
+        if field is None:
+            problems.append(
+                f"the config builds {names}, which the weights file lacks"
+                if is_missing
+                else f"the weights file holds {names}, which the config does not build"
+            )
+        elif is_missing:
+            problems.append(
+                f"{field}={value} expects {names}, which the weights file lacks (was it saved with {field}={saved}?)"
+            )
+        else:
+            problems.append(
+                f"the weights file holds {names}, which {field}={value} does not use (was it saved with {field}={saved}?)"
+            )
+    gamma = getattr(model.collapse, "gamma", None)  # BN-VAE's γ is a saved buffer: the config must agree with it
+    if gamma is not None and not math.isclose(gamma.item(), config.bn_gamma, rel_tol=1e-6):
+        problems.append(f"bn_gamma={config.bn_gamma} in the config, but the weights hold γ={gamma.item():.6g}")
+    if allow_resize:
+        return problems
+    explained = set()
+    for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
+        for field, dim, divisor in _SHAPE_WITNESSES.get(key, ()):
+            owner = config
+            for part in field.split(".")[:-1]:
+                owner = getattr(owner, part)
+            value, saved = getattr(owner, field.split(".")[-1]), saved_shape[dim] // divisor
+            if value != saved and field not in explained:
+                explained.add(field)
+                problems.append(
+                    f"{field}={value} in the config, but the weights file was saved with {field}={saved} ({key} has "
+                    f"shape {tuple(saved_shape)}, the config needs {tuple(model_shape)})"
+                )
+    if not explained:  # no witness named the field: list the shapes themselves
+        for key, saved_shape, model_shape in sorted(info.get("mismatched_keys") or (), key=lambda item: item[0]):
+            problems.append(
+                f"{key} has shape {tuple(saved_shape)} in the weights file, the config needs {tuple(model_shape)}"
+            )
+    return problems
+
+
+# -- weights integrity ------------------------------------------------------------------------------------------------
+# Every save records, in each safetensors file's metadata, a checksum of its tensors and the time of the save;
+# `from_pretrained` recomputes the checksum. Its data part is two 64-bit sums over the file's tensor bytes read as
+# 64-bit words (all words, and the rows of 1024 words weighted by their position): any flipped bit, zeroed page or
+# moved block changes it, and torch reads the bytes at memory speed, where a cryptographic hash of a large model costs
+# more than loading it. It guards against damage, not against someone who rewrites the file and its checksum alike.
+
+WEIGHTS_DIGEST_KEY = "scalevae_weights_checksum"
+WEIGHTS_SAVED_AT_KEY = "scalevae_saved_at"
+_CHECKSUM_VERSION = "scalevae-checksum-1"
+_CHECKSUM_ROW_WORDS = 1024
+
+
+def weights_files_in(folder) -> list[str]:
+    """The safetensors weights files of a local folder: model.safetensors, or the shards its index lists."""
+    import json
+    import os
+
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle).get("weight_map", {}).values()))
+        return [os.path.join(folder, shard) for shard in shards]
+    return []
+
+
+def read_safetensors_header(path) -> tuple[int, dict]:
+    """(header length in bytes, parsed header) of a safetensors file."""
+    import json
+
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return length, json.loads(handle.read(length))
+
+
+def weights_checksum(path, header_length: int, header: dict) -> str:
+    import hashlib
+    import json
+    import mmap
+    import warnings
+
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    digest = hashlib.sha256(json.dumps(tensors, sort_keys=True, separators=(",", ":")).encode())
+    start = 8 + header_length
+    populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page at once, not one page fault at a time
+    with (
+        open(path, "rb") as handle,
+        (
+            mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+            if populate
+            else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        ) as data,
+    ):
+        rows = (len(data) - start) // (8 * _CHECKSUM_ROW_WORDS)
+        end = start + rows * 8 * _CHECKSUM_ROW_WORDS
+        if rows:
+            with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is only read
+                warnings.simplefilter("ignore", UserWarning)
+                words = torch.frombuffer(data, dtype=torch.int64, offset=start, count=end - start >> 3)
+            row_sums = words.view(rows, _CHECKSUM_ROW_WORDS).sum(1)
+            weighted = (row_sums * torch.arange(1, rows + 1, dtype=torch.int64)).sum()
+            sums = torch.stack([row_sums.sum(), weighted]).tolist()
+            del words, row_sums, weighted
+        else:
+            sums = [0, 0]
+        for value in sums:
+            digest.update((value & (2**64 - 1)).to_bytes(8, "little"))
+        digest.update(data[end:])
+    return f"{_CHECKSUM_VERSION}:{digest.hexdigest()}"
+
+
+def record_weights_checksum(path, saved_at: int) -> None:
+    """Rewrite a safetensors file with its checksum and save time in the metadata; the new file gets the folder's
+    usual mode (0o666 less the umask), like every other file of a save."""
+    import json
+    import os
+    import shutil
+
+    length, header = read_safetensors_header(path)
+    metadata = dict(header.get("__metadata__") or {})
+    metadata[WEIGHTS_DIGEST_KEY] = weights_checksum(path, length, header)
+    metadata[WEIGHTS_SAVED_AT_KEY] = str(saved_at)
+    new_header = json.dumps({**header, "__metadata__": metadata}, separators=(",", ":")).encode()
+    new_header += b" " * (-len(new_header) % 8)  # the data stays 8-byte aligned
+    partial = f"{path}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
+            out.write(len(new_header).to_bytes(8, "little"))
+            out.write(new_header)
+            source.seek(8 + length)
+            shutil.copyfileobj(source, out, 16 << 20)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+
+
+def record_weights_checksums(folder) -> None:
+    import time
+
+    saved_at = time.time_ns()
+    for path in weights_files_in(folder):
+        record_weights_checksum(path, saved_at)
+
+
+def verify_weights_checksums(files) -> None:
+    """Raise an OSError naming the first weights file whose tensors differ from the checksum recorded at its save.
+    A file saved without one (older versions of scalevae) passes."""
+    for path in files:
+        length, header = read_safetensors_header(path)
+        recorded = (header.get("__metadata__") or {}).get(WEIGHTS_DIGEST_KEY)
+        if recorded is None:
+            continue
+        if not recorded.startswith(_CHECKSUM_VERSION + ":"):
+            logger.warning_once(f"{path}: unknown weights checksum {recorded.split(':')[0]!r}, not verified.")
+            continue
+        if weights_checksum(path, length, header) != recorded:
+            raise OSError(
+                f"{path} is corrupted: its tensors do not match the checksum recorded when it was saved "
+                f"({WEIGHTS_DIGEST_KEY} in its metadata). Re-download or re-save the model (or pass "
+                "verify_weights=False to load it anyway)."
+            )
+
+
+def resolved_weights_files(path, kwargs: dict) -> list[str]:
+    """The weights files `from_pretrained` read: a local folder's, or the Hub cache's copies of a repository's."""
+    import os
+
+    subfolder = kwargs.get("subfolder") or ""
+    folder = os.path.join(str(path), subfolder)
+    if os.path.isdir(folder):
+        return weights_files_in(folder)
+    from transformers.utils import cached_file
+
+    options = dict(
+        subfolder=subfolder,
+        cache_dir=kwargs.get("cache_dir"),
+        revision=kwargs.get("revision"),
+        local_files_only=True,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    try:
+        single = cached_file(path, "model.safetensors", **options)
+        if single is not None:
+            return [single]
+        index = cached_file(path, "model.safetensors.index.json", **options)
+    except (OSError, ValueError):
+        return []
+    return weights_files_in(os.path.dirname(index)) if index is not None else []
+
+
+def public_name(name: str) -> str:
+    """A part's `_name_or_path` as a saved folder may show it: a Hub id as it is, a local path as its folder's name
+    only (the rest of the path belongs to the machine that saved it)."""
+    import os
+
+    if not name or not (os.path.isabs(name) or os.path.exists(name) or name.startswith(("~", "."))):
+        return name
+    head, base = os.path.split(os.path.normpath(os.path.expanduser(name)))
+    # a folder named only "model" (e.g. inside the offline MiniLM's package) says more with its parent's name
+    if base in ("model", "models", "final") and os.path.basename(head):
+        return f"{os.path.basename(head)}/{base}"
+    return base
