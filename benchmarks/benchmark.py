@@ -24,9 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scalevae import build_model  # noqa: E402
-from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_texts  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from scalevae.data import DataCollatorForLatentLM, tokenize_texts  # noqa: E402
 from scalevae.metrics import iw_log_likelihood  # noqa: E402
+from scalevae.recipe import RunSpec, build_or_load, prepare_data, quiet  # noqa: E402
 
 DEVICE = torch.device("cpu")
 
@@ -48,13 +50,33 @@ def median_times(contenders: dict, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def setup(strategy: str, args):
-    torch.manual_seed(0)
-    overrides = dict(n_layer=1, n_embd=64, n_head=2) if args.quick else {}
-    model, enc, dec = build_model(
-        args.encoder, latent_size=32, collapse_strategy=strategy, decoder_config_overrides=overrides
+def benchmark_spec(args) -> RunSpec:
+    """The main job's model (the run recipe's: MiniLM + a new 4x256 GPT-2 on a BPE fitted to the embedded corpus), or
+    a tiny one with --quick."""
+    spec = RunSpec(
+        training=TrainingArguments(output_dir="outputs/benchmark", seed=0, report_to=[]),
+        config=dict(latent_size=32),
     )
-    return model.to(DEVICE), enc, dec
+    tiny = dict(decoder_layers=1, decoder_width=64, decoder_heads=2) if args.quick else {}
+    return spec.replace(model=dict(encoder=args.encoder, **tiny), data=dict(max_length=args.max_length))
+
+
+_DATA = {}
+
+
+def setup(strategy: str, args):
+    """A model of the recipe with `strategy`, seeded, on the device; the data (tokenizers, texts) prepared once."""
+    spec = benchmark_spec(args)
+    with quiet():
+        if "data" not in _DATA:
+            _DATA["data"] = prepare_data(spec)
+        data = _DATA["data"]
+        model = build_or_load(spec.replace({"collapse_strategy": strategy}), data)
+    return model.to(DEVICE), data.encoder_tokenizer, data.decoder_tokenizer
+
+
+def batch_texts(args) -> list[str]:
+    return _DATA["data"].texts["train"][: args.batch_size]
 
 
 def training_step_fn(model, batch, dtype=None):
@@ -68,6 +90,7 @@ def training_step_fn(model, batch, dtype=None):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        model.collapse.end_step()  # the strategy's step hook, as the recipe's Trainer calls it
 
     return step
 
@@ -75,8 +98,7 @@ def training_step_fn(model, batch, dtype=None):
 def peak_memory_child(strategy: str, args) -> None:
     """Runs in a subprocess: a few training steps, then prints the process's peak resident memory (MiB)."""
     model, enc, dec = setup(strategy, args)
-    texts = load_text_dataset()["train"]["text"][: args.batch_size]
-    batch = collate(texts, enc, dec, args.max_length)
+    batch = collate(batch_texts(args), enc, dec, args.max_length)
     step = training_step_fn(model, batch)
     for _ in range(3):
         step()
@@ -110,12 +132,12 @@ def main():
     if args._memory_child:
         return peak_memory_child(args._memory_child, args)
 
-    texts = load_text_dataset()["train"]["text"][: args.batch_size]
     results = {}
 
     # 1. Training step: Scale-VAE against a plain VAE with the same parts.
     scale, enc, dec = setup("scale", args)
     vae, _, _ = setup("vae", args)
+    texts = batch_texts(args)
     batch = collate(texts, enc, dec, args.max_length)
     steps = {"scale": training_step_fn(scale, batch), "vae": training_step_fn(vae, batch)}
     for fn in steps.values():
@@ -246,7 +268,9 @@ def main():
         print(f"{name:36}{value:10.3f}  {op} {bound}  {'ok' if ok else 'MISSED'}")
     for name, value in throughput.items():
         print(f"{name:36}{value:10.1f}")
-    setting = "tiny random model" if args.quick else "MiniLM-L6 encoder + 4x256 GPT-2 decoder"
+    setting = (
+        "MiniLM-L6 encoder + " + ("1x64" if args.quick else "4x256") + " GPT-2 decoder on the main job's fitted BPE"
+    )
     card = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     output = args.output or ("benchmarks/results_gpu.json" if DEVICE.type == "cuda" else "benchmarks/results.json")
     Path(output).write_text(

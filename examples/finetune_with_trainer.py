@@ -1,81 +1,50 @@
 """Fine-tune a saved Scale-VAE on other text with the stock transformers Trainer.
 
-    python examples/finetune_with_trainer.py --model outputs/accelerate/model              # SNLI sentences, 200 steps
-    python examples/finetune_with_trainer.py --model runs/ptb/final --train_file my.txt --kl_weight 0.5
+    python examples/finetune_with_trainer.py --model_name_or_path outputs/accelerate/final   # SNLI, 200 steps
+    python examples/finetune_with_trainer.py --model_name_or_path runs/ptb/final --train_file my.txt --kl_weight 0.5
 
 The saved folder's config, weights and both tokenizers carry on, and so do the buffers the model keeps beside its
 weights: Scale-VAE's running scale factors and schedule counts, and the fitted prior. The default text, SNLI's
-sentences, is read at run time from ../shared/data (never copied into this repository). `scalevae train
---model_name_or_path FOLDER` does the same from the command line.
+sentences, is read at run time from ../shared/data (never copied into this repository). A preset of the run recipe:
+`scalevae train --model_name_or_path FOLDER` does the same with the recipe's defaults.
 """
 
-import argparse
+import sys
 from pathlib import Path
 
-from transformers import TrainingArguments
-
-from scalevae import load_pretrained
-from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-from scalevae.hub import save_model
-from scalevae.training import make_trainer
+from scalevae.recipe import RunSpec, run
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli.train.txt"
+# The example's preset of the run recipe's options: a lower learning rate than from scratch keeps what it knows.
+PRESET = dict(
+    train_file=str(DEFAULT_TEXT),
+    max_steps=200,
+    per_device_train_batch_size=32,
+    learning_rate=1e-4,
+    max_length=32,
+    logging_steps=50,
+    seed=0,
+    output_dir="outputs/finetune",
+    save_strategy="no",
+    report_to=[],
+)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a folder saved by scalevae (or a Hub id)")
-    parser.add_argument("--train_file", default=str(DEFAULT_TEXT), help="one sentence per line")
-    parser.add_argument("--kl_weight", type=float, default=None, help="β for fine-tuning (default: the saved one)")
-    parser.add_argument("--max_steps", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument(
-        "--learning_rate", type=float, default=1e-4, help="lower than from scratch: keep what it knows"
-    )
-    parser.add_argument("--max_length", type=int, default=32)
-    parser.add_argument("--logging_steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default="outputs/finetune")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if not Path(args.train_file).exists():
-        raise SystemExit(f"--train_file {args.train_file} does not exist: give a text file, one sentence per line.")
-    # Config fields given to from_pretrained override the saved config; loading stays strict, so one the weights
-    # cannot follow (e.g. latent_size) raises a ValueError naming it.
-    overrides = {"kl_weight": args.kl_weight} if args.kl_weight is not None else {}
-    model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model, **overrides)
-
-    texts = load_text_dataset({"train": args.train_file})
-    dataset, _ = tokenize_dataset(texts, encoder_tokenizer, decoder_tokenizer, args.max_length)
-    collator = DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-    )
-    # make_trainer adds the collapse strategy's step/epoch hooks (Scale-VAE's factors keep updating from where the
-    # saved model left them) and refits the prior on the new text at the end.
-    trainer = make_trainer(model, training_args, dataset["train"], collator, processing_class=encoder_tokenizer)
-    trainer.train()
-
-    output = Path(args.output_dir) / "model"
-    recipe = dict(
-        data=args.train_file,
-        steps=trainer.state.global_step,
-        fine_tuned_from=args.model,
-        command="examples/finetune_with_trainer.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-    )
-    save_model(output, model, encoder_tokenizer, decoder_tokenizer, training=recipe)
-    print(f"saved {output}")
-    return output
+def main(argv=None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    spec, _, _ = RunSpec.parse(argv, PRESET, prog="finetune_with_trainer.py")
+    if not spec.model.model_name_or_path:
+        raise SystemExit("--model_name_or_path is required: a folder saved by scalevae (or a Hub id).")
+    if not Path(spec.data.train_file).exists():
+        raise SystemExit(
+            f"--train_file {spec.data.train_file} does not exist: give a text file, one sentence per line."
+        )
+    # The recipe loads the folder strictly with the config fields given (a kl_weight, say) and trains with the stock
+    # Trainer (make_trainer: the strategy's step/epoch hooks continue from the saved buffers, and the prior is refitted
+    # on the new text at the end).
+    result = run(spec, command=" ".join(["examples/finetune_with_trainer.py", *argv]))
+    print(f"saved {result.folder}")
+    return result.folder
 
 
 if __name__ == "__main__":

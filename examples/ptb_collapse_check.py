@@ -3,49 +3,35 @@
     python examples/ptb_collapse_check.py                   # 1,000 steps each; about 45 minutes on 2 CPU cores
     python examples/ptb_collapse_check.py --max_steps 200   # a quicker look
 
-Setup (the issue's prototype): MiniLM-L6 encoder, 4-layer 256-wide GPT-2 decoder, latent 32, memory + embedding
-injection, batch 32, <= 32 tokens, AdamW 5e-4, 7,000 PTB training sentences, des_std 1.0. PTB is read at run time from
+A preset of `scalevae quickstart` (the run recipe). Setup: MiniLM-L6 encoder (frozen), 4-layer 256-wide GPT-2 decoder,
+latent 32, memory + embedding injection, batch 32, <= 32 tokens, AdamW 5e-4, 7,000 PTB training sentences, des_std 1.0. PTB is read at run time from
 ../shared/data (research use only; never copied into this repository). Prints the metrics table, the checks below and
 the step-time ratio, and writes plots and JSON under --output_dir.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from scalevae.quickstart import run
+from scalevae.quickstart import main as quickstart
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The check's preset of the quickstart's options; options given on the command line override it.
+PRESET = dict(
+    train_sentences=7000, max_steps=1000, eval_sentences=500, num_importance_samples=50, logging_steps=50,
+    output_dir="outputs/ptb_collapse_check",
+)  # fmt: skip
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default=str(DATA))
-    parser.add_argument("--max_steps", type=int, default=1000)
-    parser.add_argument("--train_sentences", type=int, default=7000)
-    parser.add_argument("--eval_sentences", type=int, default=500)
-    parser.add_argument("--num_importance_samples", type=int, default=50)
-    parser.add_argument("--output_dir", default="outputs/ptb_collapse_check")
-    args = parser.parse_args()
-    data = Path(args.data_dir)
-    files = {
-        split: data / f"ptb.{name}.txt"
-        for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
-    }
-    if not all(f.exists() for f in files.values()):
-        sys.exit(f"PTB files not found under {data} (ptb.train.txt, ptb.valid.txt, ptb.test.txt)")
-    results = run(
-        args.output_dir,
-        "scale",
-        compare_vae=True,
-        data_files={k: str(v) for k, v in files.items()},
-        train_sentences=args.train_sentences,
-        max_steps=args.max_steps,
-        eval_sentences=args.eval_sentences,
-        num_importance_samples=args.num_importance_samples,
-        logging_steps=50,
-    )
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    files = {f"--{split}_file": DATA / f"ptb.{name}.txt" for split, name in
+             (("train", "train"), ("validation", "valid"), ("test", "test"))}  # fmt: skip
+    if not all(path.exists() for path in files.values()):
+        sys.exit(f"PTB files not found under {DATA} (ptb.train.txt, ptb.valid.txt, ptb.test.txt)")
+    preset = [item for key, value in PRESET.items() for item in (f"--{key}", str(value))]
+    preset += [item for option, path in files.items() for item in (option, str(path))]
+    results = quickstart([*preset, "--compare_vae", *argv])
     scale = {**results["scale"]["metrics"], **results["scale"]["timing"]}
     vae = {**results["vae"]["metrics"], **results["vae"]["timing"]}
     checks = {
@@ -57,7 +43,8 @@ def main():
     print(f"\nstep time Scale-VAE / VAE: {scale['seconds_per_step'] / vae['seconds_per_step']:.3f}")
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'FAILED'}] {name}")
-    Path(args.output_dir, "checks.json").write_text(json.dumps(checks, indent=2))
+    output = Path(dict(zip(argv[::2], argv[1::2])).get("--output_dir", PRESET["output_dir"]))
+    (output / "checks.json").write_text(json.dumps(checks, indent=2))
     sys.exit(0 if all(checks.values()) else 1)
 
 

@@ -10,79 +10,64 @@ Under several processes each rank sees its share of the batch; Scale-VAE all-red
 scale factors are those of the global batch, identical on every rank.
 """
 
-import argparse
 import json
-from pathlib import Path
+import sys
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from configuration_scalevae import COLLAPSE_STRATEGIES
-from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-from scalevae.factory import build_model
 from scalevae.hub import save_model
-from scalevae.training import KL_SCHEDULES, KLSchedule, latent_statistics
+from scalevae.recipe import RunSpec, build_or_load, prepare_data, quiet
+from scalevae.training import KLSchedule, latent_statistics
+
+# The example's preset of the run recipe's options (`scalevae train --help` lists them all).
+PRESET = dict(
+    output_dir="outputs/accelerate",
+    max_steps=400,
+    per_device_train_batch_size=32,
+    learning_rate=5e-4,
+    max_length=32,
+    logging_steps=50,
+    seed=0,
+    latent_size=32,
+    report_to=[],
+)
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train_file", default=None, help="one sentence per line (default: the embedded corpus)")
-    parser.add_argument("--validation_file", default=None)
-    parser.add_argument("--encoder", default=None, help="BERT-style encoder path or Hub id (default: offline MiniLM)")
-    parser.add_argument("--decoder", default=None, help="GPT-2 path or Hub id (default: a new small GPT-2)")
-    parser.add_argument("--decoder_layers", type=int, default=4)
-    parser.add_argument("--decoder_width", type=int, default=256)
-    parser.add_argument("--collapse_strategy", default="scale", choices=COLLAPSE_STRATEGIES)
-    parser.add_argument("--latent_size", type=int, default=32)
-    parser.add_argument("--des_std", type=float, default=1.0)
-    parser.add_argument("--kl_schedule", default="constant", choices=KL_SCHEDULES)
-    parser.add_argument("--max_steps", type=int, default=400)
-    parser.add_argument("--batch_size", type=int, default=32, help="per process")
-    parser.add_argument("--learning_rate", type=float, default=5e-4)
-    parser.add_argument("--max_length", type=int, default=32)
-    parser.add_argument("--logging_steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default="outputs/accelerate")
-    return parser.parse_args()
-
-
-def main():
-    args = parse_args()
+def main(argv=None):
+    spec, _, _ = RunSpec.parse(sys.argv[1:] if argv is None else argv, PRESET, prog="train_accelerate.py")
+    args = spec.training
     # Without a GPU, Accelerate forms a multi-process group (gloo) only when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(args.seed)
-    model, encoder_tokenizer, decoder_tokenizer = build_model(
-        args.encoder,
-        args.decoder,
-        latent_size=args.latent_size,
-        collapse_strategy=args.collapse_strategy,
-        scale_target_std=args.des_std,
-        decoder_config_overrides=dict(n_layer=args.decoder_layers, n_embd=args.decoder_width),
-    )
-    files = (
-        {"train": args.train_file, "validation": args.validation_file or args.train_file} if args.train_file else None
-    )
-    with accelerator.main_process_first():  # rank 0 tokenises, the others read the datasets cache
-        dataset, _ = tokenize_dataset(load_text_dataset(files), encoder_tokenizer, decoder_tokenizer, args.max_length)
-    collator = DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
+    with accelerator.main_process_first(), quiet():  # rank 0 fits the tokenizer and tokenises; the others follow
+        data = prepare_data(spec)
+    model = build_or_load(spec, data)  # seeded: every rank starts from the same weights
+    train, validation = data.dataset["train"], data.dataset.get("validation", data.dataset["train"])
     loader = DataLoader(
-        dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True
+        train, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=data.collator, drop_last=True
     )
     probe = [
-        collator([dataset["validation"][i] for i in range(s, min(s + 64, 256, len(dataset["validation"])))])
-        for s in range(0, min(256, len(dataset["validation"])), 64)
+        data.collator([validation[i] for i in range(s, min(s + 64, 256, len(validation)))])
+        for s in range(0, min(256, len(validation)), 64)
     ]
     # The Trainer's defaults (AdamW without weight decay, linear decay after a 5% warm-up), so both paths compare.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, args.max_steps // 20), args.max_steps)
     # The scheduler stays unprepared: Accelerate's wrapper would step it once per process, per step.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     unwrapped = accelerator.unwrap_model(model)
-    schedule = KLSchedule(args.kl_schedule, warmup_steps=args.max_steps // 2, total_steps=args.max_steps)
+    schedule = KLSchedule(
+        spec.model.kl_schedule,
+        model.config.kl_weight,
+        spec.model.kl_warmup_steps,
+        args.max_steps,
+        spec.model.kl_n_cycle,
+        spec.model.kl_ratio_zero,
+        spec.model.kl_ratio_increase,
+    )
 
     step, history = 0, []
     progress = tqdm(total=args.max_steps, disable=not accelerator.is_main_process, desc="training")
@@ -109,17 +94,17 @@ def main():
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        output = Path(args.output_dir)
+        output = spec.output_dir
         recipe = dict(
-            data=args.train_file or "embedded default corpus",
+            data=spec.data.train_file or "embedded default corpus",
             steps=step,
             processes=accelerator.num_processes,
-            batch_size_per_process=args.batch_size,
-            command="examples/train_accelerate.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+            batch_size_per_process=args.per_device_train_batch_size,
+            command=" ".join(["examples/train_accelerate.py", *(sys.argv[1:] if argv is None else argv)]),
         )
-        save_model(output / "model", unwrapped, encoder_tokenizer, decoder_tokenizer, training=recipe)
+        save_model(output / "final", unwrapped, data.encoder_tokenizer, data.decoder_tokenizer, training=recipe)
         (output / "history.json").write_text(json.dumps(history, indent=2))
-        accelerator.print(f"saved {output / 'model'}")
+        accelerator.print(f"saved {output / 'final'}")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,23 @@
 """The main job: train a Scale-VAE on the embedded default corpus, offline, within a wall-clock budget, and show what
 it learned: a metrics table (with a plain VAE beside it on request), reconstructions, prior samples, an interpolation,
-PNG plots and a Hub-ready model folder.
+PNG plots and a Hub-ready model folder. A preset of the run recipe (`scalevae.recipe`) plus its printing.
 
-Choices (measured in the README): the decoder writes with a byte-level BPE fitted to the training text (4,096 tokens)
-rather than the encoder's 30k WordPiece vocabulary, and the pretrained MiniLM encoder is frozen (only the latent head
-and the decoder train), which fits 1.7 times the steps into the budget. The learning rate is constant after a short
-warm-up, so a run stopped by the clock at step N is the run `--max_steps N` gives, step for step.
+Choices (measured in docs/quickstart.md): the decoder writes with a byte-level BPE fitted to the training text (4,096
+tokens) rather than the encoder's 30k WordPiece vocabulary, and the pretrained MiniLM encoder is frozen (only the latent
+head and the decoder train), which fits 1.7 times the steps into the budget. The learning rate is constant after a
+short warm-up, so a run stopped by the clock at step N is the run `--max_steps N` gives, step for step.
 """
 
-import contextlib
 import json
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments, set_seed
-from transformers.utils import logging as hf_logging
 
-from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-from .factory import build_model
-from .hub import save_model
 from .latent import LatentText
-from .metrics import METRICS, evaluate_model, reconstruction_bleu_of
+from .metrics import METRICS
 from .plots import plot_latent_map, plot_training_curves
-from .training import make_trainer
+from .recipe import RunSpec, describe_device, posterior_means, run
 
 # The console table's rows; their labels and formats come from `scalevae.metrics.METRICS`.
 TABLE_ROWS = (
@@ -48,218 +39,43 @@ TABLE_ROWS = (
 NAMES = {"scale": "Scale-VAE", "vae": "VAE", "free_bits": "free bits", "bn": "BN-VAE", "ae": "AE"}
 SHOWN = dict(reconstructions=3, samples=4, interpolation=5)
 PRIOR_SAMPLES = 20
-PRIOR_FIT_SENTENCES = 1024
 # Printed text is decoded as the README shows it: greedy for reconstructions and interpolations, nucleus sampling for
 # prior samples, always blocking repeated trigrams (a short-trained decoder otherwise loops on frequent words).
 GREEDY = dict(do_sample=False, no_repeat_ngram_size=3)
 NUCLEUS = dict(do_sample=True, top_p=0.9, no_repeat_ngram_size=3)
 
 
-class TimeBudgetCallback(TrainerCallback):
-    """Stops training when the next `stop_every` steps would overrun `seconds` of wall-clock time, and shows one
-    progress bar in seconds (the step count depends on the machine, the time does not).
-
-    Training stops only at multiples of `stop_every` (the logging interval), projecting the next interval from the
-    last one (so a machine that slows down mid-run still stops near the budget): a run that printed N steps is
-    reproduced exactly by `--max_steps N` under a schedule that does not depend on the total (constant learning rate).
-    """
-
-    def __init__(self, seconds: float | None, stop_every: int, desc: str):
-        self.seconds, self.stop_every, self.desc = seconds, stop_every, desc
-        self.bar, self.start, self.last_check, self.loss = None, 0.0, 0.0, None
-        self.elapsed = 0.0  # seconds from the first step's start to the last step's end
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = self.last_check = time.perf_counter()
-        unit = "s" if self.seconds else "step"
-        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}{postfix}]"
-        self.bar = tqdm(
-            total=round(self.seconds) if self.seconds else state.max_steps,
-            desc=self.desc,
-            unit=unit,
-            dynamic_ncols=True,
-            bar_format=bar_format,
-        )
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.loss = logs["loss"]
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        elapsed, step = now - self.start, state.global_step
-        self.elapsed = elapsed
-        self.bar.set_postfix_str(
-            f"step {step}" + (f", loss {self.loss:.1f}" if self.loss is not None else ""), refresh=False
-        )
-        self.bar.update((min(elapsed, self.seconds) if self.seconds else step) - self.bar.n)
-        if self.seconds and step % self.stop_every == 0:
-            if elapsed + (now - self.last_check) > self.seconds:
-                control.should_training_stop = True
-            self.last_check = now
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.refresh()
-            self.bar.close()
-
-
-@contextlib.contextmanager
-def quiet():
-    """No progress bars for sub-second steps (`datasets`' map/filter passes over this small corpus, transformers'
-    weight loading and saving) and no library warnings addressed to developers: the quickstart shows two bars per run,
-    training and evaluation."""
-    datasets_bars = datasets.is_progress_bar_enabled()
-    transformers_bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if transformers_bars:
-            hf_logging.enable_progress_bar()
-        if datasets_bars:
-            datasets.enable_progress_bars()
-
-
-def train_and_evaluate(
-    output_dir: Path,
-    data_files: dict[str, str] | None,
-    train_sentences: int | None,
-    collapse_strategy: str,
-    train_seconds: float | None,
-    max_steps: int | None,
-    batch_size: int,
-    max_length: int,
-    latent_size: int,
-    learning_rate: float,
-    warmup_steps: int,
-    num_importance_samples: int,
-    eval_sentences: int,
-    seed: int,
-    logging_steps: int,
-    freeze_encoder: bool | int,
-    decoder_vocab_size: int,
-    des_std: float,
-    encoder: str | None = None,
-) -> dict:
-    set_seed(seed)
-    raw = load_text_dataset(data_files)
-    if train_sentences:
-        raw["train"] = raw["train"].select(range(min(train_sentences, len(raw["train"]))))
-    raw["test"] = raw["test"].select(range(min(eval_sentences, len(raw["test"]))))
-    model, encoder_tokenizer, decoder_tokenizer = build_model(
-        encoder,
-        train_texts=raw["train"]["text"],
-        decoder_vocab_size=decoder_vocab_size,
-        latent_size=latent_size,
-        collapse_strategy=collapse_strategy,
-        scale_target_std=des_std,
-        freeze_encoder=freeze_encoder,
-    )
-    dataset, truncation = tokenize_dataset(raw, encoder_tokenizer, decoder_tokenizer, max_length)
-    collator = DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
-    test = dataset["test"]
-    args = TrainingArguments(
-        output_dir=str(output_dir / "trainer"),  # TensorBoard logs go to trainer/runs/
-        max_steps=max_steps or 10**7,  # the clock stops a budgeted run; the constant schedule ignores the total
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=64,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=warmup_steps,
-        weight_decay=0.0,
-        logging_steps=logging_steps,
-        report_to=["tensorboard"],
-        save_strategy="no",
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    trainer = make_trainer(
-        model,
-        args,
-        dataset["train"],
-        collator,
-        eval_dataset=dataset["validation"],
-        prior_fit_sentences=PRIOR_FIT_SENTENCES,
-    )
-    trainer.remove_callback(PrinterCallback)  # the budget's bar shows the loss; the full logs go to TensorBoard
-    trainer.remove_callback(ProgressCallback)
-    name = NAMES.get(collapse_strategy, collapse_strategy)
-    budget = TimeBudgetCallback(None if max_steps else train_seconds, logging_steps, f"train {name}")
-    trainer.add_callback(budget)
+# The main job's preset: option -> default (every other option keeps the recipe's default).
+QUICKSTART = dict(
+    output_dir="outputs/quickstart",
+    train_minutes=7.0,
+    per_device_train_batch_size=32,
+    max_length=32,
+    latent_size=32,
+    learning_rate=5e-4,
+    lr_scheduler_type="constant_with_warmup",
+    warmup_steps=50,
+    weight_decay=0.0,
+    logging_steps=25,
+    seed=0,
+    num_importance_samples=10,
+    eval_sentences=200,
+    freeze_encoder="True",
+    decoder_vocab_size=4096,
+    scale_target_std=1.0,
     # The prior that samples come from is refitted when training ends; 1,024 sentences pin its 32 means and variances
     # down to a few percent in a quarter of the default's time on a CPU.
-    trainer.train()
-    train_seconds, steps = budget.elapsed, trainer.state.global_step
+    prior_fit_sentences=1024,
+    report_to=["tensorboard"],
+    save_strategy="no",
+)
+# Without --max_steps, the clock stops the run; the constant schedule ignores the total.
+UNBOUNDED_STEPS = 10**7
 
-    model.eval()
-    loader = DataLoader(test, batch_size=32, collate_fn=collator)
-    metrics = evaluate_model(
-        model, loader, num_importance_samples=num_importance_samples, generator=torch.Generator().manual_seed(seed)
-    )
-    metrics["bleu"] = reconstruction_bleu_of(
-        model, raw["test"]["text"], encoder_tokenizer, decoder_tokenizer, max_length
-    )
-    samples = prior_samples(model, (encoder_tokenizer, decoder_tokenizer), PRIOR_SAMPLES, seed, max_length)
-    metrics["prior_distinct_2"] = distinct_bigrams(samples)
-    metrics.update(
-        dataset=data_files["test"] if data_files else "embedded default corpus",
-        split="test",
-        num_importance_samples=num_importance_samples,
-    )
-    timing = dict(steps=steps, train_seconds=train_seconds, seconds_per_step=train_seconds / max(steps, 1))
 
-    folder = output_dir / "model"
-    frozen = {True: "all", False: "none"}[freeze_encoder] if isinstance(freeze_encoder, bool) else freeze_encoder
-    command = (
-        f"scalevae quickstart --collapse_strategy {collapse_strategy} --max_steps {steps} --seed {seed} "
-        f"--learning_rate {learning_rate:g} --des_std {des_std:g} --freeze_encoder {frozen} "
-        f"--decoder_vocab_size {decoder_vocab_size} --batch_size {batch_size}"
-    )
-    corpus = "embedded default corpus (Python standard library docstrings, scalevae/corpus)"
-    training = dict(
-        data=f"{data_files['train'] if data_files else corpus}, {len(dataset['train'])} training sentences",
-        steps=steps,
-        batch_size=batch_size,
-        max_length=max_length,
-        learning_rate=learning_rate,
-        lr_schedule=f"constant after {warmup_steps} warm-up steps",
-        seed=seed,
-        truncated=truncation["train"],
-        command=command,
-        decoder_tokenizer=f"byte-level BPE, {len(decoder_tokenizer)} tokens, fitted to the training text",
-        evaluation=f"{len(test)} test sentences, {num_importance_samples} importance samples",
-        training_time=f"{train_seconds:.0f} s ({timing['seconds_per_step']:.2f} s/step) on {describe_device()}",
-    )
-    save_model(folder, model, encoder_tokenizer, decoder_tokenizer, metrics=metrics, training=training)
-
-    with torch.no_grad():
-        latents = torch.cat(
-            [
-                model.encode(b["input_ids"].to(model.device), b["attention_mask"].to(model.device)).decoder_mu
-                for b in loader
-            ]
-        ).cpu()
-    lengths = torch.tensor([len(labels) for labels in test["labels"]], dtype=torch.float)
-    return dict(
-        model=model,
-        tokenizers=(encoder_tokenizer, decoder_tokenizer),
-        metrics=metrics,
-        timing=timing,
-        test_texts=raw["test"]["text"],
-        lengths=lengths,
-        samples=samples,
-        max_length=max_length,
-        history=trainer.state.log_history,
-        latents=latents,
-        folder=folder,
-    )
+@dataclass
+class QuickstartArguments:
+    compare_vae: bool = field(default=False, metadata={"help": "also train a plain VAE and print it beside"})
 
 
 def prior_samples(model, tokenizers, num_samples: int, seed: int, max_length: int = 32) -> list[str]:
@@ -281,12 +97,6 @@ def longest_repeat(tokens: list) -> int:
         run = run + 1 if i and token == tokens[i - 1] else 1
         longest = max(longest, run)
     return longest
-
-
-def describe_device() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -353,81 +163,63 @@ def contrast(results: dict[str, dict]) -> str | None:
     )
 
 
-def run(
-    output_dir: str = "outputs/quickstart",
-    collapse_strategy: str = "scale",
-    compare_vae: bool = False,
-    data_files: dict[str, str] | None = None,
-    train_sentences: int | None = None,
-    train_minutes: float = 7.0,
-    max_steps: int | None = None,
-    batch_size: int = 32,
-    max_length: int = 32,
-    latent_size: int = 32,
-    learning_rate: float = 5e-4,
-    warmup_steps: int = 50,
-    num_importance_samples: int = 10,
-    eval_sentences: int = 200,
-    seed: int = 0,
-    logging_steps: int = 25,
-    freeze_encoder: bool | int = True,
-    decoder_vocab_size: int = 4096,
-    des_std: float = 1.0,
-    encoder: str | None = None,
-) -> dict[str, dict]:
-    """Train (for `train_minutes` of wall-clock time each, or exactly `max_steps` steps), evaluate, print, plot, save.
+def quickstart_spec(argv: list[str]) -> tuple[RunSpec, bool]:
+    """The spec of `scalevae quickstart ARGV`, and whether to add a plain VAE beside."""
+    spec, given, (options,) = RunSpec.parse(
+        argv, QUICKSTART, extra=(QuickstartArguments,), prog="scalevae quickstart", description=__doc__
+    )
+    if "max_steps" in given:
+        spec = spec.replace(run=dict(train_minutes=None))
+    else:
+        spec = spec.replace(training=dict(max_steps=UNBOUNDED_STEPS))
+    return spec, options.compare_vae
+
+
+def describe(spec: RunSpec, strategies: list[str]) -> str:
+    frozen = spec.config.get("freeze_encoder")
+    frozen = {True: "frozen", False: "trained"}.get(frozen, f"embeddings and {frozen} lower layers frozen")
+    training = spec.training
+    length = f"{training.max_steps} steps" if not spec.run.train_minutes else f"{spec.run.train_minutes:g} min"
+    encoder = Path(spec.model.encoder).name if spec.model.encoder else "MiniLM-L6"
+    return (
+        f"scalevae quickstart: {', '.join(NAMES.get(s, s) for s in strategies)} on "
+        f"{spec.data.train_file or 'the embedded corpus'}, {length} of training each on {describe_device()}.\n"
+        f"Encoder: pretrained {encoder} ({frozen}); decoder: a new {spec.model.decoder_layers}x"
+        f"{spec.model.decoder_width} GPT-2 writing a {spec.model.decoder_vocab_size}-token byte-level BPE fitted to "
+        f"the training text; latent {spec.config['latent_size']}, des_std {spec.config['scale_target_std']:g}, batch "
+        f"{training.per_device_train_batch_size}, constant learning rate {training.learning_rate:g} after "
+        f"{training.warmup_steps} warm-up steps."
+    )
+
+
+def main(argv: list[str]) -> dict[str, dict]:
+    """`scalevae quickstart`: train (for `--train_minutes` of wall-clock time each, or exactly `--max_steps` steps),
+    evaluate, print, plot, save.
 
     The printout before the table is a few lines and two progress bars per run; the same seed on the same machine gives
     the same printout whenever the clock stops at the same step (pass `--max_steps` to fix it)."""
-    output = Path(output_dir)
-    strategies = [collapse_strategy] + (["vae"] if compare_vae and collapse_strategy != "vae" else [])
-    if isinstance(freeze_encoder, bool):
-        frozen = "frozen" if freeze_encoder else "trained"
-    else:
-        frozen = f"embeddings and {freeze_encoder} lower layers frozen"
-    length = f"{max_steps} steps" if max_steps else f"{train_minutes:g} min"
-    corpus = data_files["train"] if data_files else "the embedded corpus"
-    encoder_name = Path(encoder).name if encoder else "MiniLM-L6"
-    print(
-        f"scalevae quickstart: {', '.join(NAMES.get(s, s) for s in strategies)} on {corpus}, {length} of "
-        f"training each on {describe_device()}.\nEncoder: pretrained {encoder_name} ({frozen}); decoder: a new "
-        f"4x256 GPT-2 writing a {decoder_vocab_size}-token byte-level BPE fitted to the training text; latent "
-        f"{latent_size}, "
-        f"des_std {des_std:g}, batch {batch_size}, constant learning rate {learning_rate:g} after {warmup_steps} "
-        "warm-up steps.",
-        flush=True,
-    )
-    results = {}
-    with quiet():
-        for strategy in strategies:
-            results[strategy] = train_and_evaluate(
-                output / strategy,
-                data_files,
-                train_sentences,
-                strategy,
-                train_minutes * 60,
-                max_steps,
-                batch_size,
-                max_length,
-                latent_size,
-                learning_rate,
-                warmup_steps,
-                num_importance_samples,
-                eval_sentences,
-                seed,
-                logging_steps,
-                freeze_encoder,
-                decoder_vocab_size,
-                des_std,
-                encoder,
-            )
-    main = results[collapse_strategy]
-    examples, printed = show_examples(main, seed)
+    spec, compare_vae = quickstart_spec(argv)
+    output = spec.output_dir
+    main_strategy = spec.config["collapse_strategy"]
+    strategies = [main_strategy] + (["vae"] if compare_vae and main_strategy != "vae" else [])
+    print(describe(spec, strategies), flush=True)
+    results, data = {}, None
+    for strategy in strategies:
+        strategy_spec = spec.replace({"collapse_strategy": strategy}, training=dict(output_dir=str(output / strategy)))
+        # The card's command reproduces this run: its own strategy (the clock's step count is added by `run`).
+        command = " ".join(["scalevae quickstart", *argv, "--collapse_strategy", strategy]).replace(
+            " --compare_vae", ""
+        )
+        result = run(strategy_spec, data, command=command, desc=f"train {NAMES.get(strategy, strategy)}")
+        data = result.data  # the plain VAE trains on the same tokenised data
+        results[strategy] = summarize_run(result, spec)
+    main = results[main_strategy]
+    examples, printed = show_examples(main, spec.training.seed)
     printed_ids = main["tokenizers"][1](printed, add_special_tokens=False)["input_ids"]
     main["metrics"]["longest_repeat"] = max(longest_repeat(ids) for ids in printed_ids)
     table = format_table(results)
     notes = [explain(main["metrics"]), contrast(results)]
-    if collapse_strategy == "scale" and not compare_vae:
+    if main_strategy == "scale" and not compare_vae:
         notes.append("Add --compare_vae to train a plain VAE the same way and see its posterior collapse beside.")
     report = "\n\n".join([table, examples, "\n".join(n for n in notes if n)])
     print("\n" + report)
@@ -452,3 +244,26 @@ def run(
         f"{latent_map}; metrics {output / 'results.json'}"
     )
     return results
+
+
+def summarize_run(result, spec: RunSpec) -> dict:
+    """What the printout needs of one run: its test figures, prior samples and their diversity, the test latents."""
+    data, model = result.data, result.model
+    tokenizers = (data.encoder_tokenizer, data.decoder_tokenizer)
+    metrics = dict(result.metrics["test"])
+    samples = prior_samples(model, tokenizers, PRIOR_SAMPLES, spec.training.seed, spec.data.max_length)
+    metrics["prior_distinct_2"] = distinct_bigrams(samples)
+    _, latents = posterior_means(model, data.loader("test"))
+    return dict(
+        model=model,
+        tokenizers=tokenizers,
+        metrics=metrics,
+        timing=dict(steps=result.steps, train_seconds=result.train_seconds, seconds_per_step=result.seconds_per_step),
+        test_texts=data.texts["test"],
+        lengths=torch.tensor([len(labels) for labels in data.dataset["test"]["labels"]], dtype=torch.float),
+        samples=samples,
+        max_length=spec.data.max_length,
+        history=result.history,
+        latents=latents,
+        folder=result.folder,
+    )

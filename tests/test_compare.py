@@ -1,68 +1,81 @@
 """`scalevae compare` end to end on a tiny preset over real PTB sentences: table, JSON, PNGs, resume."""
 
-import json
+import math
 
 import pytest
 
-from scalevae.compare import Preset, run_comparison
+from scalevae.compare import choose_des_std, run_comparison
 from tests.conftest import shared_file
 from tests.model_tester import tester
 
 
-def tiny_preset(**overrides):
-    settings = dict(
-        name="tiny",
-        train_file="ptb.train.txt",
-        validation_file="ptb.valid.txt",
-        test_file="ptb.test.txt",
-        train_sentences=96,
-        eval_sentences=12,
-        max_steps=4,
-        batch_size=8,
-        max_length=16,
-        latent_size=tester.latent_size,
-        decoder_vocab_size=300,
-        decoder=dict(
-            n_layer=tester.built_decoder_layers, n_embd=tester.hidden_size, n_head=tester.num_attention_heads
-        ),
-        freeze_encoder=False,
-        new_encoder=dict(
-            hidden_size=tester.hidden_size,
-            num_hidden_layers=tester.encoder_layers,
-            num_attention_heads=tester.num_attention_heads,
-            intermediate_size=tester.intermediate_size,
-        ),
-        num_importance_samples=2,
-        seeds=(0,),
-        des_std_sweep=(0.5,),
-    )
-    return Preset(**{**settings, **overrides})
+def tiny_argv(output, *extra):
+    """The ptb-cpu preset cut to a tiny model on 96 real PTB sentences."""
+    return [
+        "--preset", "ptb-cpu",
+        "--output_dir", str(output),
+        "--data_dir", str(shared_file("ptb.train.txt").parent),
+        "--train_sentences", "96",
+        "--eval_sentences", "12",
+        "--max_steps", "4",
+        "--per_device_train_batch_size", "8",
+        "--max_length", "16",
+        "--latent_size", str(tester.latent_size),
+        "--decoder_vocab_size", "300",
+        "--decoder_layers", str(tester.built_decoder_layers),
+        "--decoder_width", str(tester.hidden_size),
+        "--decoder_heads", str(tester.num_attention_heads),
+        "--new_encoder_layers", str(tester.encoder_layers),
+        "--new_encoder_width", str(tester.hidden_size),
+        "--new_encoder_heads", str(tester.num_attention_heads),
+        "--num_importance_samples", "2",
+        "--seeds", "0",
+        "--runs", "vae", "bn", "ae", "scale_0.5",
+        *extra,
+    ]  # fmt: skip
 
 
 def test_compare_writes_the_table_and_resumes_without_retraining(tmp_path):
-    data_dir = shared_file("ptb.train.txt").parent
     output = tmp_path / "cmp"
-    summary = run_comparison(tiny_preset(), output, data_dir, runs=["vae", "bn", "ae", "scale_0.5"])
+    summary = run_comparison(tiny_argv(output))
     assert set(summary["runs"]) == {"vae", "bn", "ae", "scale_0.5"}
-    assert summary["best_scale"] == "scale_0.5"
     test = summary["runs"]["scale_0.5"]["test"]
     for key in ("nll_fitted", "nll_scaled", "elbo_fitted", "kl", "mi_decoder", "au_decoder", "shuffle_gap", "bleu"):
-        assert test[key][0] == test[key][0], key  # measured, not NaN
-    assert (
-        summary["runs"]["ae"]["test"]["nll_fitted"][0] != summary["runs"]["ae"]["test"]["nll_fitted"][0]
-    )  # no density
+        assert test[key][0] is not None and math.isfinite(test[key][0]), key  # measured, not NaN
+    assert math.isnan(summary["runs"]["ae"]["test"]["nll_fitted"][0])  # no density
     table = (output / "results.md").read_text()
-    assert "| scale_0.5 (chosen) | 0 |" in table and "| bn | 0 |" in table
-    assert json.loads((output / "results.json").read_text())["best_scale"] == "scale_0.5"
+    assert "| bn | 0 |" in table
+    # "(chosen)" only where the 1% rule holds; otherwise the table says none was chosen
+    chosen, _ = choose_des_std(summary["runs"], ["scale_0.5"])
+    assert summary["chosen_scale"] == chosen
+    assert ("| scale_0.5 (chosen) | 0 |" in table) == (chosen is not None)
+    assert ("none chosen" in table) == (chosen is None)
     for name in ("comparison_curves.png", "comparison_nll_vs_mi.png", "comparison_des_std_sweep.png"):
         assert (output / name).stat().st_size > 1000
 
     finished = {path.name: path.stat().st_mtime_ns for path in (output / "runs").iterdir()}
-    again = run_comparison(tiny_preset(), output, data_dir, runs=["vae", "bn", "ae", "scale_0.5"])
+    again = run_comparison(tiny_argv(output))
     assert {path.name: path.stat().st_mtime_ns for path in (output / "runs").iterdir()} == finished  # nothing re-ran
     assert again["runs"]["vae"]["test"]["nll_fitted"] == summary["runs"]["vae"]["test"]["nll_fitted"]
 
     with pytest.raises(ValueError, match="other settings"):
-        run_comparison(tiny_preset(max_steps=5), output, data_dir, runs=["vae"])
+        run_comparison(tiny_argv(output, "--max_steps", "5", "--runs", "vae"))
     with pytest.raises(ValueError, match="Unknown run 'vea'"):
-        run_comparison(tiny_preset(), output, data_dir, runs=["vea"])
+        run_comparison(tiny_argv(output, "--runs", "vea"))
+    with pytest.raises(ValueError, match="--max_steps 0"):
+        run_comparison(tiny_argv(output, "--max_steps", "0"))
+
+
+def test_compare_runs_on_anyones_files(tmp_path):
+    """--train_file/--validation_file/--test_file beside a preset: the user's own files, relative to the cwd."""
+    source = shared_file("ptb.train.txt").read_text().splitlines()
+    files = {}
+    for split, lines in (("train", source[:96]), ("valid", source[96:108]), ("test", source[108:120])):
+        files[split] = tmp_path / f"mine.{split}"
+        files[split].write_text("\n".join(lines) + "\n")
+    output = tmp_path / "mine"
+    argv = tiny_argv(output, "--runs", "vae", "--train_file", str(files["train"]))
+    argv += ["--validation_file", str(files["valid"]), "--test_file", str(files["test"])]
+    summary = run_comparison(argv)
+    assert summary["settings"]["data"]["train_file"] == str(files["train"])
+    assert summary["runs"]["vae"]["test"]["nll_fitted"][0] > 0

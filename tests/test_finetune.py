@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from scalevae import LatentText, load_tokenizers
-from scalevae.cli import load_for_finetuning, main
+from scalevae.cli import main
+from scalevae.recipe import load_for_finetuning
 from tests.conftest import shared_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,8 @@ def run_example(base: Path, output: Path) -> Path:
     spec.loader.exec_module(example)
     text = shared_file("snli.valid.txt")
     return example.main(
-        ["--model", str(base), "--train_file", str(text), "--max_steps", "3", "--batch_size", "4"]
+        ["--model_name_or_path", str(base), "--train_file", str(text), "--max_steps", "3"]
+        + ["--per_device_train_batch_size", "4"]
         + ["--max_length", "16", "--output_dir", str(output)]
     )
 

@@ -138,9 +138,7 @@ def test_saved_folder_holds_exactly_everything(saved, model):
 def test_plain_save_pretrained_carries_the_code(tmp_path, model):
     """What Trainer(push_to_hub=True) and checkpoints write: model.save_pretrained alone copies every code file."""
     model.save_pretrained(tmp_path)
-    assert {*hub.MODEL_CODE_FILES, "config.json", "model.safetensors"} <= {
-        p.name for p in tmp_path.iterdir()
-    }
+    assert {*hub.MODEL_CODE_FILES, "config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel"}
 

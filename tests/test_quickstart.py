@@ -2,7 +2,6 @@
 A tiny encoder, a few steps; the real run's figures are in the README."""
 
 import contextlib
-import functools
 import io
 import json
 from pathlib import Path
@@ -10,20 +9,24 @@ from types import SimpleNamespace
 
 import pytest
 
-from scalevae import LatentText, build_model, quickstart
+from scalevae import LatentText, quickstart, recipe
 from scalevae.corpus import default_corpus_files
-from scalevae.quickstart import TimeBudgetCallback, distinct_bigrams, longest_repeat
+from scalevae.quickstart import distinct_bigrams, longest_repeat
+from scalevae.recipe import TimeBudgetCallback
 from tests.model_tester import tester
 
 TINY_RUN = dict(
     max_steps=4,
     max_length=16,
     eval_sentences=8,
-    batch_size=8,
+    per_device_train_batch_size=8,
     num_importance_samples=2,
     logging_steps=2,
     decoder_vocab_size=512,
     warmup_steps=2,
+    decoder_layers=tester.built_decoder_layers,
+    decoder_width=tester.hidden_size,
+    decoder_heads=tester.num_attention_heads,
 )
 
 
@@ -42,7 +45,7 @@ def tiny_corpus(tmp_path_factory):
 def budget_steps(seconds, step_seconds, stop_every, monkeypatch):
     """Steps that a run of `step_seconds` per step trains under a `seconds` budget."""
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(quickstart.time, "perf_counter", lambda: clock.now)
+    monkeypatch.setattr(recipe.time, "perf_counter", lambda: clock.now)
     callback = TimeBudgetCallback(seconds, stop_every, "train")
     state, control = SimpleNamespace(global_step=0, max_steps=10**7), SimpleNamespace(should_training_stop=False)
     callback.on_train_begin(None, state, control)
@@ -70,20 +73,16 @@ def test_repetition_and_diversity_measures():
 def runs(tmp_path_factory, tiny_encoder_path, tiny_corpus):
     """The same tiny quickstart (tiny encoder and decoder, tiny corpus) twice, same seed, with what it printed."""
     outputs = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            quickstart,
-            "build_model",
-            functools.partial(build_model, decoder_config_overrides=tester.decoder_overrides()),
-        )
-        for name in ("first", "second"):
-            folder = tmp_path_factory.mktemp(name)
-            printed, bars = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(bars):
-                results = quickstart.run(
-                    output_dir=str(folder), encoder=tiny_encoder_path, data_files=tiny_corpus, **TINY_RUN
-                )
-            outputs.append((folder, results, printed.getvalue(), bars.getvalue()))
+    options = dict(
+        TINY_RUN, encoder=tiny_encoder_path, **{f"{split}_file": path for split, path in tiny_corpus.items()}
+    )
+    argv = [item for key, value in options.items() for item in (f"--{key}", str(value))]
+    for name in ("first", "second"):
+        folder = tmp_path_factory.mktemp(name)
+        printed, bars = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(bars):
+            results = quickstart.main(["--output_dir", str(folder), *argv])
+        outputs.append((folder, results, printed.getvalue(), bars.getvalue()))
     return outputs
 
 
@@ -127,7 +126,7 @@ def test_same_seed_same_printout(runs):
 
 def test_saved_folder_carries_the_fitted_tokenizer(runs):
     folder, results, _, _ = runs[0]
-    text = LatentText.from_pretrained(folder / "scale" / "model")
+    text = LatentText.from_pretrained(folder / "scale" / "final")
     assert len(text.decoder_tokenizer) == 512 and text.model.config.freeze_encoder is True
-    assert "--max_steps 4" in (folder / "scale" / "model" / "README.md").read_text()
+    assert "--max_steps 4" in (folder / "scale" / "final" / "README.md").read_text()
     assert len(text.reconstruct(["Return the value."], max_new_tokens=4)) == 1

@@ -159,7 +159,7 @@ def test_two_process_accelerate_run(tmp_path, tiny_encoder_path):
         "4",
         "--max_steps",
         "6",
-        "--batch_size",
+        "--per_device_train_batch_size",
         "8",
         "--logging_steps",
         "3",
@@ -168,7 +168,7 @@ def test_two_process_accelerate_run(tmp_path, tiny_encoder_path):
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert (tmp_path / "final" / "model.safetensors").exists()
     history = __import__("json").loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history] == [3, 6] and all(h["loss"] == h["loss"] for h in history)
 
