@@ -34,14 +34,16 @@ PRESET = dict(
     seed=0,
     latent_size=32,
     report_to=[],
+    use_cpu=not torch.cuda.is_available(),
 )
 
 
 def main(argv=None):
+    # Without a GPU, Accelerate forms a multi-process group (gloo) only when told it runs on the CPU (TrainingArguments
+    # sets up the process state when parsed: use_cpu tells it, and the Accelerator then shares that state).
     spec, _, _ = RunSpec.parse(sys.argv[1:] if argv is None else argv, PRESET, prog="train_accelerate.py")
     args = spec.training
-    # Without a GPU, Accelerate forms a multi-process group (gloo) only when told it runs on the CPU.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=args.use_cpu)
     with accelerator.main_process_first(), quiet():  # rank 0 fits the tokenizer and tokenises; the others follow
         data = prepare_data(spec)
     model = build_or_load(spec, data)  # seeded: every rank starts from the same weights
@@ -61,7 +63,7 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     schedule = KLSchedule(
         spec.model.kl_schedule,
-        model.config.kl_weight,
+        unwrapped.config.kl_weight,
         spec.model.kl_warmup_steps,
         args.max_steps,
         spec.model.kl_n_cycle,
