@@ -1,7 +1,7 @@
 """scalevae: Scale-VAE (Song et al., LREC-COLING 2024) for Hugging Face transformers.
 
-torch is pinned to the CPU build that these machines carry on disk (`pip install torch==2.13.0`). GPU users: install
-the CUDA build of torch 2.13 first (https://pytorch.org/get-started/locally/), then this package; pip keeps it.
+torch and transformers are ranges (the tested versions are in docs/training.md); install the torch build you want
+first (`pip install torch==2.13.0` takes the CPU build these machines carry), then this package: pip keeps it.
 """
 
 import re
@@ -36,9 +36,9 @@ setup(
     package_data={"scalevae": ["corpus/*.txt", "corpus/*.md"]},
     cmdclass={"build_py": BuildPyWithCardTemplate},
     install_requires=[
-        "torch==2.13.0",
-        # The decoder cache API moves within 5.x (`cache=` replaced `past_key_values=`); this is the range we test.
-        "transformers>=5.24,<5.25",
+        "torch>=2.13",
+        # The decoder cache API moves within 5.x (`cache=` replaced `past_key_values=`): 5.24 is the oldest we test.
+        "transformers>=5.24,<6",
         "accelerate>=1.10",
         "datasets>=4.0",
         "huggingface_hub>=1.0",

@@ -10,7 +10,7 @@ from scalevae.data import load_text_dataset
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SUBSTITUTIONS = {"max_steps=2000": "max_steps=2"}
-SAVED_FOLDER = "outputs/quickstart/scale/model"
+SAVED_FOLDER = "outputs/quickstart/scale/final"
 
 
 def python_blocks() -> list[str]:
