@@ -98,12 +98,22 @@ def check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents, 
         )
         if tensor is not None and tensor.dim() > 0
     }
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
+
+    def message():
+        return (
             "The inputs disagree on the batch size: "
             + ", ".join(f"{k} has {v}" for k, v in sizes.items())
             + ". Each row of the encoder's and the decoder's inputs is one sentence."
         )
+
+    first, *others = sizes.values()
+    if any(isinstance(size, torch.SymInt) for size in sizes.values()):
+        # A dynamic batch under torch.export / torch.compile: symbolic sizes cannot be hashed (as a set would) nor
+        # branched on; torch._check records their equality as a constraint of the graph, checked at run time.
+        for size in others:
+            torch._check(size == first, message)
+    elif any(size != first for size in others):
+        raise ValueError(message())
     check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100, training=training)
 
 

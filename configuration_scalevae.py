@@ -49,7 +49,9 @@ PAPER_ALIASES = {"des_std": "scale_target_std", "f_epo": "scale_freeze_epochs"}
 class ScaleVAEConfig(PreTrainedConfig):
     r"""
     Configuration of [`ScaleVAEForLatentLM`]. Like `EncoderDecoderConfig`, it nests the two parts' configs and
-    adds the latent variable and the posterior-collapse remedy.
+    adds the latent variable and the posterior-collapse remedy. `is_encoder_decoder` is always True: the model follows
+    transformers' encoder-decoder conventions (encoder `input_ids`, decoder `decoder_input_ids`, `generate` returning
+    decoder ids only); it is a property of the architecture, not a setting.
 
     Args:
         encoder (`PreTrainedConfig` or `dict`, *optional*):
@@ -104,6 +106,10 @@ class ScaleVAEConfig(PreTrainedConfig):
         freeze_encoder (`bool` or `int`, defaults to `False`):
             `True` freezes the whole pretrained encoder (only the latent head and the decoder train); an integer k
             freezes its embeddings and lower k layers. Frozen parameters get `requires_grad=False`.
+        use_cache (`bool`, defaults to `True`):
+            Whether `forward` returns the decoder's key/value cache when its `use_cache` argument is not given (as in
+            transformers' decoders; exporters that fold `use_cache` into the config rely on it). Never in a training
+            pass under gradient checkpointing. Not a required field: folders saved before it load with `True`.
         scalevae_version (`str`, *optional*):
             The version of the scalevae package that saved this config (`scalevae.hub.save_model` records it); error
             messages about a folder quote it next to the installed version.
@@ -132,6 +138,8 @@ class ScaleVAEConfig(PreTrainedConfig):
     prior: str = "fitted"
     prior_momentum: float = 0.01
     freeze_encoder: bool | int = False
+    use_cache: bool = True
+    is_encoder_decoder: bool = True
     scalevae_format_version: int = SCALEVAE_FORMAT_VERSION
     scalevae_version: str | None = None
 
@@ -140,6 +148,7 @@ class ScaleVAEConfig(PreTrainedConfig):
             if alias in kwargs:
                 setattr(self, field, kwargs.pop(alias))
         super().__post_init__(**kwargs)
+        self.is_encoder_decoder = True
         self.validate_scalevae()
 
     @classmethod

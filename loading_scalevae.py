@@ -26,6 +26,7 @@ def load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
 
     return_loading_info = kwargs.pop("output_loading_info", False)
     verify_weights = kwargs.pop("verify_weights", True)
+    strict = kwargs.pop("strict", True)
     allow_resize = kwargs.pop("ignore_mismatched_sizes", False)
     try:  # collect the mismatches instead of transformers' generic error, then explain them below
         model, info = load(
@@ -41,13 +42,31 @@ def load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
             f"truncated or corrupted ({error}); re-download or re-save the model."
         ) from error
     model.config.validate_scalevae()  # config fields given as keyword arguments override the saved ones unchecked
-    problems = weights_config_mismatches(model, info, allow_resize)
+    problems = weights_config_mismatches(model, info, allow_resize, allow_missing=not strict)
+    absent, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     if problems:
+        anyway = []
+        if absent or unused:
+            anyway.append(
+                "strict=False (the weights the file lacks are newly initialised and those the config does not use are "
+                "dropped, as transformers' own from_pretrained does; output_loading_info=True lists them)"
+            )
+        if info.get("mismatched_keys") and not allow_resize:
+            anyway.append("ignore_mismatched_sizes=True (tensors of another shape are newly initialised)")
         raise ValueError(
             f"The weights in {pretrained_model_name_or_path} do not match its config:\n - "
             + "\n - ".join(problems)
             + "\nA ScaleVAE folder loads only into the config it was saved with: drop the config overrides, or "
             "fix config.json to the values the weights were trained with."
+            + (f" To load it anyway, pass {' and '.join(anyway)}." if anyway else "")
+        )
+    if absent or unused:  # strict=False: said, not raised
+        logger.warning(
+            "Loaded %s with strict=False: newly initialised (the weights file lacks them): %s; dropped (the config "
+            "does not use them): %s.",
+            pretrained_model_name_or_path,
+            ", ".join(absent) or "none",
+            ", ".join(unused) or "none",
         )
     if verify_weights:
         verify_weights_checksums(resolved_weights_files(pretrained_model_name_or_path, kwargs))
@@ -109,10 +128,13 @@ _SHAPE_WITNESSES = {
 }
 
 
-def weights_config_mismatches(model, info: dict, allow_resize: bool = False) -> list[str]:
-    """Every disagreement between a loaded weights file and the model's config, in words naming both values."""
+def weights_config_mismatches(model, info: dict, allow_resize: bool = False, allow_missing: bool = False) -> list[str]:
+    """Every disagreement between a loaded weights file and the model's config, in words naming both values
+    (`allow_missing`: weights the file lacks or holds in excess are none)."""
     config = model.config
     missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    if allow_missing:
+        missing, unexpected = set(), set()
     problems = []
 
     def in_file(key: str, present_in_model: bool) -> bool:

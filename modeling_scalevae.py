@@ -12,16 +12,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoModel,
     DynamicCache,
+    EncoderDecoderCache,
     GenerationConfig,
     GenerationMixin,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedModel,
 )
-from transformers.cache_utils import Cache
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, logging
 
 try:  # a saved folder loaded with trust_remote_code: transformers only allows relative imports between its files
@@ -102,7 +106,16 @@ class ScaleVAEOutput(ModelOutput):
         decoder_mu (`torch.FloatTensor` of shape `(batch_size, latent_size)`): the decoder's posterior mean f ⊙ mu.
         prior_mean, prior_std (`torch.FloatTensor` of shape `(latent_size,)`): the generative prior's parameters.
         latents (`torch.FloatTensor` of shape `(batch_size, latent_size)`): the z the decoder saw.
-        cache (`Cache`, *optional*): the decoder's key/value cache (generation).
+        cache (`Cache`, *optional*, returned when `use_cache` is on): the decoder's key/value cache (generation); its
+            first position holds the latent's key/value slot when `latent_injection` is `"memory"` or `"both"`.
+        decoder_hidden_states, decoder_attentions (`tuple(torch.FloatTensor)`, *optional*): the decoder's, with
+            `output_hidden_states=True` / `output_attentions=True` (attentions need `attn_implementation="eager"` for
+            the decoder). With memory injection the keys are the latent slot, then the tokens: `[..., 0]` of each
+            attention map is how much each token attends to z.
+        encoder_hidden_states, encoder_attentions (`tuple(torch.FloatTensor)`, *optional*): the encoder's, likewise,
+            when the encoder ran (not when `latents` were given).
+        cross_attentions: always None: z enters the decoder's self-attention, which has no cross-attention; the field
+            is here because `generate(output_attentions=True)` of an encoder-decoder model reads it.
     """
 
     loss: torch.FloatTensor | None = None
@@ -119,6 +132,11 @@ class ScaleVAEOutput(ModelOutput):
     prior_std: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
     cache: Cache | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def gaussian_kl(
@@ -274,7 +292,8 @@ class ScaleStrategy(CollapseStrategy):
     schedule. The statistics and the estimate are kept in float32 or float64 whatever the autocast dtype of mu.
 
     The schedule state is saved as buffers (a resumed run continues where it stopped) and mirrored in Python ints, so
-    that the training step branches on it without reading a tensor back from the device.
+    that the training step branches on it without reading a tensor back from the device. The mirrors are re-read from
+    the buffers whenever those are replaced (`from_pretrained`, `.to()`, `to_empty()`), once, on their next use.
     """
 
     def __init__(self, config: ScaleVAEConfig):
@@ -292,11 +311,24 @@ class ScaleStrategy(CollapseStrategy):
         self.register_buffer("epoch_factor_sum", torch.zeros(config.latent_size, dtype=torch.float64))
         self.register_buffer("epoch_batches", torch.tensor(0, dtype=torch.long))
         self._steps, self._frozen, self._epochs, self._epoch_batches = 0, False, 0, 0
+        self._mirrored = None  # the buffers the mirrors were read from; None: read them at the next use
+
+    def _schedule_buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.steps, self.frozen, self.epochs, self.epoch_batches
+
+    def _sync_mirrors(self) -> None:
+        """Re-read the mirrors if the buffers are other tensors than the ones they were read from: loading replaces the
+        buffers' tensors (transformers' loader assigns them) instead of copying into them, and so do `.to()` and
+        `to_empty()`. In-place updates keep the tensors, so a training step reads nothing back."""
+        buffers = self._schedule_buffers()
+        if self._mirrored is None or any(a is not b for a, b in zip(buffers, self._mirrored)):
+            self._steps, self._frozen = int(self.steps), bool(self.frozen)
+            self._epochs, self._epoch_batches = int(self.epochs), int(self.epoch_batches)
+            self._mirrored = buffers
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._steps, self._frozen = int(self.steps), bool(self.frozen)
-        self._epochs, self._epoch_batches = int(self.epochs), int(self.epoch_batches)
+        self._mirrored = None  # load_state_dict copies into the same tensors
 
     @torch.no_grad()
     def batch_factors(self, mu: torch.Tensor) -> torch.Tensor | None:
@@ -314,7 +346,10 @@ class ScaleStrategy(CollapseStrategy):
         return (self.target_std / std).to(self.scale_factors.dtype)
 
     def scale_factors_for(self, mu: torch.Tensor) -> torch.Tensor:
-        if not self.training or self._frozen:
+        if not self.training:
+            return self.scale_factors
+        self._sync_mirrors()
+        if self._frozen:
             return self.scale_factors
         factors = self.batch_factors(mu.detach())
         if factors is None:  # a batch of one has no spread: fall back to the running estimate
@@ -338,6 +373,7 @@ class ScaleStrategy(CollapseStrategy):
     def end_step(self):
         """Counts optimizer steps (not forward passes, which gradient accumulation multiplies); the `"running"`
         schedule freezes the factors after `scale_freeze_steps` of them."""
+        self._sync_mirrors()
         self._steps += 1
         self.steps.add_(1)
         if self.schedule == "running" and self.freeze_steps is not None and self._steps >= self.freeze_steps:
@@ -347,6 +383,7 @@ class ScaleStrategy(CollapseStrategy):
     @torch.no_grad()
     def end_epoch(self):
         """The `"epoch"` schedule freezes after f_epo epochs to the mean of the last epoch's per-batch factors."""
+        self._sync_mirrors()
         self._epochs += 1
         self.epochs.add_(1)
         if (
@@ -432,6 +469,25 @@ class LatentInjection(nn.Module):
         for layer in range(self.num_layers):
             cache.update(kv[:, layer, 0], kv[:, layer, 1], layer)
 
+    def memory_cache(self, latents: torch.Tensor) -> Cache:
+        """A cache that holds z's key/value slot and is never written: one decoder pass (training, scoring) reads the
+        slot through it without building a cache to return. Gradient checkpointing needs that: its backward replays each
+        layer with the same cache, and a cache that appended would hand the replay other keys than the first pass saw."""
+        kv = self.to_memory(latents).view(latents.shape[0], self.num_layers, 2, self.num_heads, 1, self.head_dim)
+        return Cache(layers=[LatentMemoryLayer(kv[:, layer, 0], kv[:, layer, 1]) for layer in range(self.num_layers)])
+
+
+class LatentMemoryLayer(DynamicLayer):
+    """One decoder layer's read-only cache: the latent's key/value slot, followed by the keys/values of the tokens
+    being decoded, which it returns without storing."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        super().update(keys, values)
+
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The model
@@ -448,11 +504,26 @@ class ScaleVAEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         """The new layers only (latent head, strategies, injection): transformers hands the modules of the encoder
-        and the decoder, themselves `PreTrainedModel`s, to their own `_init_weights`."""
+        and the decoder, themselves `PreTrainedModel`s, to their own `_init_weights`. Every buffer gets the value a
+        fresh model holds, so a model built on the meta device (big-model loading, FSDP) and then `to_empty()` +
+        `init_weights()` is a fresh model; `transformers.initialization` skips the tensors a checkpoint loaded."""
         if isinstance(module, nn.Linear):
-            module.weight.data.normal_(mean=0.0, std=self.config.decoder.initializer_range)
+            init.normal_(module.weight, mean=0.0, std=self.config.decoder.initializer_range)
             if module.bias is not None:
-                module.bias.data.zero_()
+                init.zeros_(module.bias)
+        elif isinstance(module, ScaleStrategy):
+            init.ones_(module.scale_factors)
+            for buffer in (module.frozen, module.steps, module.epochs, module.epoch_factor_sum, module.epoch_batches):
+                init.zeros_(buffer)
+            module._mirrored = None
+        elif isinstance(module, BNStrategy):
+            init.constant_(module.gamma, float(self.config.bn_gamma))
+            init.zeros_(module.beta)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+        elif isinstance(module, FittedPrior):
+            init.zeros_(module.loc)
+            init.ones_(module.scale)
 
 
 class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
@@ -464,6 +535,23 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     aggregate of the decoder's posterior (`"fitted"`), or N(0, diag(f²)), the standard normal pushed through the scale
     factors (`"scaled"`; f = 1 for every strategy but Scale-VAE). `sample_prior`, `decoder_kl`, the ELBO and the
     importance-weighted NLL all refer to it.
+
+    It follows transformers' encoder-decoder conventions (`config.is_encoder_decoder` is True), those of
+    `EncoderDecoderModel`:
+
+    - `input_ids`/`attention_mask` are always the encoder's tokens, `decoder_input_ids`/`decoder_attention_mask` the
+      decoder's, in `forward` and in `generate` alike.
+    - `generate(input_ids=...)` encodes the text, takes z (the posterior's mode, or one draw with
+      `sample_posterior=True`) and returns decoder token ids only, starting with the decoder's start token (its BOS):
+      `(batch, 1 + new tokens)`, or `(batch, prompt + new tokens)` with a decoder prompt `decoder_input_ids=`, to which
+      BOS is prepended if it does not start with it. `generate(latents=z)` decodes a given z the same way.
+    - In eval mode `forward` decodes the posterior's mode, so its outputs are repeatable; it samples z in training, or
+      when `sample_posterior=True` (diffusers' `AutoencoderKL` convention), from `generator` if given.
+    - `get_input_embeddings()` is the decoder's token embedding (the decoder is the text config transformers resizes):
+      `resize_token_embeddings` resizes it and the tied LM head; resize the encoder's with
+      `model.encoder.resize_token_embeddings`.
+    - The attention implementation is chosen per part: `attn_implementation={"encoder": "sdpa", "decoder": "eager"}`,
+      or one set on `config.encoder`/`config.decoder`, is kept; the composite's applies to a part that set none.
     """
 
     def __init__(
@@ -472,6 +560,8 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         encoder: PreTrainedModel | None = None,
         decoder: GPT2LMHeadModel | None = None,
     ):
+        # What each part asked for, before PreTrainedModel resolves the composite's choice and copies it to both.
+        part_attention = {part: getattr(config, part)._attn_implementation for part in ("encoder", "decoder")}
         super().__init__(config)
         config = self.config  # PreTrainedModel keeps its own copy
         encoder = encoder if encoder is not None else AutoModel.from_config(config.encoder)
@@ -481,7 +571,10 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         if encoder.get_output_embeddings() is not None:
             raise ValueError(f"The encoder {type(encoder).__name__} must be a base model without an LM head.")
         # The parts share the composite config, so changes to it reach them (as in EncoderDecoderModel); the
-        # composite's attention implementation, resolved by PreTrainedModel, is then dispatched to both.
+        # composite's attention implementation, resolved by PreTrainedModel, is then dispatched to a part that asked
+        # for none of its own.
+        encoder_attention = part_attention["encoder"] or encoder.config._attn_implementation
+        decoder_attention = part_attention["decoder"] or decoder.config._attn_implementation
         encoder.config, decoder.config = config.encoder, config.decoder
         self.encoder = encoder
         self.decoder = decoder
@@ -492,11 +585,15 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         if config.decoder.tie_word_embeddings:
             # Saved once as the embedding; naming it lets Trainer re-tie it instead of warning on resume.
             self._keys_to_ignore_on_save = ["decoder.lm_head.weight"]
-        self.set_attn_implementation(config._attn_implementation)
+        top = config._attn_implementation
+        self.set_attn_implementation(
+            {"": top, "encoder": encoder_attention or top, "decoder": decoder_attention or top}
+        )
         self.post_init()
         self._freeze_encoder(config.freeze_encoder)
         self.generation_config = GenerationConfig(
             bos_token_id=config.decoder.bos_token_id,
+            decoder_start_token_id=config.decoder.bos_token_id,
             eos_token_id=config.decoder.eos_token_id,
             pad_token_id=config.decoder.pad_token_id,
         )
@@ -521,6 +618,40 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             self.encoder.eval()
         return self
 
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ):
+        """transformers' switch, except that GPT-2's trunk keeps handing its blocks the cache: under checkpointing it
+        would hand them none, and the latent's key/value slot reaches them through one. The blocks still checkpoint
+        themselves; `decode` gives them, in checkpointed training, a cache that is never written (`memory_cache`), so
+        the backward replay of a block reads the same keys as its first pass."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        self.decoder.transformer.gradient_checkpointing = False
+
+    def _decoder_checkpointing(self) -> bool:
+        """Whether this decoder pass checkpoints its blocks (training, with gradients), as GPT-2 decides it."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        transformer = self.decoder.transformer
+        if transformer.gradient_checkpointing:  # enabled on `model.decoder` alone: route the cache as above
+            transformer.gradient_checkpointing = False
+        return any(block.gradient_checkpointing for block in transformer.h)
+
+    # -- embeddings ---------------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The decoder's token embedding, tied to its LM head: transformers' text config here is the decoder's."""
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.decoder.set_output_embeddings(new_embeddings)
+
     # -- loading ------------------------------------------------------------------------------------------------------
 
     @classmethod
@@ -529,10 +660,12 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
 
         A tensor the config expects but the weights file lacks, one the file holds but the config does not use, or one
         of another shape raises a `ValueError` naming the config values on both sides, never a silently initialised
-        layer (`ignore_mismatched_sizes=True` still allows, on request, shape changes such as a new vocabulary). A
-        truncated or corrupted safetensors file raises an `OSError` naming it, and so does one whose tensors differ from
-        the checksum recorded when it was saved (`verify_weights=False` skips that check; files saved without a
-        checksum load as before). `output_loading_info=True` works as usual.
+        layer (`ignore_mismatched_sizes=True` still allows, on request, shape changes such as a new vocabulary;
+        `strict=False` loads a file that lacks weights, or holds unused ones, as transformers does: newly initialised,
+        dropped, and listed in a warning and in `output_loading_info`). A truncated or corrupted safetensors file raises
+        an `OSError` naming it, and so does one whose tensors differ from the checksum recorded when it was saved
+        (`verify_weights=False` skips that check; files saved without a checksum load as before).
+        `output_loading_info=True` works as usual.
         """
         return load_strictly(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
 
@@ -585,6 +718,11 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._posterior(hidden, attention_mask, prior)
+
+    def _posterior(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, prior: str | None = None
+    ) -> ScaleVAEEncoderOutput:
         mu, logvar = self.latent_head(hidden, attention_mask)
         mu = self.collapse.normalize_mean(mu)
         factors = self.collapse.scale_factors_for(mu)
@@ -593,6 +731,25 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         return ScaleVAEEncoderOutput(
             mu=mu, logvar=logvar, decoder_mu=decoder_mu, prior_mean=prior_mean, prior_std=prior_std
         )
+
+    def draw_latents(
+        self,
+        posterior: ScaleVAEEncoderOutput,
+        sample_posterior: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The z the decoder sees: a draw from the decoder's posterior N(decoder_mu, σ²) when sampling, its mode
+        `decoder_mu` otherwise. `sample_posterior=None` samples in training only; a deterministic autoencoder
+        (`collapse_strategy="ae"`) never samples. `generator` seeds the draw."""
+        sample = self.training if sample_posterior is None else sample_posterior
+        mean = posterior.decoder_mu
+        if not (sample and self.collapse.stochastic):
+            return mean
+        if generator is None:
+            noise = torch.randn_like(mean)
+        else:  # drawn on the generator's device: a CPU generator gives the same z whatever device the model is on
+            noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
+        return mean + noise.to(mean.device) * (0.5 * posterior.logvar).exp()
 
     def prior_parameters(
         self, prior: str | None = None, factors: torch.Tensor | None = None
@@ -658,9 +815,35 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         decoder_attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = False,
+        **decoder_kwargs,
     ):
-        """Teacher-forced decoder pass conditioned on z; returns the GPT-2 `CausalLMOutput` (logits, cache)."""
+        """Teacher-forced decoder pass conditioned on z; returns the GPT-2 `CausalLMOutput` (logits, cache, and hidden
+        states or attentions when `decoder_kwargs` ask for them). With `use_cache`, the cache (a new one, or the given
+        one continued) is returned; without, no cache is built. An `EncoderDecoderCache` (what `generate` makes for an
+        encoder-decoder model) is used through its self-attention cache."""
         latents = as_model_latents(latents, self.dtype, self.device)
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        if self._decoder_checkpointing():
+            if cache is not None:
+                raise ValueError(
+                    "A cache cannot be continued in a training pass under gradient checkpointing: the backward replay "
+                    "would write it twice. Decode without `cache`, or under torch.no_grad()."
+                )
+            if use_cache:
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing: no cache is returned."
+                )
+            use_cache = False
+            checkpoint_func = getattr(self.decoder.transformer.h[0], "_gradient_checkpointing_func", None)
+            checkpoint_kwargs = getattr(checkpoint_func, "keywords", {})
+            if self.injection.to_memory is not None and checkpoint_kwargs.get("use_reentrant"):
+                raise ValueError(
+                    "latent_injection='memory'/'both' under gradient checkpointing needs use_reentrant=False "
+                    "(transformers' default): the latent's key/value slot, read by every decoder layer, is not an "
+                    "input of the checkpointed call, so reentrant checkpointing's backward cannot reach it. Enable it "
+                    "with gradient_checkpointing_kwargs={'use_reentrant': False}."
+                )
         check_decoder_inputs(
             self.config, decoder_input_ids, cache, self.injection.to_memory is not None, self.training
         )
@@ -673,22 +856,23 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         if self.injection.to_embedding is not None:
             embeds = embeds + self.injection.to_embedding(latents).unsqueeze(1).to(embeds.dtype)
         if self.injection.to_memory is not None:
-            if self.decoder.transformer.gradient_checkpointing and self.training:
-                raise ValueError(
-                    "latent_injection='memory'/'both' needs the decoder's key/value cache, which GPT-2 turns off under "
-                    "gradient checkpointing; checkpoint only the encoder or use latent_injection='embedding'."
-                )
-            if cache is None:
-                cache = DynamicCache(config=self.config.decoder)
-            if cache.get_seq_length() == 0:
-                self.injection.fill_memory(latents.to(embeds.dtype), cache)
-            use_cache = True
+            if cache is None and not use_cache:  # one pass: the slot is read, no cache is written
+                cache = self.injection.memory_cache(latents.to(embeds.dtype))
+            else:
+                if cache is None:
+                    cache = DynamicCache(config=self.config.decoder)
+                if cache.get_seq_length() == 0:
+                    self.injection.fill_memory(latents.to(embeds.dtype), cache)
             if decoder_attention_mask is not None:
                 decoder_attention_mask = torch.cat(
                     [decoder_attention_mask.new_ones(latents.shape[0], 1), decoder_attention_mask], dim=1
                 )
         return self.decoder(
-            inputs_embeds=embeds, attention_mask=decoder_attention_mask, cache=cache, use_cache=use_cache
+            inputs_embeds=embeds,
+            attention_mask=decoder_attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            **decoder_kwargs,
         )
 
     def log_likelihood(
@@ -715,6 +899,10 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         kl_weight: float | torch.Tensor | None = None,
+        sample_posterior: bool | None = None,
+        generator: torch.Generator | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> ScaleVAEOutput | tuple:
         r"""
@@ -724,23 +912,39 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         labels: the decoder's targets aligned with `decoder_input_ids` (next tokens), -100 where ignored.
         latents: a given z of shape `(batch_size, latent_size)`; it bypasses the encoder (teacher-forced decoding
             from z, e.g. for importance sampling), and the KL fields are then None.
+        cache, use_cache: the decoder's key/value cache to continue, and whether to return one (default
+            `config.use_cache`; never under gradient checkpointing in training).
         kl_weight: β for this call (a KL schedule passes it every step); defaults to `config.kl_weight`.
+        sample_posterior: whether the decoder's z is a draw from the posterior (a single-sample ELBO estimate) or its
+            mode. Default: sample in training, the mode in eval mode, so that eval outputs are repeatable.
+        generator: the `torch.Generator` of that draw.
+        output_attentions, output_hidden_states: return the decoder's (and, when it runs, the encoder's) attentions or
+            hidden states; defaults from the config.
         return_dict: `False` returns `ScaleVAEOutput.to_tuple()`, the loss first when there is one.
         """
         check_forward_inputs(self.config, input_ids, decoder_input_ids, labels, latents, self.training)
+        if use_cache is None:  # the config's, silently off where checkpointing rules a cache out (as in GPT-2)
+            use_cache = self.config.use_cache and not self._decoder_checkpointing()
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        outputs = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         if decoder_input_ids is None:
             decoder_input_ids, decoder_attention_mask = self.shift_labels_right(labels)
-        latent_fields = {}
+        latent_fields, encoder_outputs = {}, None
         if latents is None:
-            posterior = self.encode(input_ids, attention_mask)
-            latents = posterior.decoder_mu
-            if self.collapse.stochastic:
-                latents = latents + torch.randn_like(latents) * (0.5 * posterior.logvar).exp()
+            check_encoder_inputs(self.config, input_ids, attention_mask, self.training)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **outputs)
+            posterior = self._posterior(encoder_outputs.last_hidden_state, attention_mask)
+            latents = self.draw_latents(posterior, sample_posterior, generator)
             if self.training:
                 self.fitted_prior.update(posterior.decoder_mu.detach(), posterior.logvar.detach())
             latent_fields = self._latent_fields(posterior)
         decoder_outputs = self.decode(
-            latents, decoder_input_ids, decoder_attention_mask, cache=cache, use_cache=bool(use_cache)
+            latents, decoder_input_ids, decoder_attention_mask, cache=cache, use_cache=bool(use_cache), **outputs
         )
         logits = decoder_outputs.logits
         loss = reconstruction_loss = None
@@ -749,12 +953,19 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             if latent_fields:
                 kl_weight = checked_kl_weight(kl_weight if kl_weight is not None else self.config.kl_weight)
                 loss = reconstruction_loss + kl_weight * latent_fields["kl_loss"]
+        returned_cache = None
+        if decoder_outputs.cache is not None:  # the caller's cache object (generate's EncoderDecoderCache) if given
+            returned_cache = cache if cache is not None else decoder_outputs.cache
         output = ScaleVAEOutput(  # loss first: outputs[0] and to_tuple()[0] are the loss, transformers' convention
             loss=loss,
             logits=logits,
             reconstruction_loss=reconstruction_loss,
             latents=latents,
-            cache=decoder_outputs.cache if use_cache else None,
+            cache=returned_cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions or None,
+            encoder_hidden_states=encoder_outputs.hidden_states if encoder_outputs is not None else None,
+            encoder_attentions=(encoder_outputs.attentions or None) if encoder_outputs is not None else None,
             **latent_fields,
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -792,42 +1003,56 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(
         self,
-        latents: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
         **generation_kwargs,
     ) -> torch.LongTensor:
-        """Decode text from z with transformers' `GenerationMixin` (KV cache; greedy, sampling, beam search).
+        """Decode text from z with transformers' `GenerationMixin` (KV cache; greedy, sampling, beam search), by the
+        encoder-decoder convention (see the class docstring).
 
-        Give `latents`, or encoder `input_ids` whose posterior mean (as the decoder sees it) is decoded. The decoder
-        starts from `decoder_input_ids` (a prompt) or from its BOS token. Returns decoder token ids, BOS included.
+        input_ids, attention_mask: the encoder's tokens (as `inputs`, transformers' name, too): z is their posterior's
+            mode as the decoder sees it, or one draw from it with `sample_posterior=True` (seeded by `generator`).
+        latents: a given z of shape `(batch_size, latent_size)` instead.
+        decoder_input_ids: a decoder prompt (BOS is prepended if it does not start with it); default: BOS alone.
+
+        Returns the decoder's token ids, the start token and any prompt included (a `GenerateOutput` with
+        `return_dict_in_generate=True`).
         """
+        if input_ids is None:
+            input_ids = generation_kwargs.pop("inputs", None)
+        encoder_outputs = generation_kwargs.pop("encoder_outputs", None)
+        if latents is None and encoder_outputs is not None:  # what an earlier call passed: z as a one-position output
+            latents = encoder_outputs.last_hidden_state[:, 0]
         check_generation_length(self, decoder_input_ids, generation_kwargs)
         if latents is None:
             if input_ids is None:
                 raise ValueError("generate() needs latents= or encoder input_ids= to know what to decode.")
-            latents = self.encode(input_ids, attention_mask).decoder_mu
-        return super().generate(inputs=decoder_input_ids, latents=latents, **generation_kwargs)
+            if input_ids.is_floating_point():
+                raise ValueError(
+                    "generate()'s first argument is the encoder's input_ids (the encoder-decoder convention); "
+                    "pass a latent as generate(latents=z)."
+                )
+            latents = self.draw_latents(self.encode(input_ids, attention_mask), sample_posterior, generator)
+        latents = as_model_latents(latents, self.dtype, self.device)
+        if decoder_input_ids is not None:
+            generation_kwargs["decoder_input_ids"] = decoder_input_ids
+        # For GenerationMixin, the encoder's output is z as a sequence of one position (the one slot the decoder
+        # conditions on): it sets the batch size, and beam search expands it with the other per-sentence inputs. The
+        # decoder reads z from `latents`, drawn once here, so that every step decodes the same z.
+        return super().generate(
+            latents=latents,
+            encoder_outputs=BaseModelOutput(last_hidden_state=latents.unsqueeze(1)),
+            **generation_kwargs,
+        )
 
-    def prepare_inputs_for_generation(
-        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, latents=None, **kwargs
-    ):
-        if next_sequence_length is not None:
-            input_ids = input_ids[:, -next_sequence_length:]
-        return {
-            "decoder_input_ids": input_ids,
-            "decoder_attention_mask": attention_mask,
-            "latents": latents,
-            "cache": cache,
-            "use_cache": kwargs.get("use_cache", True),
-        }
-
-    def get_input_embeddings(self):
-        return self.encoder.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.decoder.get_output_embeddings()
+    def prepare_inputs_for_generation(self, input_ids, *args, encoder_outputs=None, **kwargs):
+        """GenerationMixin's (the generated ids as `decoder_input_ids`, every other keyword argument passed through to
+        `forward`), less `encoder_outputs`: `latents` carry all the decoder takes from the encoder side."""
+        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
 
 def shift_labels_right(

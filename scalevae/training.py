@@ -2,7 +2,9 @@
 hooks, the prior fit at the end, and the latent statistics logged beside the loss (console, TensorBoard,
 `trainer.state.log_history`).
 
-The basic path needs none of it: `Trainer(model=model, args=args, train_dataset=..., data_collator=...)` trains.
+The basic path needs none of it: `Trainer(model=model, args=args, train_dataset=..., data_collator=...)` trains (its
+`eval_loss` is scored at the posterior's mode, the model's eval-mode default; `LatentLMTrainer` samples z as training
+does).
 """
 
 from dataclasses import dataclass, replace
@@ -156,15 +158,16 @@ class LatentMonitorCallback(TrainerCallback):
 
 @torch.no_grad()
 def latent_statistics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Cheap latent health figures on a few batches, from the training forward in eval mode (one sampled z, no
-    importance sampling; see `metrics.evaluate_model` for the full evaluation)."""
+    """Cheap latent health figures on a few batches, from the training forward in eval mode (one sampled z, asked for
+    with `sample_posterior=True` since eval mode decodes the mode; no importance sampling; see
+    `metrics.evaluate_model` for the full evaluation)."""
     accumulated = PosteriorAccumulator()
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            out = model(**batch)
+            out = model(**batch, sample_posterior=True)
             n = batch["labels"].shape[0]
             accumulated.add(
                 out,
@@ -206,6 +209,17 @@ class CompleteCheckpointCallback(TrainerCallback):
             write_model_card(folder, _unwrap(model), training={**self.training, "steps": state.global_step})
 
 
+class LatentLMTrainer(Trainer):
+    """The stock `Trainer`, except that its evaluation forward samples z (`sample_posterior=True`) as training does:
+    `eval_loss` is then the single-sample estimate of the training objective (the negative ELBO at `config.kl_weight`),
+    comparable with the training loss. (Eval mode alone decodes the posterior's mode, which scores lower.)"""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not model.training:
+            inputs = {**inputs, "sample_posterior": True}
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
 def make_trainer(
     model,
     args,
@@ -217,8 +231,8 @@ def make_trainer(
     prior_fit_sentences: int = 4000,
     **trainer_kwargs,
 ) -> Trainer:
-    """A stock `Trainer` with the KL schedule, the collapse strategy's step and epoch hooks, the prior fit at the end of
-    training and the latent monitor attached; with a
+    """A `LatentLMTrainer` (the stock `Trainer`, its `eval_loss` from sampled z) with the KL schedule, the collapse
+    strategy's step and epoch hooks, the prior fit at the end of training and the latent monitor attached; with a
     `DataCollatorForLatentLM`, every checkpoint also gets both tokenizers and a model card (`training`: the card's
     training record, see `scalevae.card.render_model_card`)."""
     training = trainer_kwargs.pop("training", None)
@@ -227,7 +241,7 @@ def make_trainer(
     decoder_tokenizer = getattr(data_collator, "decoder_tokenizer", None)
     if encoder_tokenizer is not None and decoder_tokenizer is not None:
         callbacks.append(CompleteCheckpointCallback(encoder_tokenizer, decoder_tokenizer, training))
-    trainer = Trainer(
+    trainer = LatentLMTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,

@@ -320,18 +320,6 @@ def test_batch_of_one_everywhere():
     assert log_px.shape == (1,) and torch.isfinite(log_px).all()
 
 
-def test_gradient_checkpointing_with_memory_is_refused_and_embedding_works():
-    model = tiny_model(latent_injection="both").train()
-    model.activation_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        model(**random_batch())
-    model = tiny_model(latent_injection="embedding").train()
-    model.activation_checkpointing_enable()
-    out = model(**random_batch())
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
-
-
 # -- save / load ------------------------------------------------------------------------------------------------------
 
 

@@ -47,11 +47,13 @@ def test_generation_under_autocast_matches_float32_greedy_output():
 
 def test_schedule_state_is_read_from_python_not_the_device(monkeypatch):
     """A training step of Scale-VAE branches on Python ints: reading a buffer's value (`bool()`/`int()`/`.item()` of
-    a tensor, each a device-to-host sync on a GPU) would fail here."""
+    a tensor, each a device-to-host sync on a GPU) would fail here. (The mirrors are read once after the buffers are
+    replaced, as loading does; the test replaces them by tensors whose values the mirrors already hold.)"""
     model = tiny_model(scale_freeze_steps=2).train()
     strategy = model.collapse
     for name in ("frozen", "steps", "epochs", "epoch_batches"):
         monkeypatch.setattr(strategy, name, _NoHostRead(getattr(strategy, name)), raising=False)
+    strategy._mirrored = strategy._schedule_buffers()
     for _ in range(3):
         strategy.scale_factors_for(torch.randn(8, 4))
         strategy.end_step()
