@@ -138,8 +138,6 @@ class ScaleVAEConfig(PreTrainedConfig):
     prior: str = "fitted"
     prior_momentum: float = 0.01
     freeze_encoder: bool | int = False
-    use_cache: bool = True
-    is_encoder_decoder: bool = True
     scalevae_format_version: int = SCALEVAE_FORMAT_VERSION
     scalevae_version: str | None = None
 
@@ -147,8 +145,11 @@ class ScaleVAEConfig(PreTrainedConfig):
         for alias, field in PAPER_ALIASES.items():
             if alias in kwargs:
                 setattr(self, field, kwargs.pop(alias))
+        # transformers' own names, read by transformers (generation, exporters): not declared as ScaleVAE fields, so
+        # that `scalevae train`, which offers every declared field as an option, does not offer them.
+        self.use_cache = bool(kwargs.pop("use_cache", True))
         super().__post_init__(**kwargs)
-        self.is_encoder_decoder = True
+        self.is_encoder_decoder = True  # PreTrainedConfig's field: the architecture's, whatever a caller passed
         self.validate_scalevae()
 
     @classmethod
