@@ -13,12 +13,14 @@ from transformers.configuration_utils import SubConfigSpec
 #     `freeze_encoder`, and BN-VAE normalising without eps, with population statistics (buffers `collapse.running_*`
 #     instead of `collapse.norm.*`). Format-1 folders load with prior="scaled", the prior they were trained and
 #     evaluated with, except BN-VAE folders, whose normalisation changed meaning: they are refused.
+#   Still 2: the priors "full" and "mixture" (buffers `fitted_prior.component_*`) and `prior_components`. An older
+#     package refuses such a folder by its `prior` value; format-2 folders mean what they meant.
 SCALEVAE_FORMAT_VERSION = 2
 
 LATENT_INJECTIONS = ("memory", "embedding", "both")
 COLLAPSE_STRATEGIES = ("scale", "vae", "free_bits", "bn", "ae")
 SCALE_SCHEDULES = ("running", "epoch")
-PRIORS = ("fitted", "scaled")
+PRIORS = ("fitted", "scaled", "full", "mixture")
 
 # The fields every config.json of a format holds (`save_pretrained` writes them all). A saved config missing one was
 # truncated or hand-edited: loading it refuses rather than silently using a default. A field added without a format
@@ -101,6 +103,12 @@ class ScaleVAEConfig(PreTrainedConfig):
             (a running estimate while training; `fit_prior` refits it exactly on a pass over data). `"scaled"`:
             N(0, diag f²), the standard normal pushed through the scale factors (f = 1 but for Scale-VAE). Folders saved
             before this field existed load with `"scaled"`, which is what they were trained and evaluated with.
+            `"full"`: the full-covariance Gaussian fitted to the same aggregate (its exact mean and covariance).
+            `"mixture"`: a mixture of `prior_components` full-covariance Gaussians fitted by EM to samples of that
+            aggregate. These two are fitted by `fit_prior` only (the Trainer glue calls it after training); until then
+            they equal the diagonal running estimate. Every collapse strategy can use every prior.
+        prior_components (`int`, defaults to 4):
+            The number of components of the `"mixture"` prior (ignored by the others).
         prior_momentum (`float`, defaults to 0.01):
             Momentum of the fitted prior's running estimate of the aggregate posterior's moments.
         freeze_encoder (`bool` or `int`, defaults to `False`):
@@ -136,6 +144,7 @@ class ScaleVAEConfig(PreTrainedConfig):
     free_bits: float = 0.5
     bn_gamma: float = 0.5
     prior: str = "fitted"
+    prior_components: int = 4
     prior_momentum: float = 0.01
     freeze_encoder: bool | int = False
     scalevae_format_version: int = SCALEVAE_FORMAT_VERSION
@@ -199,7 +208,11 @@ class ScaleVAEConfig(PreTrainedConfig):
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not one of {allowed}.")
-        positive_int = {"latent_size": self.latent_size, "scale_freeze_epochs": self.scale_freeze_epochs}
+        positive_int = {
+            "latent_size": self.latent_size,
+            "scale_freeze_epochs": self.scale_freeze_epochs,
+            "prior_components": self.prior_components,
+        }
         if self.scale_freeze_steps is not None:
             positive_int["scale_freeze_steps"] = self.scale_freeze_steps
         for field, value in positive_int.items():

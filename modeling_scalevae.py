@@ -6,12 +6,14 @@ siblings: `configuration_scalevae.py`, `checks_scalevae.py` (input checks) and `
 checksums). All of them import only torch and transformers (and safetensors, which transformers requires).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, MultivariateNormal, Normal
 from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoModel,
@@ -38,7 +40,7 @@ try:  # a saved folder loaded with trust_remote_code: transformers only allows r
         check_latents,
         checked_kl_weight,
     )
-    from .configuration_scalevae import ScaleVAEConfig
+    from .configuration_scalevae import PRIORS, ScaleVAEConfig
     from .loading_scalevae import load_strictly, save_publicly
 except ImportError:  # the same files installed as top-level modules
     from checks_scalevae import (
@@ -50,7 +52,7 @@ except ImportError:  # the same files installed as top-level modules
         check_latents,
         checked_kl_weight,
     )
-    from configuration_scalevae import ScaleVAEConfig
+    from configuration_scalevae import PRIORS, ScaleVAEConfig
     from loading_scalevae import load_strictly, save_publicly
 
 logger = logging.get_logger(__name__)
@@ -72,8 +74,9 @@ class ScaleVAEEncoderOutput(ModelOutput):
         decoder_mu (`torch.FloatTensor` of shape `(batch_size, latent_size)`):
             Mean of the decoder's posterior N(f ⊙ mu, exp(logvar)) (equal to `mu` for every strategy but Scale-VAE).
         prior_mean, prior_std (`torch.FloatTensor` of shape `(latent_size,)`):
-            The generative model's prior N(prior_mean, diag(prior_std²)) (`config.prior`, or the `prior` asked for):
-            the fitted aggregate Gaussian, or N(0, diag f²) with f the scale factors (ones but for Scale-VAE).
+            The generative model's prior (`config.prior`, or the `prior` asked for): N(prior_mean, diag(prior_std²))
+            for the fitted diagonal Gaussian or N(0, diag f²) with f the scale factors (ones but for Scale-VAE); the
+            mean and marginal standard deviations of a full-covariance or mixture prior (`prior_distribution`).
     """
 
     mu: torch.FloatTensor | None = None
@@ -410,22 +413,61 @@ COLLAPSE_STRATEGY_CLASSES = {
 
 
 class FittedPrior(nn.Module):
-    """The prior N(loc, diag(scale²)) fitted to the aggregate of the decoder's posterior N(f ⊙ mu, σ²).
+    """The prior fitted to the aggregate of the decoder's posterior, q'(z) = the mean over sentences of N(f ⊙ mu, σ²).
 
-    Its moments are those of the mixture over sentences: loc = E[f ⊙ mu], scale² = Var(f ⊙ mu) + E[σ²]. Among
-    diagonal Gaussians it is the one closest (in KL from the aggregate) to where the decoder's latents are; any fixed
-    prior gives a valid bound, and this one does not pay for the gap between N(0, diag f²) and that aggregate. While
-    training, an exponential moving average of the moments (momentum `prior_momentum`) tracks it; `fit` sets it to a
-    dataset's exact moments.
+    Any fixed prior gives a valid bound; one fitted to q'(z) does not pay for the gap between N(0, diag f²) and where
+    the decoder's latents are. Three families (`config.prior`), each the maximum-likelihood fit to q'(z) within it:
+
+    - `"fitted"`: N(loc, diag(scale²)) with the aggregate's moments, loc = E[f ⊙ mu], scale² = Var(f ⊙ mu) + E[σ²].
+      While training, an exponential moving average of the moments (momentum `prior_momentum`) tracks it.
+    - `"full"`: N(m, Σ) with the aggregate's mean and full covariance Σ = Cov(f ⊙ mu) + diag(E[σ²]).
+    - `"mixture"`: `prior_components` full-covariance Gaussians, fitted by EM to samples of q'(z).
+
+    `fit` sets them from a dataset's posteriors (`ScaleVAEForLatentLM.fit_prior`). The diagonal running estimate always
+    exists (`evaluate_model(priors=("fitted",))` scores any model with it); "full" and "mixture" keep one (k, d, d)
+    set of buffers (k = 1 for "full"), which mirror the running estimate while training, until `fit` refits them.
     """
 
     def __init__(self, config: ScaleVAEConfig):
         super().__init__()
-        self.momentum = config.prior_momentum
-        # Saved only when the config uses it, so folders saved before the fitted prior existed load strictly.
-        persistent = config.prior == "fitted"
-        self.register_buffer("loc", torch.zeros(config.latent_size), persistent=persistent)
-        self.register_buffer("scale", torch.ones(config.latent_size), persistent=persistent)
+        self.family, self.momentum = config.prior, config.prior_momentum
+        d = config.latent_size
+        # Only the buffers a fitted family uses are saved, so folders saved with another prior (or before this one
+        # existed) load strictly; the full and mixture priors keep the diagonal fit too, to be scored against it.
+        self.register_buffer("loc", torch.zeros(d), persistent=self.family != "scaled")
+        self.register_buffer("scale", torch.ones(d), persistent=self.family != "scaled")
+        self.components = {"full": 1, "mixture": config.prior_components}.get(self.family)
+        if self.components is not None:
+            k = self.components
+            self.register_buffer("component_logits", torch.zeros(k))
+            self.register_buffer("component_loc", torch.zeros(k, d))
+            self.register_buffer("component_scale_tril", torch.eye(d).repeat(k, 1, 1))
+
+    @torch.no_grad()
+    def _mirror_diagonal(self) -> None:
+        if self.components is not None:
+            self.component_logits.zero_()
+            self.component_loc.copy_(self.loc.expand_as(self.component_loc))
+            self.component_scale_tril.copy_(torch.diag_embed(self.scale).expand_as(self.component_scale_tril))
+
+    def distribution(self, family: str | None = None, dtype: torch.dtype | None = None) -> Distribution:
+        """The fitted prior of `family` (default: the config's) as a `torch.distributions` object, in `dtype`."""
+        family = family or self.family
+        if family == "fitted":
+            return diagonal_gaussian(self.loc.to(dtype), self.scale.to(dtype))
+        if family != self.family or self.components is None:
+            raise ValueError(
+                f"prior={family!r} was not built: this model's prior is {self.family!r}. Call "
+                f"model.set_prior({family!r}) and then model.fit_prior(...) on training data."
+            )
+        loc, tril = self.component_loc.to(dtype), self.component_scale_tril.to(dtype)
+        if family == "full":
+            return MultivariateNormal(loc[0], scale_tril=tril[0], validate_args=False)
+        return MixtureSameFamily(
+            Categorical(logits=self.component_logits.to(dtype), validate_args=False),
+            MultivariateNormal(loc, scale_tril=tril, validate_args=False),
+            validate_args=False,
+        )
 
     @torch.no_grad()
     def update(self, decoder_mu: torch.Tensor, logvar: torch.Tensor) -> None:
@@ -435,13 +477,169 @@ class FittedPrior(nn.Module):
         self.loc.lerp_(mean, self.momentum)
         second = running_second_moment.lerp_(second_moment, self.momentum)
         self.scale.copy_((second - self.loc.pow(2)).clamp(min=1e-12).sqrt())
+        self._mirror_diagonal()
 
     @torch.no_grad()
-    def fit(self, decoder_mu: torch.Tensor, logvar: torch.Tensor) -> None:
-        """Exact moments of the aggregate posterior of N sentences ((N, d) means and log-variances)."""
+    def fit(
+        self,
+        decoder_mu: torch.Tensor,
+        logvar: torch.Tensor,
+        generator: torch.Generator | None = None,
+        num_samples: int = 10000,
+    ) -> None:
+        """Fit to the aggregate posterior of N sentences ((N, d) means and log-variances): the diagonal and full
+        Gaussians to its exact moments; the mixture by EM on at least `num_samples` draws from it (as many per
+        sentence), with `generator` (default: seeded with 0, so a refit gives the same prior)."""
         decoder_mu, variance = decoder_mu.double(), logvar.double().exp()
         self.loc.copy_(decoder_mu.mean(0))
         self.scale.copy_((decoder_mu.var(0, unbiased=False) + variance.mean(0)).sqrt())
+        if self.family == "full":
+            centred = decoder_mu - decoder_mu.mean(0)
+            covariance = centred.T @ centred / len(decoder_mu) + torch.diag(variance.mean(0))
+            self.component_logits.zero_()
+            self.component_loc.copy_(decoder_mu.mean(0).unsqueeze(0))
+            self.component_scale_tril.copy_(torch.linalg.cholesky(covariance).unsqueeze(0))
+        elif self.family == "mixture":
+            generator = generator if generator is not None else torch.Generator().manual_seed(0)
+            per_sentence = -(-num_samples // len(decoder_mu))
+            shape = (len(decoder_mu), per_sentence, decoder_mu.shape[1])
+            noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float64)
+            noise = noise.to(decoder_mu.device)
+            samples = (decoder_mu.unsqueeze(1) + variance.sqrt().unsqueeze(1) * noise).flatten(0, 1)
+            logits, loc, tril = fit_gaussian_mixture(samples, self.components, generator)
+            self.component_logits.copy_(logits)
+            self.component_loc.copy_(loc)
+            self.component_scale_tril.copy_(tril)
+
+
+def diagonal_gaussian(mean: torch.Tensor, std: torch.Tensor) -> Distribution:
+    """N(mean, diag(std²)) as a distribution over vectors (log_prob sums over the last dimension)."""
+    return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+
+
+def sample_distribution(prior: Distribution, num_samples: int, generator: torch.Generator | None = None):
+    """`num_samples` draws (n, d) from a diagonal or full-covariance Gaussian or a mixture of full-covariance
+    Gaussians, with `generator` (torch.distributions' own `sample` takes none)."""
+    if isinstance(prior, MixtureSameFamily):
+        components = prior.component_distribution
+        loc, tril = components.loc, components.scale_tril
+        index = torch.multinomial(prior.mixture_distribution.probs, num_samples, True, generator=generator)
+        loc, tril = loc[index], tril[index]
+    elif isinstance(prior, MultivariateNormal):
+        loc, tril = prior.loc, prior.scale_tril
+    else:
+        mean, std = prior.base_dist.loc, prior.base_dist.scale
+        noise = torch.randn(num_samples, std.shape[-1], generator=generator, device=std.device, dtype=std.dtype)
+        return mean + noise * std
+    noise = torch.randn(num_samples, loc.shape[-1], generator=generator, device=loc.device, dtype=loc.dtype)
+    return loc + (tril @ noise.unsqueeze(-1)).squeeze(-1)
+
+
+def prior_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior: Distribution,
+    num_samples: int = 64,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """KL(q || p) of q = N(mu, diag(exp(logvar))) to the prior p, per example (summed over dimensions), shape
+    `mu.shape[:-1]`.
+
+    Closed form for a Gaussian prior, diagonal or full. A Gaussian mixture has none: its KL is estimated as q's exact
+    negative entropy minus the Monte Carlo mean of log p(z) over `num_samples` draws z ~ q per example (`generator`
+    seeds them), an unbiased estimate, so the ELBO made from it is an unbiased estimate of a lower bound on log p(x).
+    (Deterministic bounds exist, e.g. Hershey & Olsen's −log Σ_k π_k exp(−KL(q || p_k)), but that one overstates the
+    KL of a fitted mixture with overlapping components by more than the prior gains.)
+    """
+    if isinstance(prior, Independent):
+        return gaussian_kl(mu, logvar, prior.base_dist.scale, prior.base_dist.loc).sum(-1)
+    if isinstance(prior, MultivariateNormal):
+        return _full_gaussian_kl(mu, logvar, prior.loc, prior.scale_tril)
+    device = generator.device if generator is not None else mu.device
+    noise = torch.randn((num_samples, *mu.shape), generator=generator, device=device, dtype=mu.dtype).to(mu.device)
+    z = mu + (0.5 * logvar).exp() * noise
+    negative_entropy = -0.5 * (logvar + 1 + math.log(2 * math.pi)).sum(-1)
+    return negative_entropy - prior.log_prob(z).mean(0)
+
+
+def _full_gaussian_kl(mu, logvar, loc, scale_tril) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(loc, LLᵀ)) = ½ [tr(Σ⁻¹ diag v) + (loc − mu)ᵀ Σ⁻¹ (loc − mu) − d + log|Σ| − Σ log v]."""
+    eye = torch.eye(scale_tril.shape[-1], dtype=scale_tril.dtype, device=scale_tril.device)
+    inverse = torch.linalg.solve_triangular(scale_tril, eye, upper=False)  # L⁻¹; diag(Σ⁻¹)_j = ‖L⁻¹ e_j‖²
+    trace = (logvar.exp() * inverse.pow(2).sum(-2)).sum(-1)
+    mahalanobis = (inverse @ (mu - loc).unsqueeze(-1)).squeeze(-1).pow(2).sum(-1)
+    log_det = 2 * scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace + mahalanobis - mu.shape[-1] + log_det - logvar.sum(-1))
+
+
+@torch.no_grad()
+def fit_gaussian_mixture(
+    samples: torch.Tensor,
+    num_components: int,
+    generator: torch.Generator | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    reg_covar: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maximum-likelihood mixture of full-covariance Gaussians by EM, as scikit-learn's `GaussianMixture` does it
+    (started from k-means++-seeded k-means, `reg_covar` added to each covariance's diagonal, stopped when the mean
+    log-likelihood gains less than `tol`), in float64. Returns the (normalised log-) weights (k,), means (k, d) and
+    Cholesky factors of the covariances (k, d, d)."""
+    x = samples.double()
+    n, d = x.shape
+    if not 1 <= num_components <= n:
+        raise ValueError(f"A mixture of {num_components} components needs at least as many samples; got {n}.")
+    resp = F.one_hot(_kmeans(x, num_components, generator), num_components).double()
+    params = _mixture_m_step(x, resp, reg_covar)
+    previous = -float("inf")
+    for _ in range(max_iter):
+        log_joint = _mixture_log_joint(x, *params)  # (n, k)
+        log_norm = torch.logsumexp(log_joint, dim=1, keepdim=True)
+        params = _mixture_m_step(x, (log_joint - log_norm).exp(), reg_covar)
+        if abs(log_norm.mean().item() - previous) < tol:
+            break
+        previous = log_norm.mean().item()
+    return params
+
+
+def _kmeans(x: torch.Tensor, k: int, generator: torch.Generator | None, iterations: int = 10) -> torch.Tensor:
+    """Cluster labels after k-means++ seeding and a few Lloyd iterations."""
+    device = generator.device if generator is not None else "cpu"
+
+    def squared_distances(centres):
+        return (x.pow(2).sum(1, keepdim=True) - 2 * x @ centres.T + centres.pow(2).sum(1)).clamp(min=0)
+
+    centres = x[torch.randint(len(x), (1,), generator=generator, device=device).to(x.device)]
+    for _ in range(1, k):
+        distance = squared_distances(centres).min(1).values
+        weights = distance if distance.sum() > 0 else torch.ones_like(distance)
+        chosen = torch.multinomial(weights.to(device), 1, generator=generator).to(x.device)
+        centres = torch.cat([centres, x[chosen]])
+    for _ in range(iterations):
+        labels = squared_distances(centres).argmin(1)
+        counts = torch.bincount(labels, minlength=k).unsqueeze(1)
+        sums = torch.zeros_like(centres).index_add_(0, labels, x)
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster keeps its centre
+    return squared_distances(centres).argmin(1)
+
+
+def _mixture_m_step(x, resp, reg_covar):
+    counts = resp.sum(0) + 10 * torch.finfo(x.dtype).eps
+    loc = resp.T @ x / counts.unsqueeze(1)
+    centred = x.unsqueeze(0) - loc.unsqueeze(1)  # (k, n, d)
+    covariance = (centred * resp.T.unsqueeze(-1)).transpose(1, 2) @ centred / counts.view(-1, 1, 1)
+    covariance = covariance + reg_covar * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    return (counts / len(x)).log(), loc, torch.linalg.cholesky(covariance)
+
+
+def _mixture_log_joint(x, log_weights, loc, scale_tril):
+    """log π_k + log N(x_n; loc_k, L_k L_kᵀ), shape (n, k)."""
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    inverse = torch.linalg.solve_triangular(scale_tril, eye, upper=False)  # (k, d, d): one solve, then products
+    whitened = (x.unsqueeze(0) - loc.unsqueeze(1)) @ inverse.transpose(1, 2)  # (k, n, d)
+    log_det = 2 * scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    log_density = -0.5 * (whitened.pow(2).sum(-1) + (log_det + x.shape[1] * math.log(2 * math.pi)).unsqueeze(1))
+    return (log_weights.unsqueeze(1) + log_density).T
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -524,6 +722,11 @@ class ScaleVAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, FittedPrior):
             init.zeros_(module.loc)
             init.ones_(module.scale)
+            if module.components is not None:  # the full and mixture priors: N(0, I) in every component
+                init.zeros_(module.component_logits)
+                init.zeros_(module.component_loc)
+                tril = module.component_scale_tril
+                init.copy_(tril, torch.eye(tril.shape[-1], device=tril.device, dtype=tril.dtype).expand_as(tril))
 
 
 class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
@@ -754,17 +957,32 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     def prior_parameters(
         self, prior: str | None = None, factors: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the generative prior: `prior` (default `config.prior`) is `"fitted"` or `"scaled"`;
-        `factors` are the scale factors of the scaled prior (default: the saved running estimate)."""
+        """(mean, std) of the generative prior, per dimension: the parameters of a diagonal prior (`"fitted"`,
+        `"scaled"`), the mean and marginal standard deviations of a full-covariance or mixture prior, whose density
+        needs `prior_distribution`. `prior` defaults to `config.prior`; `factors` are the scale factors of the scaled
+        prior (default: the saved running estimate)."""
         prior = prior or self.config.prior
         if prior == "fitted":
             return self.fitted_prior.loc, self.fitted_prior.scale
-        if prior != "scaled":
-            raise ValueError(f"prior={prior!r} is not one of ('fitted', 'scaled').")
-        if factors is None:
-            factors = getattr(self.collapse, "scale_factors", None)
-        std = factors if factors is not None else self.fitted_prior.scale.new_ones(self.config.latent_size)
-        return torch.zeros_like(std), std
+        if prior == "scaled":
+            if factors is None:
+                factors = getattr(self.collapse, "scale_factors", None)
+            std = factors if factors is not None else self.fitted_prior.scale.new_ones(self.config.latent_size)
+            return torch.zeros_like(std), std
+        distribution = self.prior_distribution(prior)
+        return distribution.mean, distribution.stddev
+
+    def prior_distribution(self, prior: str | None = None, dtype: torch.dtype | None = None) -> Distribution:
+        """The generative prior p(z) as a `torch.distributions` object (`log_prob`, `mean`), in `dtype` (default: the
+        buffers'): `prior` (default `config.prior`) is one of `"fitted"`, `"scaled"`, `"full"`, `"mixture"`; a full or
+        mixture prior other than the config's was not built (`set_prior` builds it)."""
+        prior = prior or self.config.prior
+        if prior not in PRIORS:
+            raise ValueError(f"prior={prior!r} is not one of {PRIORS}.")
+        if prior == "scaled":
+            mean, std = self.prior_parameters("scaled")
+            return diagonal_gaussian(mean.to(dtype), std.to(dtype))
+        return self.fitted_prior.distribution(prior, dtype)
 
     def sample_prior(
         self, num_samples: int, generator: torch.Generator | None = None, prior: str | None = None
@@ -772,16 +990,29 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         """z ~ p(z), the generative prior (`config.prior`, or `prior`) as the decoder sees it."""
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
-        mean, std = self.prior_parameters(prior)
-        noise = torch.randn(num_samples, std.shape[0], generator=generator, device=std.device, dtype=std.dtype)
-        return mean + noise * std
+        return sample_distribution(self.prior_distribution(prior), num_samples, generator)
+
+    def set_prior(self, prior: str, components: int | None = None) -> None:
+        """Switch the generative prior to `prior` (with `components` for `"mixture"`), keeping the diagonal running
+        estimate; `fit_prior` then fits it. Training never uses the prior (its KL is the original posterior's to
+        N(0, I)), so a trained model can be scored under each family in turn."""
+        self.config.prior = prior
+        if components is not None:
+            self.config.prior_components = components
+        self.config.validate_scalevae()
+        old = self.fitted_prior
+        self.fitted_prior = FittedPrior(self.config).to(old.loc.device)
+        self.fitted_prior.loc.copy_(old.loc)
+        self.fitted_prior.scale.copy_(old.scale)
+        self.fitted_prior._mirror_diagonal()
 
     @torch.no_grad()
-    def fit_prior(self, batches) -> None:
+    def fit_prior(self, batches, generator: torch.Generator | None = None) -> None:
         """Fit the generative model's statistics to data, in eval mode: first the strategy's (BN-VAE's population mean
-        and variance), then the fitted prior to the exact moments of the aggregate decoder posterior. `batches`: an
-        iterable (a DataLoader or a list) of dicts with the encoder's `input_ids` and `attention_mask`; the training
-        glue calls it after training on (a sample of) the training set."""
+        and variance), then the fitted prior to the aggregate decoder posterior (`FittedPrior.fit`: exact moments for
+        the Gaussians, EM for the mixture, whose samples `generator` draws). `batches`: an iterable (a DataLoader or a
+        list) of dicts with the encoder's `input_ids` and `attention_mask`; the training glue calls it after training
+        on (a sample of) the training set, never on test data."""
         inputs = []
         for batch in batches:
             ids = batch["input_ids"].to(self.device)
@@ -801,7 +1032,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
                 self.collapse.calibrate(torch.cat(pre_norm_means).float())
             posteriors = [self.encode(ids, mask) for ids, mask in inputs]
             self.fitted_prior.fit(
-                torch.cat([p.decoder_mu for p in posteriors]), torch.cat([p.logvar for p in posteriors])
+                torch.cat([p.decoder_mu for p in posteriors]), torch.cat([p.logvar for p in posteriors]), generator
             )
         finally:
             self.train(was_training)
@@ -977,12 +1208,18 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         means, in float32 whatever the autocast dtype."""
         mu, logvar = posterior.mu.float(), posterior.logvar.float()
         kl_per_example_dim = gaussian_kl(mu, logvar)
-        decoder_kl = gaussian_kl(posterior.decoder_mu.float(), logvar, posterior.prior_std, posterior.prior_mean)
+        if self.config.prior in ("fitted", "scaled"):  # the posterior's own: "scaled" uses the batch's factors
+            prior = diagonal_gaussian(posterior.prior_mean.float(), posterior.prior_std.float())
+        else:
+            prior = self.prior_distribution(dtype=torch.float32)
+        # A mixture's KL is a Monte Carlo estimate: from a fixed seed, so that two eval passes give the same output.
+        fixed = torch.Generator(mu.device).manual_seed(0) if self.config.prior == "mixture" else None
+        decoder_kl = prior_kl(posterior.decoder_mu.float(), logvar, prior, generator=fixed)
         return dict(
             kl=kl_per_example_dim.sum(-1).mean(),
             kl_per_dim=kl_per_example_dim.mean(0),
             kl_loss=self.collapse.kl_in_loss(kl_per_example_dim).mean(),
-            decoder_kl=decoder_kl.sum(-1).mean(),
+            decoder_kl=decoder_kl.mean(),
             mu=mu,
             logvar=logvar,
             decoder_mu=posterior.decoder_mu,

@@ -10,9 +10,9 @@ Conventions (every function states its own definition; these are the common ones
   is the perplexity.
 * There are two posteriors. The encoder's ("original") posterior q(z|x) = N(mu, σ²) is the one whose KL the paper
   reports. The decoder's posterior q'(z|x) = N(decoder_mu, σ²), decoder_mu = f ⊙ mu, with the generative model's prior
-  p(z) = N(prior_mean, diag(prior_std²)) (`config.prior`: the fitted aggregate Gaussian, or N(0, diag f²)), is the
-  pair of a true ELBO for the model that generates text (f = 1 for
-  every strategy but Scale-VAE, where the two pairs coincide).
+  p(z) (`config.prior`: a diagonal, full-covariance or mixture Gaussian fitted to the aggregate posterior, or
+  N(0, diag f²); its density is `model.prior_distribution().log_prob`), is the pair of a true ELBO for the model that
+  generates text (f = 1 for every strategy but Scale-VAE, where the two pairs coincide).
 * The model is evaluated in eval mode (Scale-VAE then uses its saved running scale factors, BN-VAE its running
   statistics) under `torch.no_grad()`; the previous train/eval mode is restored afterwards.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling_scalevae import gaussian_kl, token_nll
+from modeling_scalevae import gaussian_kl, prior_kl, token_nll
 
 from .latent import LatentText
 
@@ -147,7 +147,12 @@ METRICS: dict[str, MetricInfo] = {
     "seconds_per_step": MetricInfo("s/step", "seconds per step", "wall-clock seconds per optimizer step", ".3f"),
 }
 # The priors a density figure may be computed under (`evaluate_model(priors=...)` adds `nll_fitted`, ...).
-PRIOR_NAMES = {"fitted": "fitted prior", "scaled": "N(0, diag f²)"}
+PRIOR_NAMES = {
+    "fitted": "fitted prior",
+    "scaled": "N(0, diag f²)",
+    "full": "full-covariance prior",
+    "mixture": "Gaussian-mixture prior",
+}
 
 
 def metric_info(key: str) -> MetricInfo:
@@ -233,16 +238,10 @@ def _log_normal(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _priors_of(model, posterior, priors: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name -> (mean, std) of each prior; "" is the posterior's own (the config's, or the one `encode` was given)."""
-    params = {}
-    for name in priors:
-        if name:
-            params[name] = model.prior_parameters(name)
-        else:
-            std = posterior.prior_std
-            params[name] = (posterior.prior_mean if posterior.prior_mean is not None else torch.zeros_like(std), std)
-    return params
+def _priors_of(model, priors: Sequence[str]) -> dict:
+    """name -> the prior p(z) as a float64 `torch.distributions` object (`model.prior_distribution`); "" is the
+    config's."""
+    return {name: model.prior_distribution(name or None, dtype=torch.float64) for name in priors}
 
 
 def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator, priors=("",)) -> dict:
@@ -250,7 +249,7 @@ def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generat
     decoder_input_ids, decoder_attention_mask = _decoder_inputs(model, batch)
     labels = batch["labels"]
     mean, logvar = posterior.decoder_mu, posterior.logvar
-    priors = _priors_of(model, posterior, priors)
+    priors = _priors_of(model, priors)
     std = (0.5 * logvar).exp()
     batch_size, latent_size = mean.shape
     log_weights = {name: [] for name in priors}
@@ -267,8 +266,8 @@ def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generat
             None if decoder_attention_mask is None else decoder_attention_mask.repeat_interleave(c, dim=0),
         ).double()
         log_qz = _log_normal(z, mean.repeat_interleave(c, dim=0), std.repeat_interleave(c, dim=0))
-        for name, (prior_mean, prior_std) in priors.items():
-            log_pz = _log_normal(z, prior_mean.expand_as(z), prior_std.expand_as(z))
+        for name, prior in priors.items():
+            log_pz = prior.log_prob(z.double())
             log_weights[name].append((log_px_z + log_pz - log_qz).view(batch_size, c))
     return {
         name: torch.logsumexp(torch.cat(weights, dim=1), dim=1) - math.log(num_samples)
@@ -291,7 +290,7 @@ def iw_log_likelihood(
 
         log p(x) ≈ logsumexp_k [ log p(x|z_k) + log p(z_k) − log q'(z_k|x) ] − log k,
 
-    with p(z) the generative prior (`prior`, default `config.prior`: the fitted aggregate Gaussian or N(0, diag f²)),
+    with p(z) the generative prior (`prior`, default `config.prior`; log p(z) is its exact density, for a mixture too),
 
     where log p(x|z) is summed over the counted tokens (labels != -100: the sentence's tokens and its EOS; not BOS,
     not padding). The latent is integrated out, so there is no separate KL term: −this is the NLL with the KL
@@ -308,15 +307,14 @@ def iw_log_likelihood(
         raise ValueError(f"num_samples={num_samples} and chunk_size={chunk_size} must both be >= 1.")
     with _evaluating(model):
         batch = _to_device(batch, _model_device(model))
-        posterior = model.encode(batch["input_ids"], batch.get("attention_mask"), prior=prior)
-        return _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator)[""]
+        posterior, name = model.encode(batch["input_ids"], batch.get("attention_mask")), prior or ""
+        return _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator, (name,))[name]
 
 
-def _decoder_kl(posterior, prior_mean, prior_std) -> torch.Tensor:
-    """KL(q'(z|x) || p(z)) per sentence, float64."""
-    return gaussian_kl(
-        posterior.decoder_mu.double(), posterior.logvar.double(), prior_std.double(), prior_mean.double()
-    ).sum(-1)
+def _decoder_kl(posterior, prior, generator=None) -> torch.Tensor:
+    """KL(q'(z|x) || p(z)) per sentence, float64 (`prior_kl`: closed form for the Gaussians, a Monte Carlo estimate
+    with 256 draws per sentence for a mixture)."""
+    return prior_kl(posterior.decoder_mu.double(), posterior.logvar.double(), prior, 256, generator)
 
 
 def _elbo_from_posterior(model, batch, posterior, generator, priors=("",)) -> dict:
@@ -326,8 +324,7 @@ def _elbo_from_posterior(model, batch, posterior, generator, priors=("",)) -> di
     z = mean + (0.5 * logvar).exp() * _randn(mean.shape, mean, generator)
     log_px_z = model.log_likelihood(z, decoder_input_ids, batch["labels"], decoder_attention_mask).double()
     return {
-        name: log_px_z - _decoder_kl(posterior, *params)
-        for name, params in _priors_of(model, posterior, priors).items()
+        name: log_px_z - _decoder_kl(posterior, prior, generator) for name, prior in _priors_of(model, priors).items()
     }
 
 
@@ -346,8 +343,8 @@ def elbo(
     _require_density(model, "The ELBO")
     with _evaluating(model):
         batch = _to_device(batch, _model_device(model))
-        posterior = model.encode(batch["input_ids"], batch.get("attention_mask"), prior=prior)
-        return _elbo_from_posterior(model, batch, posterior, generator)[""]
+        posterior, name = model.encode(batch["input_ids"], batch.get("attention_mask")), prior or ""
+        return _elbo_from_posterior(model, batch, posterior, generator, (name,))[name]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -570,7 +567,8 @@ def evaluate_model(
       −elbo ≥ nll up to Monte Carlo noise.
     - `reconstruction_nll`: −log p(x|z) with z = decoder_mu (the decoder's posterior mean, no sampling), per sentence.
     - `kl`: the paper's KL, KL(N(mu, σ²) || N(0, I)) of the encoder's (original) posterior, mean per sentence.
-    - `decoder_kl`: the bound's KL, KL(N(decoder_mu, σ²) || N(0, diag(prior_std²))), mean per sentence.
+    - `decoder_kl`: the bound's KL, KL(N(decoder_mu, σ²) || p(z)), mean per sentence (`prior_kl`: for a mixture prior, a
+      Monte Carlo estimate).
     - `mi`, `mi_decoder`: `mutual_information` of the original and of the decoder's posterior over the whole set.
     - `au`, `au_decoder`: `active_units` (δ = 0.01) of `mu` and of `decoder_mu` over the whole set.
     - `token_accuracy`: fraction of counted tokens where the teacher-forced argmax from z = decoder_mu is the label.
@@ -612,8 +610,8 @@ def evaluate_model(
                 "kl": gaussian_kl(posterior.mu.double(), posterior.logvar.double()).sum(),
                 "correct_tokens": ((logits.argmax(-1) == labels) & (labels != -100)).sum(),
             }
-            for name, (prior_mean, prior_std) in _priors_of(model, posterior, prior_names).items():
-                sums[_with_prior("decoder_kl", name)] = _decoder_kl(posterior, prior_mean, prior_std).sum()
+            for name, prior in _priors_of(model, prior_names).items():
+                sums[_with_prior("decoder_kl", name)] = _decoder_kl(posterior, prior, generator).sum()
             if use_iw:
                 iw = _iw_from_posterior(
                     model, batch, posterior, num_importance_samples, chunk_size, generator, prior_names

@@ -112,6 +112,9 @@ class LinearGaussianVAE(torch.nn.Module):
         mean, var = self.posterior(input_ids)
         return ScaleVAEEncoderOutput(mu=mean / self.f, logvar=var.log(), decoder_mu=mean, prior_std=self.f)
 
+    def prior_distribution(self, prior=None, dtype=None):
+        return torch.distributions.Independent(torch.distributions.Normal(torch.zeros_like(self.f), self.f), 1)
+
     def log_likelihood(self, latents, decoder_input_ids, labels, decoder_attention_mask=None):
         return torch.distributions.Normal(latents, self.tau).log_prob(decoder_input_ids).sum(-1)
 
