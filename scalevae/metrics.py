@@ -146,6 +146,78 @@ METRICS: dict[str, MetricInfo] = {
     "steps": MetricInfo("steps", "training steps", "optimizer steps trained", "d"),
     "seconds_per_step": MetricInfo("s/step", "seconds per step", "wall-clock seconds per optimizer step", ".3f"),
 }
+# The paper's other claims (`scalevae.claims.evaluate_claims`): the few-label probe at each default N, consistency of the
+# latent space, generation from the prior.
+PROBE_SIZES = (100, 1000, 10000)
+_PROBED = {"mu": "μ", "decoder_mu": "f ⊙ μ"}
+for _size in PROBE_SIZES:
+    for _feature, _symbol in _PROBED.items():
+        METRICS[f"probe_{_size}_{_feature}"] = MetricInfo(
+            f"probe {_symbol}, {_size}",
+            f"few-label probe accuracy of {_symbol}, {_size} labels",
+            f"test accuracy of a logistic regression on {_symbol} trained on {_size} class-balanced labelled training "
+            "sentences, mean over 5 random subsets (higher is better)",
+            ".3f",
+        )
+        METRICS[f"probe_{_size}_{_feature}_sd"] = MetricInfo(
+            f"sd probe {_symbol}, {_size}",
+            f"sd of the few-label probe accuracy of {_symbol}, {_size} labels",
+            f"standard deviation of that accuracy over the 5 subsets of {_size} labelled sentences",
+            ".3f",
+        )
+for _cycle, _start in (("prior", "z ~ p(z)"), ("data", "z = the latent of a test sentence")):
+    METRICS[f"consistency_{_cycle}_r2"] = MetricInfo(
+        f"consist. {_cycle} R²",
+        f"latent consistency, {_cycle} cycle: out-of-sample R²",
+        f"{_start} → greedy text → its latent ẑ: share of z's variance a linear map of ẑ explains on held-out cycles, "
+        "mean over dimensions (1: ẑ gives z back; 0 or below: nothing of it)",
+        ".3f",
+    )
+    METRICS[f"consistency_{_cycle}_top1"] = MetricInfo(
+        f"consist. {_cycle} top-1",
+        f"latent consistency, {_cycle} cycle: top-1 retrieval",
+        f"{_start} → greedy text → its latent ẑ: share of cycles whose ẑ is closest (cosine, centred) to its own z "
+        "among all N (1: perfect; 1/N: chance)",
+        ".3f",
+    )
+METRICS |= {
+    "gen_forward_ppl": MetricInfo(
+        "fwd PPL",
+        "forward perplexity of prior samples",
+        "perplexity of greedy decodings of prior samples under a GPT-2 of the decoder's size trained on the training "
+        "split (lower: more like the data)",
+        ".1f",
+    ),
+    "gen_reverse_ppl": MetricInfo(
+        "rev. PPL",
+        "reverse perplexity (LM trained on prior samples)",
+        "perplexity of the test split under a GPT-2 of the decoder's size trained on the prior samples (lower: the "
+        "samples cover more of the data)",
+        ".1f",
+    ),
+    "gen_distinct_1": MetricInfo(
+        "dist-1", "distinct-1 of prior samples", "distinct unigrams / all unigrams over the prior samples", ".3f"
+    ),
+    "gen_distinct_2": MetricInfo(
+        "dist-2", "distinct-2 of prior samples", "distinct bigrams / all bigrams over the prior samples", ".3f"
+    ),
+    "gen_self_bleu": MetricInfo(
+        "self-BLEU",
+        "self-BLEU-4 of prior samples",
+        "mean sentence BLEU-4 (sacreBLEU, 0-100) of each prior sample against all the others (lower: more diverse)",
+        ".1f",
+    ),
+    "gen_mean_length": MetricInfo(
+        "sample length", "mean prior-sample length (tokens)", "decoder tokens per greedy prior sample", ".1f"
+    ),
+    "data_mean_length": MetricInfo(
+        "data length",
+        "mean test-sentence length (tokens)",
+        "decoder tokens per test sentence, cut to the training length",
+        ".1f",
+    ),
+}
+
 # The priors a density figure may be computed under (`evaluate_model(priors=...)` adds `nll_fitted`, ...).
 PRIOR_NAMES = {
     "fitted": "fitted prior",
