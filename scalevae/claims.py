@@ -16,8 +16,8 @@ Definitions (the README repeats them):
   ẑ = the decoder's posterior mean of x̂; *data*: z = the decoder's posterior mean of a test sentence x, then x̂ and ẑ
   as before. Two figures of each cycle: `r2`, the share of z's variance that a linear map of ẑ explains out of sample
   (least squares with intercept fitted on one half, R² of each dimension of z on the other half, both halves in
-  turn, averaged over halves and dimensions: 1 when ẑ determines z linearly, about 0 or below when it carries nothing
-  of it); `top1`, the share of the N cycles whose ẑ is, by cosine similarity after subtracting each set's mean,
+  turn, each floored at 0, averaged over halves and dimensions: 1 when ẑ determines z linearly, about 0 when it
+  carries nothing of it); `top1`, the share of the N cycles whose ẑ is, by cosine similarity after subtracting each set's mean,
   closest to its own z among all N (1 for a perfect cycle, 1/N by chance).
 * **Generation** over N prior samples decoded greedily (the texts of the prior cycle): `forward_ppl`, their perplexity
   under a reference language model trained on the training split (`train_language_model`); `reverse_ppl`, the
@@ -116,7 +116,9 @@ def _as_array(values) -> np.ndarray:
 def consistency_figures(latents, recovered) -> dict[str, float]:
     """`r2` and `top1` of a cycle (see the module's definition): `latents` are the N starting latents z (N, d),
     `recovered` the ẑ the cycle gave back (N, d), row for row. The halves are the first and the second half of the
-    rows: shuffle them first if the order means something."""
+    rows: shuffle them first if the order means something. A dimension's R² is floored at 0: a map that predicts
+    worse than the held-out mean explains nothing (a collapsed model whose few distinct decodings make the least-squares
+    map extrapolate scores 0, not −4)."""
     z, z_hat = _as_array(latents), _as_array(recovered)
     if z.shape != z_hat.shape or z.ndim != 2 or len(z) < 4:
         raise ValueError(f"latents and recovered must both be (N >= 4, d); got {z.shape} and {z_hat.shape}.")
@@ -129,7 +131,7 @@ def consistency_figures(latents, recovered) -> dict[str, float]:
         predicted = np.column_stack([z_hat[held_out], np.ones(len(z_hat[held_out]))]) @ weights
         residual = ((z[held_out] - predicted) ** 2).sum(0)
         total = ((z[held_out] - z[held_out].mean(0)) ** 2).sum(0)
-        r2.append(1 - residual / np.maximum(total, 1e-300))
+        r2.append(np.maximum(1 - residual / np.maximum(total, 1e-300), 0.0))
     return {"r2": float(np.mean(r2)), "top1": top1_retrieval(z, z_hat)}
 
 
@@ -401,7 +403,7 @@ def evaluate_claims(
     probe_repeats: int = 5,
     num_cycle_sentences: int = 1000,
     max_length: int = 32,
-    reverse_lm_steps: int = 300,
+    reverse_lm_steps: int = 0,
     batch_size: int = 100,
     prior: str | None = None,
 ) -> dict[str, float]:
@@ -411,8 +413,9 @@ def evaluate_claims(
     `texts`: `"train"` and `"test"` sentences (train: the probe's labelled pool and nothing else; test: the probe's test
     set, the data cycle's first `num_cycle_sentences` and the reverse-PPL test set); `labels`: the `"train"` and
     `"test"` classes, row for row (no labels: no probe figures). `reference_lm`: the comparison's language model
-    (`train_language_model` on the training split), for `gen_forward_ppl`; `reverse_lm_steps=0` skips
-    `gen_reverse_ppl`. `prior` overrides `config.prior` for the prior samples; `seed` seeds them and the probe's
+    (`train_language_model` on the training split), for `gen_forward_ppl`; `reverse_lm_steps` > 0 trains the reverse
+    language model that many steps for `gen_reverse_ppl` (off by default: on 2 CPU cores 300 steps of a 2x256 GPT-2
+    cost more than everything else together; GPU presets can afford 1,000+). `prior` overrides `config.prior` for the prior samples; `seed` seeds them and the probe's
     subsets. The model is left in the mode it came in.
     """
     encode, decode = latent_codec(model, encoder_tokenizer, decoder_tokenizer, max_length, batch_size)
