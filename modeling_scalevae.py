@@ -104,7 +104,8 @@ class ScaleVAEOutput(ModelOutput):
         kl_per_dim (`torch.FloatTensor` of shape `(latent_size,)`): `kl` per dimension, batch mean.
         kl_loss (`torch.FloatTensor` of shape `()`): the KL that enters the loss (free bits thresholds it, AE zeroes it).
         decoder_kl (`torch.FloatTensor` of shape `()`): KL of the decoder's posterior N(f ⊙ mu, σ²) to the generative
-            prior (`config.prior`), batch mean: the KL of a true ELBO for the model that `sample_prior()` draws from.
+            prior (`config.prior`), batch mean: the KL of a true ELBO for the model that `sample_prior()` draws from
+            (`prior_kl`: closed form, or for a mixture prior a Monte Carlo estimate from a fixed seed).
         mu, logvar (`torch.FloatTensor` of shape `(batch_size, latent_size)`): the encoder's posterior.
         decoder_mu (`torch.FloatTensor` of shape `(batch_size, latent_size)`): the decoder's posterior mean f ⊙ mu.
         prior_mean, prior_std (`torch.FloatTensor` of shape `(latent_size,)`): the generative prior's parameters.
@@ -519,20 +520,25 @@ def diagonal_gaussian(mean: torch.Tensor, std: torch.Tensor) -> Distribution:
 
 def sample_distribution(prior: Distribution, num_samples: int, generator: torch.Generator | None = None):
     """`num_samples` draws (n, d) from a diagonal or full-covariance Gaussian or a mixture of full-covariance
-    Gaussians, with `generator` (torch.distributions' own `sample` takes none)."""
-    if isinstance(prior, MixtureSameFamily):
-        components = prior.component_distribution
-        loc, tril = components.loc, components.scale_tril
-        index = torch.multinomial(prior.mixture_distribution.probs, num_samples, True, generator=generator)
-        loc, tril = loc[index], tril[index]
-    elif isinstance(prior, MultivariateNormal):
+    Gaussians, with `generator` (torch.distributions' own `sample` takes none); the noise is drawn on the generator's
+    device, so a CPU generator gives the same draws whatever device the prior is on."""
+
+    def randn(like: torch.Tensor) -> torch.Tensor:
+        device = generator.device if generator is not None else like.device
+        noise = torch.randn(num_samples, like.shape[-1], generator=generator, device=device, dtype=like.dtype)
+        return noise.to(like.device)
+
+    if isinstance(prior, Independent):
+        mean, std = prior.base_dist.loc, prior.base_dist.scale
+        return mean + randn(std) * std
+    if isinstance(prior, MultivariateNormal):
         loc, tril = prior.loc, prior.scale_tril
     else:
-        mean, std = prior.base_dist.loc, prior.base_dist.scale
-        noise = torch.randn(num_samples, std.shape[-1], generator=generator, device=std.device, dtype=std.dtype)
-        return mean + noise * std
-    noise = torch.randn(num_samples, loc.shape[-1], generator=generator, device=loc.device, dtype=loc.dtype)
-    return loc + (tril @ noise.unsqueeze(-1)).squeeze(-1)
+        probs = prior.mixture_distribution.probs
+        device = generator.device if generator is not None else probs.device
+        index = torch.multinomial(probs.to(device), num_samples, True, generator=generator).to(probs.device)
+        loc, tril = prior.component_distribution.loc[index], prior.component_distribution.scale_tril[index]
+    return loc + (tril @ randn(loc).unsqueeze(-1)).squeeze(-1)
 
 
 def prior_kl(
@@ -734,10 +740,11 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
     A text VAE: BERT-style encoder -> Gaussian latent z -> GPT-2 decoder conditioned on z (Optimus-style injection),
     with a swappable posterior-collapse remedy (`config.collapse_strategy`, Scale-VAE by default).
 
-    The generative model is z ~ p(z), x ~ p(x|z), with p(z) chosen by `config.prior`: the Gaussian fitted to the
-    aggregate of the decoder's posterior (`"fitted"`), or N(0, diag(f²)), the standard normal pushed through the scale
-    factors (`"scaled"`; f = 1 for every strategy but Scale-VAE). `sample_prior`, `decoder_kl`, the ELBO and the
-    importance-weighted NLL all refer to it.
+    The generative model is z ~ p(z), x ~ p(x|z), with p(z) chosen by `config.prior`: a diagonal (`"fitted"`),
+    full-covariance (`"full"`) or mixture (`"mixture"`) Gaussian fitted to the aggregate of the decoder's posterior, or
+    N(0, diag(f²)), the standard normal pushed through the scale factors (`"scaled"`; f = 1 for every strategy but
+    Scale-VAE). `sample_prior`, `decoder_kl`, the ELBO and the importance-weighted NLL all refer to it
+    (`prior_distribution`).
 
     It follows transformers' encoder-decoder conventions (`config.is_encoder_decoder` is True), those of
     `EncoderDecoderModel`:
