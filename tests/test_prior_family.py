@@ -226,3 +226,19 @@ def test_set_prior_switches_family_and_keeps_the_running_estimate():
     assert {"fitted_prior.component_logits", "fitted_prior.loc"} <= set(model.state_dict())
     model.set_prior("scaled")
     assert not any(key.startswith("fitted_prior.") for key in model.state_dict())
+
+
+@pytest.mark.parametrize(("prior", "components"), FAMILIES)
+def test_a_model_built_on_the_meta_device_initialises_the_prior_buffers(prior, components):
+    config = tester.get_config(prior=prior, prior_components=components or 4)
+    fresh = ScaleVAEForLatentLM(config)
+    with torch.device("meta"):
+        model = ScaleVAEForLatentLM(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():  # what uninitialised memory may hold
+        for buffer in model.fitted_prior.buffers():
+            buffer.fill_(7)
+    model.init_weights()
+    for name, buffer in fresh.fitted_prior.named_buffers():
+        assert torch.equal(model.fitted_prior.get_buffer(name), buffer), name
+    assert torch.equal(model.prior_distribution().mean, torch.zeros(tester.latent_size))
