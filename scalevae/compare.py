@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .metrics import metric_info
-from .recipe import RunSpec, prepare_data, quiet, run
+from .recipe import RunSpec, prepare_data, quiet, reference_language_model, run
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -71,6 +71,7 @@ _COMMON = dict(
     num_importance_samples=50,
     eval_splits=["validation", "test"],
     priors=["fitted", "scaled"],
+    claims=True,
     report_to=[],
     save_strategy="no",
     save=False,
@@ -142,29 +143,26 @@ class CompareArguments:
     )
 
 
-# Columns of the table, keys of a run's test metrics (`_fitted`/`_scaled`: the two priors); headers and formats come
-# from `scalevae.metrics.METRICS`.
-COLUMNS = (
-    "nll_fitted",
-    "nll_scaled",
-    "ppl_fitted",
-    "ppl_scaled",
-    "elbo_fitted",
-    "elbo_scaled",
-    "reconstruction_nll",
-    "kl",
-    "decoder_kl_fitted",
-    "mi",
-    "mi_decoder",
-    "au",
-    "au_decoder",
-    "token_accuracy",
-    "bleu",
-    "shuffle_gap",
-    "probe_mu",
-    "probe_decoder_mu",
-    "seconds_per_step",
-)
+# The table's columns, grouped by the paper's four claims (plus how much the latent is used); keys of a run's test
+# metrics (`_fitted`/`_scaled`: the two priors). Headers and formats come from `scalevae.metrics.METRICS`.
+CLAIMS = {
+    "density estimation": ("nll_fitted", "nll_scaled", "ppl_fitted", "elbo_fitted", "elbo_scaled"),
+    "representation learning": (
+        "probe_100_mu", "probe_1000_mu", "probe_10000_mu", "probe_mu", "probe_decoder_mu",
+    ),
+    "consistency of the latent space": (
+        "consistency_prior_r2", "consistency_prior_top1", "consistency_data_r2", "consistency_data_top1",
+    ),
+    "generation": (
+        "gen_forward_ppl", "gen_reverse_ppl", "gen_distinct_1", "gen_distinct_2", "gen_self_bleu", "gen_mean_length",
+        "data_mean_length",
+    ),
+    "use of the latent": (
+        "reconstruction_nll", "kl", "decoder_kl_fitted", "mi", "mi_decoder", "au", "au_decoder", "token_accuracy",
+        "bleu", "shuffle_gap", "seconds_per_step",
+    ),
+}  # fmt: skip
+COLUMNS = tuple(key for keys in CLAIMS.values() for key in keys)
 
 
 def run_names(options: "CompareArguments", labelled: bool) -> list[str]:
@@ -223,7 +221,7 @@ def comparison_spec(argv: list[str]) -> tuple[RunSpec, "CompareArguments"]:
     return spec, options
 
 
-def train_and_evaluate(name: str, seed: int, spec: RunSpec, data) -> dict:
+def train_and_evaluate(name: str, seed: int, spec: RunSpec, data, reference_lm=None) -> dict:
     """One run of the comparison: the base spec with this run's remedy and seed, on the shared data."""
     config_fields, kl_schedule = run_settings(name)
     run_spec = spec.replace(
@@ -231,7 +229,7 @@ def train_and_evaluate(name: str, seed: int, spec: RunSpec, data) -> dict:
         model=dict(kl_schedule=kl_schedule),
         training=dict(seed=seed, output_dir=str(spec.output_dir / "work" / f"{name}-seed{seed}")),
     )
-    result = run(run_spec, data, desc=f"{name} seed {seed}", progress=False)
+    result = run(run_spec, data, desc=f"{name} seed {seed}", progress=False, reference_lm=reference_lm)
     return dict(
         run=name,
         seed=seed,
@@ -285,7 +283,7 @@ def run_comparison(argv: list[str]) -> dict:
 
     names = run_names(options, bool(spec.data.label_suffix))
     todo = [(name, seed) for seed in options.seeds for name in names]
-    data = None
+    data = reference_lm = None
     progress = tqdm(todo, desc=f"compare {options.preset}", unit="run")
     for name, seed in progress:
         path = output / "runs" / f"{name}-seed{seed}.json"
@@ -295,7 +293,12 @@ def run_comparison(argv: list[str]) -> dict:
         if data is None:
             with quiet():
                 data = prepare_data(spec.replace(training=dict(output_dir=str(output / "work"))))
-        result = train_and_evaluate(name, seed, spec, data)
+                # One reference language model per comparison scores every run's samples (saved, so a resumed
+                # comparison uses the same one).
+                reference_lm = (
+                    reference_language_model(spec, data, output / "reference_lm") if spec.run.claims else None
+                )
+        result = train_and_evaluate(name, seed, spec, data, reference_lm)
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(_to_json(result, indent=1))
         temporary.replace(path)  # a killed run leaves no half-written result behind
@@ -397,14 +400,9 @@ README_COLUMNS = (
 
 
 def format_markdown(summary: dict, keys: tuple[str, ...] | None = None) -> str:
-    """The comparison table (every column of `COLUMNS` that was measured, or those named in `keys`)."""
+    """The comparison tables: one per claim (every column of `CLAIMS` that was measured, or those named in `keys`)."""
     settings = summary["settings"]
     runs = summary["runs"]
-    columns = [
-        (key, metric_info(key).name, ".1f" if metric_info(key).format == "d" else metric_info(key).format)  # means
-        for key in COLUMNS
-        if any(key in row["test"] for row in runs.values()) and (not keys or key in keys)
-    ]
     chosen = summary["chosen_scale"]
     rule = (
         f"Scale-VAE's des_std, chosen on validation: `{chosen}` (most MI of the decoder's latent within 1% of the "
@@ -417,17 +415,32 @@ def format_markdown(summary: dict, keys: tuple[str, ...] | None = None) -> str:
         f"{settings['training']['max_steps']} steps of batch {settings['training']['batch_size']}, "
         f"k = {settings['run']['num_importance_samples']} importance samples. {rule}; lowest validation IW-NLL: "
         f"`{summary.get('lowest_nll_scale')}`.",
-        "",
-        "| run | seeds | " + " | ".join(header for _, header, _ in columns) + " |",
-        "|---|---|" + "---:|" * len(columns),
     ]
-    for name, row in runs.items():
-        cells = []
-        for key, _, fmt in columns:
-            mean, sd = row["test"].get(key, (float("nan"), float("nan")))
-            spread = f" ± {sd:{fmt}}" if len(row["seeds"]) > 1 else ""
-            cells.append("–" if math.isnan(mean) else f"{mean:{fmt}}{spread}")
-        marker = " (chosen)" if name == chosen else ""
-        seeds = ",".join(str(seed) for seed in row["seeds"])
-        lines.append(f"| {name}{marker} | {seeds} | " + " | ".join(cells) + " |")
+    for claim, claim_keys in CLAIMS.items():
+        columns = [
+            (key, metric_info(key).name, ".1f" if metric_info(key).format == "d" else metric_info(key).format)
+            for key in claim_keys
+            if any(key in row["test"] for row in runs.values()) and (not keys or key in keys)
+        ]
+        if not columns:
+            continue
+        lines += [
+            "",
+            f"**{claim[0].upper() + claim[1:]}**",
+            "",
+            "| run | seeds | " + " | ".join(header for _, header, _ in columns) + " |",
+            "|---|---|" + "---:|" * len(columns),
+        ]
+        for name, row in runs.items():
+            cells = []
+            for key, _, fmt in columns:
+                mean, sd = row["test"].get(key, (float("nan"), float("nan")))
+                if mean is None or math.isnan(mean):
+                    cells.append("–")
+                    continue
+                spread = f" ± {sd:{fmt}}" if len(row["seeds"]) > 1 else ""
+                cells.append(f"{mean:{fmt}}{spread}")
+            marker = " (chosen)" if name == chosen else ""
+            seeds = ",".join(str(seed) for seed in row["seeds"])
+            lines.append(f"| {name}{marker} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -154,6 +154,18 @@ class RunArguments:
     prior_fit_sentences: int = field(
         default=4000, metadata={"help": "training sentences the prior (and BN-VAE's statistics) are fitted on"}
     )
+    claims: bool = field(
+        default=False,
+        metadata={
+            "help": "also measure the paper's other claims on the test split (scalevae.claims): the few-label probe "
+            "(labelled data), latent consistency (prior and data cycles) and generation (forward PPL under a "
+            "reference LM, distinct-n, self-BLEU, lengths)"
+        },
+    )
+    claims_prior_samples: int = field(default=1000, metadata={"help": "prior samples of the generation figures"})
+    reverse_lm_steps: int = field(
+        default=0, metadata={"help": "steps of the reverse-perplexity LM trained on the samples (0: not measured)"}
+    )
     save: bool = field(default=True, metadata={"help": "save the trained model to OUTPUT_DIR/final"})
 
 
@@ -642,10 +654,13 @@ def train(spec: RunSpec, data: RunData, model, callbacks=(), desc: str = "train"
     return trainer, budget.elapsed
 
 
-def evaluate(spec: RunSpec, data: RunData, model, seed: int | None = None, progress: bool = True) -> dict:
+def evaluate(
+    spec: RunSpec, data: RunData, model, seed: int | None = None, progress: bool = True, reference_lm=None
+) -> dict:
     """The field's figures on each of `spec.run.eval_splits` that the data holds: `evaluate_model` (IW-NLL, ELBO,
-    KL, MI, AU, token accuracy, shuffle gap) under each prior, reconstruction BLEU, and for labelled data a linear
-    probe of the latents."""
+    KL, MI, AU, token accuracy, shuffle gap) under each prior, reconstruction BLEU, for labelled data a linear probe of
+    the latents, and with `spec.run.claims` the test split's representation, consistency and generation figures
+    (`scalevae.claims.evaluate_claims`; `reference_lm` scores the samples' forward perplexity)."""
     from .metrics import evaluate_model, linear_probe_accuracy, reconstruction_bleu_of
 
     seed = spec.training.seed if seed is None else seed
@@ -674,8 +689,59 @@ def evaluate(spec: RunSpec, data: RunData, model, seed: int | None = None, progr
             mu, decoder_mu = posterior_means(model, loader)
             metrics["probe_mu"] = linear_probe_accuracy(mu, data.labels[split], seed=seed)
             metrics["probe_decoder_mu"] = linear_probe_accuracy(decoder_mu, data.labels[split], seed=seed)
+        if spec.run.claims and split == "test":
+            from .claims import evaluate_claims
+
+            metrics.update(
+                evaluate_claims(
+                    model,
+                    data.encoder_tokenizer,
+                    data.decoder_tokenizer,
+                    data.texts,
+                    labels=data.labels or None,
+                    reference_lm=reference_lm,
+                    seed=seed,
+                    num_prior_samples=spec.run.claims_prior_samples,
+                    max_length=spec.data.max_length,
+                    reverse_lm_steps=spec.run.reverse_lm_steps,
+                )
+            )
         results[split] = metrics
     return results
+
+
+def reference_language_model(spec: RunSpec, data: RunData, folder: Path):
+    """The comparison's reference LM (a plain GPT-2 of the decoder's size trained on the same training split), trained
+    once and kept in `folder`: every run's samples are scored by the same model."""
+    from transformers import GPT2LMHeadModel
+
+    from modeling_scalevae import default_decoder_config
+
+    from .claims import train_language_model
+
+    if (folder / "config.json").is_file():
+        return GPT2LMHeadModel.from_pretrained(folder).eval()
+    tokenizer, model = data.decoder_tokenizer, spec.model
+    config = default_decoder_config(
+        len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        n_layer=model.decoder_layers,
+        n_embd=model.decoder_width,
+        n_head=model.decoder_heads,
+    )
+    return train_language_model(
+        data.dataset["train"],
+        data.decoder_tokenizer,
+        config,
+        max_length=spec.data.max_length,
+        max_steps=spec.training.max_steps,
+        batch_size=spec.training.per_device_train_batch_size,
+        learning_rate=spec.training.learning_rate,
+        seed=0,
+        output_dir=str(folder),
+    )
 
 
 def describe_device() -> str:
@@ -727,6 +793,7 @@ def run(
     command: str | None = None,
     desc: str = "train",
     progress: bool = True,
+    reference_lm=None,
 ) -> RunResult:
     """prepare_data (unless `data` is given: runs that share it) -> build_or_load -> train (the prior is fitted when
     training ends) -> evaluate -> save to OUTPUT_DIR/final. `command` goes into the model card."""
@@ -737,7 +804,7 @@ def run(
         model = build_or_load(spec, data)
         trainer, seconds = train(spec, data, model, callbacks, desc)
         steps = trainer.state.global_step
-        metrics = evaluate(spec, data, model, progress=progress)
+        metrics = evaluate(spec, data, model, progress=progress, reference_lm=reference_lm)
         folder = None
         if command and spec.run.train_minutes:  # the clock stopped it: the card names the steps that reproduce it
             command += f" --max_steps {steps}"

@@ -29,6 +29,7 @@ def tiny_argv(output, *extra):
         "--new_encoder_width", str(tester.hidden_size),
         "--new_encoder_heads", str(tester.num_attention_heads),
         "--num_importance_samples", "2",
+        "--claims_prior_samples", "40",
         "--seeds", "0",
         "--runs", "vae", "bn", "ae", "scale_0.5",
         *extra,
@@ -43,8 +44,11 @@ def test_compare_writes_the_table_and_resumes_without_retraining(tmp_path):
     for key in ("nll_fitted", "nll_scaled", "elbo_fitted", "kl", "mi_decoder", "au_decoder", "shuffle_gap", "bleu"):
         assert test[key][0] is not None and math.isfinite(test[key][0]), key  # measured, not NaN
     assert math.isnan(summary["runs"]["ae"]["test"]["nll_fitted"][0])  # no density
+    for key in ("consistency_prior_r2", "consistency_data_top1", "gen_forward_ppl", "gen_distinct_2", "gen_self_bleu"):
+        assert math.isfinite(test[key][0]), key  # the claims, measured with the comparison's reference LM
+    assert (output / "reference_lm" / "config.json").is_file()
     table = (output / "results.md").read_text()
-    assert "| bn | 0 |" in table
+    assert "| bn | 0 |" in table and "**Consistency of the latent space**" in table
     # "(chosen)" only where the 1% rule holds; otherwise the table says none was chosen
     chosen, _ = choose_des_std(summary["runs"], ["scale_0.5"])
     assert summary["chosen_scale"] == chosen
