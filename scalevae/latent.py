@@ -111,7 +111,11 @@ def _mean_direction(source: torch.Tensor, target: torch.Tensor, method: str, see
     if method == "mean":
         return target.mean(0) - source.mean(0)
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
+
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as error:
+        raise ImportError("method='logistic' needs scikit-learn: pip install 'scalevae[probe]'.") from error
 
     features = torch.cat([source, target]).cpu().numpy()
     classes = np.r_[np.zeros(len(source)), np.ones(len(target))]
