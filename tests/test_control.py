@@ -121,6 +121,10 @@ def test_editing_along_the_fitted_direction_flips_the_word_and_keeps_the_rest(tr
     assert direction.spread > 0 and direction.separation > 1
     negative = [t for t, y in zip(texts, labels) if y == "negative"]
     positive = [t for t, y in zip(texts, labels) if y == "positive"]
+    # the unit: strength 1 carries the source class's mean latent onto the target's, along the direction
+    means = [text.encode(side).mean(0, keepdim=True) for side in (negative, positive)]
+    moved = text.edit_latents(means[0], direction, 1.0)
+    assert (moved @ direction.vector).item() == pytest.approx((means[1] @ direction.vector).item(), rel=1e-4)
     edits = text.edit(negative, direction, 1.0, do_sample=False)
     assert sum(e == flipped(t) for e, t in zip(edits, negative)) >= 0.9 * len(negative), list(zip(negative, edits))
     back = text.edit(positive, direction, -1.0, do_sample=False)
@@ -248,6 +252,13 @@ def test_evaluate_control_measures_transfer_content_and_fluency(trained, tmp_pat
     assert control_curve(results) == ([0.0, 0.25, 1.0], [results[f"control_acc@{s}"] for s in (0.0, 0.25, 1.0)])
     png = plot_control([results, results], tmp_path / "control.png", title="Scale-VAE")
     assert png.stat().st_size > 10_000
+    # the direction comes from the training sentences, never the test ones: training labels swapped, edits go astray
+    swapped = {"negative": "positive", "positive": "negative"}
+    astray = evaluate_control(
+        text, texts, labels, classifier, strengths=(1.0,), train_texts=texts,
+        train_labels=[swapped[y] for y in labels], num_sentences=40,
+    )  # fmt: skip
+    assert astray["control_acc@1.0"] <= 0.1
     # no strength reaches 50%: the summary says so, with NaN
     none = evaluate_control(
         text, texts, labels, classifier, strengths=(0.0,), direction=text.attribute_direction(texts, labels)
