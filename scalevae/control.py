@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .latent import AttributeDirection, LatentText
+from .latent import AttributeDirection, LatentText, evaluating
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The strengths of the curve, in units of the attribute's spread (1: the gap between the two class means). 0 is the
@@ -263,12 +263,14 @@ def evaluate_control(
         )
     decoding = {**EDIT_DECODING, **(generation_kwargs or {})}
     signs, targets = _flip(direction, labels)
-    latents = latent_text.encode_in_batches(texts, batch_size)
+    with evaluating(latent_text.model):
+        latents = latent_text.encode_in_batches(texts, batch_size)
     references = _references(latent_text, texts)
     results = {"control_separation": direction.separation}
     for s in strengths:
         moved = latent_text.edit_latents(latents, direction, [s * sign for sign in signs])
-        edits = latent_text.decode_in_batches(moved, batch_size, **decoding)
+        with evaluating(latent_text.model):
+            edits = latent_text.decode_in_batches(moved, batch_size, **decoding)
         predicted = classifier.predict(edits)
         results[_key("control_acc", s)] = sum(p == t for p, t in zip(predicted, targets)) / len(targets)
         results[_key("control_bleu", s)] = content_bleu(references, edits)

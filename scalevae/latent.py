@@ -5,6 +5,7 @@ from one Gaussian per class (`LatentClasses`, kept beside the model as `latent_c
 Labels are compared as strings (`1` and `"1"` are the same class, as in a label file), stripped of surrounding spaces.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -58,6 +59,19 @@ def _label_list(labels, texts: list[str]) -> list[str]:
     if len(labels) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels: give one label per text.")
     return labels
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode inside (Scale-VAE's saved factors, BN-VAE's population statistics, no dropout; a model left in
+    training mode by a Trainer would otherwise encode with batch statistics and update its running ones), and the
+    model's previous mode restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _finite(value, name: str) -> float:
@@ -302,7 +316,8 @@ class LatentText:
     """Text-level operations on a trained model: one object holding the model, its two tokenizers and, once fitted or
     loaded, the per-class Gaussians of label-conditional sampling (`classes`).
 
-    Methods that take lists of texts encode and decode them `batch_size` at a time, on the model's device."""
+    Methods that take lists of texts encode and decode them `batch_size` at a time, on the model's device; those that
+    fit statistics or edit (`attribute_direction`, `fit_classes`, `edit`) run the model in eval mode."""
 
     def __init__(
         self,
@@ -441,7 +456,8 @@ class LatentText:
         if method not in DIRECTION_METHODS:
             raise ValueError(f"method={method!r} is not one of {DIRECTION_METHODS}.")
         keep = [i for i, label in enumerate(labels) if label in (source, target)]
-        latents = self.encode_in_batches([texts[i] for i in keep], batch_size)
+        with evaluating(self.model):
+            latents = self.encode_in_batches([texts[i] for i in keep], batch_size)
         return fit_direction(latents, [labels[i] for i in keep], source, target, method)
 
     def direction_between(
@@ -483,8 +499,10 @@ class LatentText:
         texts = _text_list(texts)
         if isinstance(strength, (int, float)):  # refused before any encoding
             _finite(strength, "strength")
-        latents = self.encode_in_batches(texts, batch_size)
-        return self.decode_in_batches(self.edit_latents(latents, direction, strength), batch_size, **generation_kwargs)
+        with evaluating(self.model):
+            latents = self.encode_in_batches(texts, batch_size)
+            moved = self.edit_latents(latents, direction, strength)
+            return self.decode_in_batches(moved, batch_size, **generation_kwargs)
 
     def fit_classes(
         self, texts: Sequence[str], labels: Sequence, covariance: str = "full", batch_size: int = 64
@@ -495,7 +513,8 @@ class LatentText:
         labels = _label_list(labels, texts)
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance={covariance!r} is not one of {COVARIANCES}.")
-        decoder_mu, logvar = self._posteriors(texts, batch_size)
+        with evaluating(self.model):
+            decoder_mu, logvar = self._posteriors(texts, batch_size)
         variance = logvar.exp() if self.model.collapse.stochastic else None
         self.classes = LatentClasses.fit(decoder_mu, variance, labels, covariance)
         return self.classes

@@ -137,6 +137,29 @@ def test_editing_along_the_fitted_direction_flips_the_word_and_keeps_the_rest(tr
     assert text.edit(negative, direction, 0.0, do_sample=False) == negative
 
 
+def test_a_model_left_in_training_mode_is_measured_as_in_eval_mode_and_left_so(trained):
+    """A Trainer leaves the model in training mode: Scale-VAE would then scale each batch by its own spread and move
+    its saved factors. Fitting and editing run in eval mode and give the model back in the mode it was in."""
+    text, _ = trained
+    texts, labels = corpus()
+    factors = text.model.collapse.scale_factors.clone()
+    expected = text.attribute_direction(texts, labels)
+    text.model.train()
+    try:
+        direction = text.attribute_direction(texts[:10], labels[:10])
+        direction = text.attribute_direction(texts, labels)
+        classes = text.fit_classes(texts, labels)
+        towards_other = [1.0 if y == "negative" else -1.0 for y in labels[:4]]
+        edits = text.edit(texts[:4], direction, towards_other, batch_size=3, do_sample=False)
+        assert text.model.training
+    finally:
+        text.model.eval()
+    assert torch.equal(direction.vector, expected.vector) and direction.spread == expected.spread
+    assert torch.equal(classes.means, text.fit_classes(texts, labels).means)
+    assert edits == [flipped(t) for t in texts[:4]]
+    assert torch.equal(text.model.collapse.scale_factors, factors)
+
+
 def test_a_direction_between_two_lists_is_the_labelled_one(trained):
     text, _ = trained
     texts, labels = corpus()
