@@ -268,7 +268,7 @@ class LatentClasses:
         return cls(labels, **tensors, covariance=metadata.get("covariance", "full")), metadata
 
 
-def _folder_weights_checksum(folder: str | os.PathLike) -> str | None:
+def folder_weights_checksum(folder: str | os.PathLike) -> str | None:
     """The checksums recorded in a local folder's weights files (one string; None when there are none)."""
     digests = []
     for path in weights_files_in(str(folder)):
@@ -297,7 +297,7 @@ def _classes_of(path, model: ScaleVAEForLatentLM, hub_kwargs: dict) -> "LatentCl
         return None
     classes, metadata = LatentClasses.load(file)
     recorded = metadata.get("weights_checksum")
-    current = _folder_weights_checksum(path) if os.path.isdir(str(path)) else None
+    current = folder_weights_checksum(path) if os.path.isdir(str(path)) else None
     if recorded and current and recorded != current:
         logger.warning("%s was fitted on other weights than this folder's: not loaded; refit it.", file)
         return None
@@ -527,7 +527,7 @@ class LatentText:
         folder = Path(folder)
         if not folder.is_dir():
             raise NotADirectoryError(f"{folder} is not a folder: give the saved model's folder.")
-        return self.classes.save(folder / CLASSES_FILE, _folder_weights_checksum(folder))
+        return self.classes.save(folder / CLASSES_FILE, folder_weights_checksum(folder))
 
     # -- walks through the latent --------------------------------------------------------------------------------------
 
