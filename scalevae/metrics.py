@@ -143,6 +143,46 @@ METRICS: dict[str, MetricInfo] = {
     "longest_repeat": MetricInfo(
         "longest run", "longest same-token run, printed text", "longest run of one repeated token", "d"
     ),
+    "control_acc": MetricInfo(
+        "transfer acc.",
+        "transfer accuracy",
+        "fraction of test sentences whose latent, moved towards the other class, decodes to a sentence that an "
+        "independent text classifier assigns to that class",
+        ".3f",
+    ),
+    "control_bleu": MetricInfo(
+        "BLEU to source",
+        "BLEU of the edits to their sources",
+        "content kept: corpus BLEU (sacreBLEU, 0-100) of the edited sentences against the sentences they came from",
+        ".1f",
+    ),
+    "control_ppl": MetricInfo(
+        "edit PPL",
+        "perplexity of the edits",
+        "fluency: perplexity of the edited sentences under the reference language model (lower is better)",
+        ".1f",
+    ),
+    "control_strength50": MetricInfo(
+        "strength 50%",
+        "strength where transfer reaches 50%",
+        "the first edit strength (in gaps between the class means) whose transfer accuracy reaches 50%",
+        ".2f",
+    ),
+    "control_acc50": MetricInfo(
+        "transfer acc. @50%", "transfer accuracy at that strength", "transfer accuracy at the 50% strength", ".3f"
+    ),
+    "control_bleu50": MetricInfo(
+        "BLEU to source @50%", "BLEU to source at that strength", "BLEU of the edits to their sources there", ".1f"
+    ),
+    "control_ppl50": MetricInfo(
+        "edit PPL @50%", "perplexity of the edits at that strength", "perplexity of the edits there", ".1f"
+    ),
+    "control_separation": MetricInfo(
+        "class separation",
+        "class separation along the attribute direction",
+        "gap between the two classes' mean latents along the attribute direction, over the within-class standard "
+        "deviation (training sentences)",
+    ),
     "steps": MetricInfo("steps", "training steps", "optimizer steps trained", "d"),
     "seconds_per_step": MetricInfo("s/step", "seconds per step", "wall-clock seconds per optimizer step", ".3f"),
 }
@@ -228,10 +268,17 @@ PRIOR_NAMES = {
 
 
 def metric_info(key: str) -> MetricInfo:
-    """The table's entry for `key`, including a density figure under a named prior (`nll_fitted`); a key the table
-    does not know gets its own name as name and label."""
+    """The table's entry for `key`, including a density figure under a named prior (`nll_fitted`) and a control figure
+    at one strength (`control_acc@1.0`); a key the table does not know gets its own name as name and label."""
     if key in METRICS:
         return METRICS[key]
+    if "@" in key:  # a figure at one edit strength: `control_acc@1.0`
+        base, _, strength = key.partition("@")
+        if base in METRICS:
+            info = METRICS[base]
+            return MetricInfo(
+                f"{info.name} @{strength}", f"{info.label}, strength {strength}", info.description, info.format
+            )
     base, _, prior = key.rpartition("_")
     if base in METRICS and prior in PRIOR_NAMES:
         info = METRICS[base]

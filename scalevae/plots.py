@@ -1,4 +1,5 @@
-"""PNG figures people would rather look at than read: training curves and a 2-D map of the latent space."""
+"""PNG figures people would rather look at than read: training curves, a 2-D map of the latent space, and the
+attribute-control curve."""
 
 from pathlib import Path
 
@@ -62,6 +63,47 @@ def plot_latent_map(
         ax.set_ylabel(f"PC2 ({explained[1]:.0%})")
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_control(results: dict | list[dict], path: str | Path, title: str = "") -> Path:
+    """Transfer accuracy (left axis) and BLEU to the source (right axis) against the edit strength, from
+    `scalevae.control.evaluate_control`'s results: one run's dict, or a list over seeds (mean ± sd)."""
+    runs = [results] if isinstance(results, dict) else list(results)
+
+    def curve(name):
+        strengths = sorted({float(k.split("@", 1)[1]) for run in runs for k in run if k.startswith(name + "@")})
+        values = torch.tensor([[run[f"{name}@{s}"] for s in strengths] for run in runs], dtype=torch.float64)
+        spread = values.std(0, unbiased=False) if len(runs) > 1 else torch.zeros(len(strengths))
+        return strengths, values.mean(0), spread
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    strengths, acc, acc_sd = curve("control_acc")
+    ax.errorbar(
+        strengths, acc, yerr=acc_sd, marker="o", capsize=3, color="tab:blue", label=metric_info("control_acc").label
+    )
+    ax.axhline(0.5, color="tab:blue", alpha=0.3, linestyle=":")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("edit strength (gaps between the class means)")
+    ax.set_ylabel(metric_info("control_acc").label)
+    twin = ax.twinx()
+    strengths, bleu, bleu_sd = curve("control_bleu")
+    twin.errorbar(
+        strengths,
+        bleu,
+        yerr=bleu_sd,
+        marker="s",
+        capsize=3,
+        color="tab:orange",
+        label=metric_info("control_bleu").label,
+    )
+    twin.set_ylim(0, 100)
+    twin.set_ylabel(metric_info("control_bleu").label)
+    seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+    ax.set_title(f"{title or 'attribute control'}{seeds}: transfer and content kept")
+    fig.legend(loc="upper center", fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, path)
 
 
