@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .metrics import metric_info
-from .recipe import RunSpec, prepare_data, quiet, reference_language_model, run
+from .recipe import RunSpec, prepare_data, quiet, reference_language_model, run, text_classifier
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -103,8 +103,9 @@ PRESETS = {
         **_CPU,
         **_files("yelp_sentiment"),
         label_suffix="label",
-        eval_sentences=1000,
+        eval_sentences=2000,
         max_steps=400,
+        control=True,
         num_importance_samples=10,
         seeds=[0],
         des_std_sweep=[1.0],
@@ -156,6 +157,9 @@ CLAIMS = {
     "generation": (
         "gen_forward_ppl", "gen_reverse_ppl", "gen_distinct_1", "gen_distinct_2", "gen_self_bleu", "gen_mean_length",
         "data_mean_length",
+    ),
+    "control (flipping the sentiment through the latent)": (
+        "control_strength50", "control_acc50", "control_bleu50", "control_ppl50", "control_acc@1.0", "control_bleu@1.0",
     ),
     "use of the latent": (
         "reconstruction_nll", "kl", "decoder_kl_fitted", "mi", "mi_decoder", "au", "au_decoder", "token_accuracy",
@@ -221,7 +225,7 @@ def comparison_spec(argv: list[str]) -> tuple[RunSpec, "CompareArguments"]:
     return spec, options
 
 
-def train_and_evaluate(name: str, seed: int, spec: RunSpec, data, reference_lm=None) -> dict:
+def train_and_evaluate(name: str, seed: int, spec: RunSpec, data, reference_lm=None, classifier=None) -> dict:
     """One run of the comparison: the base spec with this run's remedy and seed, on the shared data."""
     config_fields, kl_schedule = run_settings(name)
     run_spec = spec.replace(
@@ -229,7 +233,9 @@ def train_and_evaluate(name: str, seed: int, spec: RunSpec, data, reference_lm=N
         model=dict(kl_schedule=kl_schedule),
         training=dict(seed=seed, output_dir=str(spec.output_dir / "work" / f"{name}-seed{seed}")),
     )
-    result = run(run_spec, data, desc=f"{name} seed {seed}", progress=False, reference_lm=reference_lm)
+    result = run(
+        run_spec, data, desc=f"{name} seed {seed}", progress=False, reference_lm=reference_lm, classifier=classifier
+    )
     return dict(
         run=name,
         seed=seed,
@@ -283,7 +289,7 @@ def run_comparison(argv: list[str]) -> dict:
 
     names = run_names(options, bool(spec.data.label_suffix))
     todo = [(name, seed) for seed in options.seeds for name in names]
-    data = reference_lm = None
+    data = reference_lm = classifier = None
     progress = tqdm(todo, desc=f"compare {options.preset}", unit="run")
     for name, seed in progress:
         path = output / "runs" / f"{name}-seed{seed}.json"
@@ -295,10 +301,10 @@ def run_comparison(argv: list[str]) -> dict:
                 data = prepare_data(spec.replace(training=dict(output_dir=str(output / "work"))))
                 # One reference language model per comparison scores every run's samples (saved, so a resumed
                 # comparison uses the same one).
-                reference_lm = (
-                    reference_language_model(spec, data, output / "reference_lm") if spec.run.claims else None
-                )
-        result = train_and_evaluate(name, seed, spec, data, reference_lm)
+                claims, control = spec.run.claims, spec.run.control and "train" in data.labels
+                reference_lm = reference_language_model(spec, data, output / "reference_lm") if claims else None
+                classifier = text_classifier(data, output / "text_classifier.npz") if control else None
+        result = train_and_evaluate(name, seed, spec, data, reference_lm, classifier)
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(_to_json(result, indent=1))
         temporary.replace(path)  # a killed run leaves no half-written result behind
@@ -314,9 +320,12 @@ def run_comparison(argv: list[str]) -> dict:
     summary = summarize(results, options.preset, settings)
     (output / "results.json").write_text(_to_json(summary, indent=2))
     (output / "results.md").write_text(format_markdown(summary))
-    from .plots import plot_comparison
+    from .plots import plot_comparison, plot_control
 
     plot_comparison(results, summary, output)
+    for name in dict.fromkeys(r["run"] for r in results if "control_acc50" in r.get("test", {})):
+        runs = [r["test"] for r in results if r["run"] == name]
+        plot_control(runs, output / f"control_{name}.png", title=f"{summary['preset']}: {name}")
     return summary
 
 

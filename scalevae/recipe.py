@@ -166,6 +166,15 @@ class RunArguments:
     reverse_lm_steps: int = field(
         default=0, metadata={"help": "steps of the reverse-perplexity LM trained on the samples (0: not measured)"}
     )
+    control: bool = field(
+        default=False,
+        metadata={
+            "help": "labelled data: also measure control on the test split (scalevae.control): flip each sentence's "
+            "class through the latent, scored by a text classifier trained on the training split (transfer "
+            "accuracy, BLEU to the source, perplexity under the reference LM, per strength)"
+        },
+    )
+    control_sentences: int = field(default=200, metadata={"help": "test sentences edited by the control measurement"})
     save: bool = field(default=True, metadata={"help": "save the trained model to OUTPUT_DIR/final"})
 
 
@@ -655,12 +664,19 @@ def train(spec: RunSpec, data: RunData, model, callbacks=(), desc: str = "train"
 
 
 def evaluate(
-    spec: RunSpec, data: RunData, model, seed: int | None = None, progress: bool = True, reference_lm=None
+    spec: RunSpec,
+    data: RunData,
+    model,
+    seed: int | None = None,
+    progress: bool = True,
+    reference_lm=None,
+    classifier=None,
 ) -> dict:
     """The field's figures on each of `spec.run.eval_splits` that the data holds: `evaluate_model` (IW-NLL, ELBO,
     KL, MI, AU, token accuracy, shuffle gap) under each prior, reconstruction BLEU, for labelled data a linear probe of
     the latents, and with `spec.run.claims` the test split's representation, consistency and generation figures
-    (`scalevae.claims.evaluate_claims`; `reference_lm` scores the samples' forward perplexity)."""
+    (`scalevae.claims.evaluate_claims`; `reference_lm` scores the samples' forward perplexity), and with
+    `spec.run.control` the attribute edits of `scalevae.control.evaluate_control`, judged by `classifier`."""
     from .metrics import evaluate_model, linear_probe_accuracy, reconstruction_bleu_of
 
     seed = spec.training.seed if seed is None else seed
@@ -706,8 +722,44 @@ def evaluate(
                     reverse_lm_steps=spec.run.reverse_lm_steps,
                 )
             )
+        if spec.run.control and split == "test" and split in data.labels:
+            from .claims import language_model_perplexity
+            from .control import evaluate_control
+            from .latent import LatentText
+
+            def fluency(texts):
+                return language_model_perplexity(reference_lm, data.decoder_tokenizer, texts, spec.data.max_length)
+
+            metrics.update(
+                evaluate_control(
+                    LatentText(model, data.encoder_tokenizer, data.decoder_tokenizer, max_length=spec.data.max_length),
+                    data.texts[split],
+                    data.labels[split],
+                    classifier or text_classifier(data),
+                    fluency=fluency if reference_lm is not None else None,
+                    num_sentences=spec.run.control_sentences,
+                    seed=seed,
+                    train_texts=data.texts["train"],
+                    train_labels=data.labels["train"],
+                )
+            )
         results[split] = metrics
     return results
+
+
+def text_classifier(data: RunData, path: Path | None = None):
+    """The control measurement's judge: a classifier of the text itself (TF-IDF + logistic regression, not any VAE's
+    latent) trained on the labelled training split; kept at `path` so a comparison trains it once."""
+    from .control import TextClassifier
+
+    if path is not None and path.is_file():
+        return TextClassifier.load(path)
+    classifier = TextClassifier.fit(data.texts["train"], data.labels["train"])
+    if "test" in data.labels:
+        classifier.test_accuracy = classifier.accuracy(data.texts["test"], data.labels["test"])
+    if path is not None:
+        classifier.save(path)
+    return classifier
 
 
 def reference_language_model(spec: RunSpec, data: RunData, folder: Path):
@@ -794,6 +846,7 @@ def run(
     desc: str = "train",
     progress: bool = True,
     reference_lm=None,
+    classifier=None,
 ) -> RunResult:
     """prepare_data (unless `data` is given: runs that share it) -> build_or_load -> train (the prior is fitted when
     training ends) -> evaluate -> save to OUTPUT_DIR/final. `command` goes into the model card."""
@@ -804,7 +857,7 @@ def run(
         model = build_or_load(spec, data)
         trainer, seconds = train(spec, data, model, callbacks, desc)
         steps = trainer.state.global_step
-        metrics = evaluate(spec, data, model, progress=progress, reference_lm=reference_lm)
+        metrics = evaluate(spec, data, model, progress=progress, reference_lm=reference_lm, classifier=classifier)
         folder = None
         if command and spec.run.train_minutes:  # the clock stopped it: the card names the steps that reproduce it
             command += f" --max_steps {steps}"

@@ -83,3 +83,18 @@ def test_compare_runs_on_anyones_files(tmp_path):
     summary = run_comparison(argv)
     assert summary["settings"]["data"]["train_file"] == str(files["train"])
     assert summary["runs"]["vae"]["test"]["nll_fitted"][0] > 0
+
+
+def test_yelp_preset_measures_control_with_one_text_classifier(tmp_path):
+    """The labelled preset adds the control columns: sentiment flipped through the latent, judged by a classifier of
+    the text trained once on the training split, fluency under the comparison's reference LM, one PNG per run."""
+    output = tmp_path / "yelp"
+    argv = tiny_argv(output, "--preset", "yelp-cpu", "--runs", "scale_1", "--train_sentences", "300")
+    argv += ["--data_dir", str(shared_file("yelp_sentiment.train.txt").parent), "--control_sentences", "12"]
+    summary = run_comparison(argv)
+    test = summary["runs"]["scale_1"]["test"]
+    for key in ("control_acc@1.0", "control_bleu@1.0", "control_ppl@1.0", "probe_100_mu"):
+        assert math.isfinite(test[key][0]), key
+    assert 0 <= test["control_acc@1.0"][0] <= 1
+    assert (output / "text_classifier.npz").is_file() and (output / "control_scale_1.png").stat().st_size > 1000
+    assert "**Control (flipping the sentiment through the latent)**" in (output / "results.md").read_text()
