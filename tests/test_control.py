@@ -445,3 +445,25 @@ def test_generate_label_fits_saves_and_reuses_the_classes(trained, labelled_file
     assert reused == fitted and capsys.readouterr().out == "\n".join(fitted) + "\n"
     with pytest.raises(SystemExit, match=r"--label 'neutral' is not among the model's saved classes"):
         generate_label(str(copy), 4, "neutral", device="cpu")
+
+
+def test_the_cli_edits_and_samples_by_label(trained, labelled_files, tmp_path, capsys):
+    """`scalevae edit` and `scalevae generate --sample N --label CLASS` reach the same jobs from the command line."""
+    import shutil
+
+    from scalevae.cli import main
+
+    _, folder = trained
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("the coffee was bad uptown and we will come back .\n")
+    main(["edit", str(copy), "--labelled_file", labelled_files[0], "--label_file", labelled_files[1], "--to",
+          "positive", "--strength", "1", "--input", str(inputs), "--device", "cpu"])  # fmt: skip
+    assert capsys.readouterr().out.endswith("-> the coffee was good uptown and we will come back .\n")
+    main(["generate", str(copy), "--sample", "6", "--label", "negative", "--labelled_file", labelled_files[0],
+          "--label_file", labelled_files[1], "--save_classes", "--device", "cpu"])  # fmt: skip
+    samples = capsys.readouterr().out.splitlines()
+    assert len(samples) == 6 and sum(word_class(s) == "negative" for s in samples) >= 4
+    with pytest.raises(SystemExit, match="--label goes with --sample"):
+        main(["generate", str(copy), "--reconstruct", "the tea was good", "--label", "negative"])
