@@ -295,7 +295,15 @@ def train_language_model(
     if given, receives it (`save_pretrained`) and the tokenizer."""
     import tempfile
 
-    from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        GPT2Config,
+        GPT2LMHeadModel,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     from .factory import decoder_special_token_ids
 
@@ -326,7 +334,9 @@ def train_language_model(
             use_cpu=not torch.cuda.is_available(),
         )
         collator = DataCollatorForSeq2Seq(decoder_tokenizer, label_pad_token_id=-100)
-        Trainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer.remove_callback(PrinterCallback)  # a comparison's one bar is the output; the LM's log stays quiet
+        trainer.train()
     model.eval()
     if output_dir is not None:
         model.save_pretrained(output_dir)
