@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def _swap_in(new: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+_HELD: dict[Path, int] = {}  # lock file -> the thread of this process holding it
+_HELD_GUARD = threading.Lock()
+
+
 class FolderInUseError(RuntimeError):
     """Another writer (a `save_model`, a training run) holds the lock of the folder being written."""
 
@@ -101,7 +106,8 @@ def writer_lock(folder: str | os.PathLike, purpose: str = "write"):
     """Hold the lock of `folder` for one writer (a `save_model`, a training run): the file `.NAME.lock` beside it,
     locked with `flock` and holding the writer's pid. A second writer, in this process or another, fails at once with
     `FolderInUseError` naming the holder's pid; the lock dies with its process, so a killed writer leaves nothing that
-    blocks the next one. (Without `fcntl`, on Windows, nothing is locked.)"""
+    blocks the next one. The thread that holds it may take it again (a training run saving into its own folder).
+    (Without `fcntl`, on Windows, nothing is locked.)"""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -110,6 +116,12 @@ def writer_lock(folder: str | os.PathLike, purpose: str = "write"):
     folder = Path(folder).absolute()
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock_path = folder.with_name(f".{folder.name}.lock")
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        reentry = _HELD.get(lock_path) == me
+    if reentry:
+        yield
+        return
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -127,11 +139,15 @@ def writer_lock(folder: str | os.PathLike, purpose: str = "write"):
         except FileNotFoundError:
             pass
         os.close(fd)
+    with _HELD_GUARD:
+        _HELD[lock_path] = me
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
+        with _HELD_GUARD:
+            del _HELD[lock_path]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock_path)
         os.close(fd)
