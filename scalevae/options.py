@@ -25,6 +25,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "COMMAND_OPTIONS",
     "Condition",
     "OptionError",
     "Range",
@@ -79,10 +80,11 @@ def _show(bound: float) -> str:
 @dataclass(frozen=True)
 class Condition:
     """A mode of the command: `field` has one of `values` (`values=None`: `field` is set, i.e. neither None nor
-    False). Written in messages as, e.g., `--do_sample` or `--kl_schedule linear`."""
+    False). Written in messages as, e.g., `--do_sample` or `--kl_schedule linear`, or as `text`."""
 
     field: str
     values: tuple | None = None
+    text: str | None = None
 
     def holds(self, options: Any) -> bool:
         value = getattr(options, self.field)
@@ -91,6 +93,8 @@ class Condition:
         return value in self.values
 
     def describe(self) -> str:
+        if self.text:
+            return self.text
         if self.values is None:
             return f"--{self.field}"
         return f"--{self.field} " + " or ".join(str(value) for value in self.values)
@@ -141,26 +145,39 @@ _warned: set[tuple[str, str]] = set()
 
 
 def validate_options(
-    options: Any, given: Iterable[str] | None = None, command: str = "", checks: Iterable[Callable] = ()
+    options: Any,
+    given: Iterable[str] | None = None,
+    command: str = "",
+    checks: Iterable[Callable] = (),
+    specs: dict[str, dict] | None = None,
 ) -> list[str]:
-    """Check a dataclass of parsed options against its fields' `number(...)` metadata; raise `OptionError` for the
-    first value outside its range (each element of a list option is checked) or a required option missing in the
-    chosen mode. Options given (`given`: the names the command line set; default: those not at their default) that do
-    nothing in the chosen mode are warned about, once per option and command in a process. `checks` are further
-    functions of `options` that return an error message or None (cross-field rules). Returns the warnings."""
-    fields = {item.name: item for item in dataclasses.fields(options)}
-    if given is None:
-        given = {name for name, item in fields.items() if getattr(options, name) != _default_of(item)}
+    """Check parsed options against their specs; raise `OptionError` for the first value outside its range (each
+    element of a list option is checked) or a required option missing in the chosen mode. The specs are a dataclass's
+    `number(...)` field metadata, or `specs` ({option: {"range", "only_with", "required_with"}}, e.g.
+    `COMMAND_OPTIONS[command]`, for an argparse Namespace). Options given (`given`: the names the command line set;
+    default: those of a dataclass not at their default) that do nothing in the chosen mode are warned about, once per
+    option and command in a process. `checks` are further functions of `options` that return an error message or None
+    (cross-field rules). Returns the warnings."""
+    if specs is None:
+        fields = {item.name: item.metadata for item in dataclasses.fields(options)}
+        if given is None:
+            given = {
+                item.name for item in dataclasses.fields(options) if getattr(options, item.name) != _default_of(item)
+            }
+    else:
+        fields = {name: spec for name, spec in specs.items() if hasattr(options, name)}
+        if given is None:
+            raise TypeError("validate_options(..., specs=...) needs given=: the options the command line set.")
     given = set(given)
     prefix = f"{command}: " if command else ""
     for name, item in fields.items():
-        valid = item.metadata.get("range")
+        valid = item.get("range")
         value = getattr(options, name)
         if valid is not None and value is not None:
             for element in _values(value):
                 if not valid.accepts(element):
                     raise OptionError(f"{prefix}--{name} {element!r}: must be {valid.describe()}.")
-        required = item.metadata.get("required_with")
+        required = item.get("required_with")
         if required is not None and value is None and required.holds(options):
             raise OptionError(
                 f"{prefix}{required.describe()} needs --{name} ({valid.describe() if valid else 'a value'})."
@@ -171,7 +188,7 @@ def validate_options(
             raise OptionError(f"{prefix}{problem}")
     warnings = []
     for name, item in fields.items():
-        condition = item.metadata.get("only_with")
+        condition = item.get("only_with")
         if condition is not None and name in given and not condition.holds(options):
             message = f"{prefix}--{name} does nothing without {condition.describe()}; it is ignored."
             warnings.append(message)
@@ -179,6 +196,82 @@ def validate_options(
                 _warned.add((command, name))
                 logger.warning(message)
     return warnings
+
+
+def _spec(low=None, high=None, *, integer=True, low_open=False, high_open=False, only_with=None, required_with=None):
+    return {
+        "range": Range(low, high, integer, low_open, high_open),
+        "only_with": _condition(only_with),
+        "required_with": _condition(required_with),
+    }
+
+
+_SEED = _spec(0, 2**32 - 1)
+_POSITIVE = _spec(0, None, integer=False, low_open=True)  # a finite number > 0
+_CYCLICAL = ("kl_schedule", "cyclical")
+_NO_MAX_STEPS = Condition("max_steps", (None,), "--max_steps left out (--max_steps sets the run's length)")
+
+# The valid value of every numeric option of every command: the table the commands validate against at parse time
+# (`validate_options(args, given, command, specs=COMMAND_OPTIONS[command])`), and the ranges their help texts show.
+# Sizes and lengths that depend on the model are checked once it is known (`check_max_length`, the config's own
+# `validate_scalevae`, generation's position check). 0 means "none" only where that is a real choice (0 importance
+# samples: no IW-NLL; 0 warm-up steps of the learning rate), never "the default".
+COMMAND_OPTIONS: dict[str, dict[str, dict]] = {
+    "train": {
+        "max_steps": _spec(1),
+        "num_train_epochs": _POSITIVE,
+        "learning_rate": _POSITIVE,
+        "per_device_train_batch_size": _spec(1),
+        "per_device_eval_batch_size": _spec(1),
+        "gradient_accumulation_steps": _spec(1),
+        "warmup_steps": _spec(0),
+        "logging_steps": _POSITIVE,  # below 1: a fraction of the run (TrainingArguments' convention)
+        "save_steps": _POSITIVE,
+        "eval_steps": _POSITIVE,
+        "save_total_limit": _spec(1),
+        "seed": _SEED,
+        "max_length": _spec(2, 1 << 17),
+        "decoder_layers": _spec(1, 1 << 10),
+        "decoder_width": _spec(1, 1 << 16),
+        "decoder_heads": _spec(1, 1 << 10),
+        "decoder_vocab_size": _spec(259, 1 << 21),  # the 256 bytes and 3 special tokens, at least
+        "kl_warmup_steps": _spec(1, only_with=("kl_schedule", "linear"), required_with=("kl_schedule", "linear")),
+        "kl_n_cycle": _spec(1, only_with=_CYCLICAL),
+        "kl_ratio_zero": _spec(0, 1, integer=False, high_open=True, only_with=_CYCLICAL),
+        "kl_ratio_increase": _spec(0, 1, integer=False, low_open=True, only_with=_CYCLICAL),
+    },
+    "evaluate": {
+        "num_samples": _spec(0),  # 0: no importance-weighted NLL (reported as null)
+        "max_sentences": _spec(1),  # left out: every sentence
+        "max_length": _spec(2, 1 << 17),
+        "batch_size": _spec(1),
+        "seed": _SEED,
+    },
+    "generate": {
+        "sample": _spec(1),
+        "steps": _spec(2, only_with="interpolate"),
+        "max_new_tokens": _spec(1, 1 << 17),
+        "num_beams": _spec(1),
+        "temperature": _spec(0, None, integer=False, low_open=True, only_with="do_sample"),
+        "top_p": _spec(0, 1, integer=False, low_open=True, only_with="do_sample"),
+        "seed": _SEED,
+    },
+    "quickstart": {
+        "train_minutes": _spec(0, None, integer=False, low_open=True, only_with=_NO_MAX_STEPS),
+        "max_steps": _spec(1),
+        "batch_size": _spec(2),  # batch statistics (Scale-VAE's std, BN-VAE's norm) need two sentences
+        "learning_rate": _POSITIVE,
+        "des_std": _spec(0, 1e3, integer=False, low_open=True, only_with=("collapse_strategy", "scale")),
+        "decoder_vocab_size": _spec(259, 1 << 21),
+        "num_importance_samples": _spec(0),
+        "eval_sentences": _spec(1),
+        "seed": _SEED,
+    },
+    "compare": {
+        "max_steps": _spec(1),
+        "seeds": _SEED,
+    },
+}
 
 
 def _default_of(item: dataclasses.Field) -> Any:
