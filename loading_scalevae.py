@@ -366,9 +366,11 @@ def record_weights_checksums(folder, extra: dict[str, str] | None = None) -> Non
         record_weights_checksum(path, saved_at, extra)
 
 
-def verify_weights_checksums(files) -> None:
-    """Raise an OSError naming the first weights file whose tensors differ from the checksum recorded at its save.
-    A file saved without one (older versions of scalevae) passes."""
+def verify_weights_checksums(
+    files, remedy: str = "Re-download or re-save the model (or pass verify_weights=False to load it anyway)."
+) -> None:
+    """Raise an OSError naming the first weights file whose tensors differ from the checksum recorded at its save
+    (`remedy` says what to do). A file saved without one (older versions of scalevae) passes."""
     for path in files:
         length, header = read_safetensors_header(path)
         recorded = (header.get("__metadata__") or {}).get(WEIGHTS_DIGEST_KEY)
@@ -380,8 +382,7 @@ def verify_weights_checksums(files) -> None:
         if weights_checksum(path, length, header) != recorded:
             raise OSError(
                 f"{path} is corrupted: its tensors do not match the checksum recorded when it was saved "
-                f"({WEIGHTS_DIGEST_KEY} in its metadata). Re-download or re-save the model (or pass "
-                "verify_weights=False to load it anyway)."
+                f"({WEIGHTS_DIGEST_KEY} in its metadata). {remedy}"
             )
 
 

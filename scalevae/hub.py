@@ -155,13 +155,16 @@ def writer_lock(folder: str | os.PathLike, purpose: str = "write"):
 
 def disk_full(error: BaseException, folder: str | os.PathLike) -> bool:
     """Whether a write into `folder` failed because its device is full: ENOSPC (or a quota) anywhere in the error's
-    chain or text, or, for writers that lose the errno (torch.save's "basic_ios::clear: iostream error" or "unexpected
-    pos"), less than 1 MiB left on the device."""
-    seen = error
+    chain or text, or, for an I/O error that lost its errno (torch.save's "basic_ios::clear: iostream error" or
+    "unexpected pos" is a RuntimeError), less than 1 MiB left on the device."""
+    seen, write_error = error, False
     while seen is not None:
         if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(seen):
             return True
+        write_error = write_error or isinstance(seen, (OSError, RuntimeError)) or "Safetensor" in type(seen).__name__
         seen = seen.__cause__ or seen.__context__
+    if not write_error:
+        return False
     path = Path(folder).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent

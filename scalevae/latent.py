@@ -342,8 +342,6 @@ class LatentText:
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
         """The decoder's latent for each text: the (scaled) posterior mean; no texts give a (0, latent_size) tensor."""
-        if isinstance(texts, str):
-            raise ValueError("encode() takes a list of texts, not one string.")
         if len(texts) == 0:
             return torch.empty(0, self.model.config.latent_size, device=self.model.device, dtype=self.model.dtype)
         if any(not t.strip() for t in texts):

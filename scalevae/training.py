@@ -249,12 +249,9 @@ def check_resume_checkpoint(checkpoint: str, args) -> None:
     if not os.path.isdir(checkpoint):
         return  # the Trainer says it is not a checkpoint
     try:
-        verify_weights_checksums(weights_files_in(checkpoint))
+        verify_weights_checksums(weights_files_in(checkpoint), remedy="Resume from another checkpoint.")
     except OSError as error:
-        raise OSError(
-            f"resume_from_checkpoint {checkpoint}: {str(error).split(' (or pass verify_weights')[0]} Resume from "
-            "another checkpoint."
-        ) from error
+        raise OSError(f"resume_from_checkpoint {checkpoint}: {error}") from error
     if getattr(args, "deepspeed", None):
         return  # DeepSpeed keeps its own optimizer and RNG files
     needed = dict(RESUME_STATE)

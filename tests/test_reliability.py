@@ -805,8 +805,8 @@ def test_a_really_full_disk_during_save_model(small_disk, parts):
     assert list(disk.iterdir()) == []
 
 
-def test_a_really_full_disk_during_a_checkpoint_removes_it(small_disk, tiny_encoder_path):
-    trainer = trainer_for("unused", tiny_encoder_path)
+def test_a_really_full_disk_during_a_checkpoint_removes_it(small_disk, tiny_encoder_path, tmp_path):
+    trainer = trainer_for(tmp_path / "not-used", tiny_encoder_path)
     weights = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
     disk = small_disk(weights + (3 << 20))  # the weights fit, the optimizer's two moments do not
     trainer.args.output_dir = str(disk / "run")
@@ -973,7 +973,8 @@ def test_every_numeric_option_is_checked_with_its_range(command, option, value, 
         validate_options(options, given={option, *mode}, command=command, specs=COMMAND_OPTIONS[command])
 
 
-def test_options_that_do_nothing_in_the_mode_warn_once(caplog):
+def test_options_that_do_nothing_in_the_mode_warn_once(caplog, monkeypatch):
+    monkeypatch.setattr(scalevae.options, "_warned", set())  # what earlier tests of this process warned about
     specs = COMMAND_OPTIONS["generate"]
     options = Namespace(do_sample=False, top_p=0.9, temperature=0.7, num_beams=2, interpolate=None, steps=4)
     with caplog.at_level(logging.WARNING, logger="scalevae.options"):
@@ -1194,8 +1195,9 @@ def test_evaluate_model_decoder_kl_with_factors_and_a_fitted_shifted_prior(small
 
 
 def des_std_table(vae=None, **runs):
-    """{run: {"validation": {"nll_fitted": (mean, sd), "mi_decoder": (mean, sd)}}} from {run: (nll, mi)}."""
-    rows = {name.replace("_", ".").replace("scale.", "scale_"): values for name, values in runs.items()}
+    """{run: {"validation": {"nll_fitted": (mean, sd), "mi_decoder": (mean, sd)}}} from run=(nll, mi) keywords,
+    `scale_0_5` naming the run scale_0.5."""
+    rows = {"scale_" + name.removeprefix("scale_").replace("_", "."): values for name, values in runs.items()}
     if vae is not None:
         rows["vae"] = (vae, 0.0)
     return {
