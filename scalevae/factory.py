@@ -8,8 +8,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from configuration_scalevae import ScaleVAEConfig
 from modeling_scalevae import ScaleVAEForLatentLM, default_decoder_config
 
 DECODER_TOKENIZER_SUBFOLDER = "decoder_tokenizer"
@@ -194,13 +195,23 @@ def build_model(
         pad_token_id=dec_tokenizer.pad_token_id,
     )
     if decoder is not None:
+        decoder_config = GPT2Config.from_pretrained(decoder)
+    else:
+        decoder_config = default_decoder_config(len(dec_tokenizer), **special, **(decoder_config_overrides or {}))
+    # Every size and setting is validated before any tensor is allocated: a decoder width of 10**6 would otherwise
+    # allocate its layers first.
+    ScaleVAEConfig(
+        encoder=AutoConfig.from_pretrained(encoder, trust_remote_code=False),
+        decoder=decoder_config,
+        **{key: value for key, value in config_kwargs.items() if not key.startswith(("encoder_", "decoder_"))},
+    )
+    if decoder is not None:
         model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(
             encoder, decoder, encoder_trust_remote_code=False, **config_kwargs
         )
         for name, value in special.items():
             setattr(model.config.decoder, name, value)
     else:
-        decoder_config = default_decoder_config(len(dec_tokenizer), **special, **(decoder_config_overrides or {}))
         model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(
             encoder, decoder_config=decoder_config, encoder_trust_remote_code=False, **config_kwargs
         )

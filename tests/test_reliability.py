@@ -841,6 +841,20 @@ def test_config_sizes_are_bounded_before_allocation_naming_the_field(copy_of_sav
         scalevae.ScaleVAEForLatentLM.from_pretrained(copy_of_saved)
 
 
+def test_a_new_model_is_validated_before_anything_is_allocated(tmp_path, tiny_encoder_path, monkeypatch):
+    from transformers import GPT2LMHeadModel
+
+    def never(*args, **kwargs):
+        raise AssertionError("a decoder was allocated")
+
+    monkeypatch.setattr(GPT2LMHeadModel, "_from_config", never)
+    data = corpus_file(tmp_path, lines=16)
+    with pytest.raises(ValueError, match=r"decoder\.n_embd=0 must be an integer in \[1, 65536\]"):
+        main(train_args(tmp_path / "run", tiny_encoder_path, data, "--max_steps", "1", "--decoder_width", "0"))
+    with pytest.raises(ValueError, match=r"latent_size=100000000 must be an integer in \[1, 65536\]"):
+        tester.build(tiny_encoder_path, latent_size=10**8)
+
+
 def test_required_fields_are_checked_without_model_type(copy_of_saved):
     edit_json(
         copy_of_saved / "config.json", lambda c: [c.pop(k) for k in ("model_type", "kl_weight", "scale_target_std")]
