@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import os
+from argparse import Namespace
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "COMMAND_OPTIONS",
+    "RUN_OPTIONS",
     "Condition",
     "OptionError",
     "Range",
     "check_max_length",
     "check_output_folder",
     "max_length_limit",
+    "merged_options",
     "number",
     "validate_options",
 ]
@@ -151,13 +154,15 @@ def validate_options(
     checks: Iterable[Callable] = (),
     specs: dict[str, dict] | None = None,
 ) -> list[str]:
-    """Check parsed options against their specs; raise `OptionError` for the first value outside its range (each
-    element of a list option is checked) or a required option missing in the chosen mode. The specs are a dataclass's
-    `number(...)` field metadata, or `specs` ({option: {"range", "only_with", "required_with"}}, e.g.
-    `COMMAND_OPTIONS[command]`, for an argparse Namespace). Options given (`given`: the names the command line set;
-    default: those of a dataclass not at their default) that do nothing in the chosen mode are warned about, once per
-    option and command in a process. `checks` are further functions of `options` that return an error message or None
-    (cross-field rules). Returns the warnings."""
+    """Check the options a command line gave against their specs; raise `OptionError` for the first given value
+    outside its range (each element of a list option is checked) or a required option missing (None) in the chosen
+    mode. The specs are a dataclass's `number(...)` field metadata, or `specs` ({option: {"range", "only_with",
+    "required_with"}}, e.g. `COMMAND_OPTIONS[command]`, for an argparse Namespace or the sections of a `RunSpec`).
+    `given`: the names the command line set (default: those of a dataclass not at their default); defaults are the
+    program's own, which may be sentinels (TrainingArguments' max_steps=-1: train for the epochs) and are not checked.
+    Given options that do nothing in the chosen mode are warned about, once per option and command in a process.
+    `checks` are further functions of `options` that return an error message or None (cross-field rules). Returns the
+    warnings."""
     if specs is None:
         fields = {item.name: item.metadata for item in dataclasses.fields(options)}
         if given is None:
@@ -173,7 +178,7 @@ def validate_options(
     for name, item in fields.items():
         valid = item.get("range")
         value = getattr(options, name)
-        if valid is not None and value is not None:
+        if valid is not None and value is not None and name in given:
             for element in _values(value):
                 if not valid.accepts(element):
                     raise OptionError(f"{prefix}--{name} {element!r}: must be {valid.describe()}.")
@@ -198,6 +203,21 @@ def validate_options(
     return warnings
 
 
+def merged_options(*sections: Any) -> Namespace:
+    """One namespace of the fields of several option objects (dataclasses or namespaces: a `RunSpec`'s sections), for
+    `validate_options`; a name in two sections keeps the first's value."""
+    merged = {}
+    for section in sections:
+        values = (
+            {item.name: getattr(section, item.name) for item in dataclasses.fields(section)}
+            if dataclasses.is_dataclass(section)
+            else vars(section)
+        )
+        for name, value in values.items():
+            merged.setdefault(name, value)
+    return Namespace(**merged)
+
+
 def _spec(low=None, high=None, *, integer=True, low_open=False, high_open=False, only_with=None, required_with=None):
     return {
         "range": Range(low, high, integer, low_open, high_open),
@@ -209,36 +229,60 @@ def _spec(low=None, high=None, *, integer=True, low_open=False, high_open=False,
 _SEED = _spec(0, 2**32 - 1)
 _POSITIVE = _spec(0, None, integer=False, low_open=True)  # a finite number > 0
 _CYCLICAL = ("kl_schedule", "cyclical")
-_NO_MAX_STEPS = Condition("max_steps", (None,), "--max_steps left out (--max_steps sets the run's length)")
+_LINEAR = ("kl_schedule", "linear")
 
-# The valid value of every numeric option of every command: the table the commands validate against at parse time
-# (`validate_options(args, given, command, specs=COMMAND_OPTIONS[command])`), and the ranges their help texts show.
-# Sizes and lengths that depend on the model are checked once it is known (`check_max_length`, the config's own
-# `validate_scalevae`, generation's position check). 0 means "none" only where that is a real choice (0 importance
-# samples: no IW-NLL; 0 warm-up steps of the learning rate), never "the default".
+# The valid value of every numeric option of every command, by option name: the table the commands validate against
+# at parse time (`validate_options(args, given, command, specs=COMMAND_OPTIONS[command])`), and the ranges their help
+# texts show. Sizes and lengths that depend on the model are checked once it is known (`check_max_length`, the
+# config's own `validate_scalevae`, generation's position check). 0 means "none" only where that is a real choice (0
+# importance samples: no IW-NLL; 0 warm-up steps of the learning rate), never "the default".
+#
+# The run recipe's options (`scalevae.recipe.RunSpec`: TrainingArguments, ModelArguments, DataArguments,
+# RunArguments), shared by train, quickstart and compare:
+RUN_OPTIONS: dict[str, dict] = {
+    # TrainingArguments
+    "max_steps": _spec(1),
+    "num_train_epochs": _POSITIVE,
+    "learning_rate": _POSITIVE,
+    "per_device_train_batch_size": _spec(1),
+    "per_device_eval_batch_size": _spec(1),
+    "gradient_accumulation_steps": _spec(1),
+    "warmup_steps": _spec(0),
+    "logging_steps": _POSITIVE,  # below 1: a fraction of the run (TrainingArguments' convention)
+    "save_steps": _POSITIVE,
+    "eval_steps": _POSITIVE,
+    "save_total_limit": _spec(1),
+    "seed": _SEED,
+    # ModelArguments
+    "decoder_layers": _spec(1, 1 << 10),
+    "decoder_width": _spec(1, 1 << 16),
+    "decoder_heads": _spec(1, 1 << 10),
+    "decoder_vocab_size": _spec(259, 1 << 21),  # the 256 bytes and 3 special tokens, at least
+    "new_encoder_layers": _spec(1, 1 << 10),
+    "new_encoder_width": _spec(1, 1 << 16),
+    "new_encoder_heads": _spec(1, 1 << 10),
+    "kl_warmup_steps": _spec(1, only_with=_LINEAR, required_with=_LINEAR),
+    "kl_n_cycle": _spec(1, only_with=_CYCLICAL),
+    "kl_ratio_zero": _spec(0, 1, integer=False, high_open=True, only_with=_CYCLICAL),
+    "kl_ratio_increase": _spec(0, 1, integer=False, low_open=True, only_with=_CYCLICAL),
+    # DataArguments
+    "max_length": _spec(2, 1 << 17),
+    "train_sentences": _spec(1),  # left out: every sentence
+    "eval_sentences": _spec(1),
+    # RunArguments
+    "train_minutes": _POSITIVE,  # left out: no clock
+    "num_importance_samples": _spec(0),  # 0: no importance-weighted NLL
+    "bleu_sentences": _spec(1),
+    "prior_fit_sentences": _spec(1),
+}
+
 COMMAND_OPTIONS: dict[str, dict[str, dict]] = {
-    "train": {
-        "max_steps": _spec(1),
-        "num_train_epochs": _POSITIVE,
-        "learning_rate": _POSITIVE,
-        "per_device_train_batch_size": _spec(1),
-        "per_device_eval_batch_size": _spec(1),
-        "gradient_accumulation_steps": _spec(1),
-        "warmup_steps": _spec(0),
-        "logging_steps": _POSITIVE,  # below 1: a fraction of the run (TrainingArguments' convention)
-        "save_steps": _POSITIVE,
-        "eval_steps": _POSITIVE,
-        "save_total_limit": _spec(1),
-        "seed": _SEED,
-        "max_length": _spec(2, 1 << 17),
-        "decoder_layers": _spec(1, 1 << 10),
-        "decoder_width": _spec(1, 1 << 16),
-        "decoder_heads": _spec(1, 1 << 10),
-        "decoder_vocab_size": _spec(259, 1 << 21),  # the 256 bytes and 3 special tokens, at least
-        "kl_warmup_steps": _spec(1, only_with=("kl_schedule", "linear"), required_with=("kl_schedule", "linear")),
-        "kl_n_cycle": _spec(1, only_with=_CYCLICAL),
-        "kl_ratio_zero": _spec(0, 1, integer=False, high_open=True, only_with=_CYCLICAL),
-        "kl_ratio_increase": _spec(0, 1, integer=False, low_open=True, only_with=_CYCLICAL),
+    "train": RUN_OPTIONS,
+    "quickstart": RUN_OPTIONS,
+    "compare": {
+        **RUN_OPTIONS,
+        "seeds": _SEED,
+        "des_std_sweep": _spec(0, 1e3, integer=False, low_open=True),  # scale_target_std's own range
     },
     "evaluate": {
         "num_samples": _spec(0),  # 0: no importance-weighted NLL (reported as null)
@@ -255,21 +299,6 @@ COMMAND_OPTIONS: dict[str, dict[str, dict]] = {
         "temperature": _spec(0, None, integer=False, low_open=True, only_with="do_sample"),
         "top_p": _spec(0, 1, integer=False, low_open=True, only_with="do_sample"),
         "seed": _SEED,
-    },
-    "quickstart": {
-        "train_minutes": _spec(0, None, integer=False, low_open=True, only_with=_NO_MAX_STEPS),
-        "max_steps": _spec(1),
-        "batch_size": _spec(2),  # batch statistics (Scale-VAE's std, BN-VAE's norm) need two sentences
-        "learning_rate": _POSITIVE,
-        "des_std": _spec(0, 1e3, integer=False, low_open=True, only_with=("collapse_strategy", "scale")),
-        "decoder_vocab_size": _spec(259, 1 << 21),
-        "num_importance_samples": _spec(0),
-        "eval_sentences": _spec(1),
-        "seed": _SEED,
-    },
-    "compare": {
-        "max_steps": _spec(1),
-        "seeds": _SEED,
     },
 }
 

@@ -1000,12 +1000,25 @@ def test_options_that_do_nothing_in_the_mode_warn_once(caplog, monkeypatch):
         "generate: --top_p does nothing without --do_sample; it is ignored.",
     ]
     assert sorted(r.getMessage() for r in caplog.records) == warnings  # once each, not once per call
-    quick = Namespace(max_steps=10, train_minutes=3.0)
-    (warning,) = validate_options(
-        quick, {"max_steps", "train_minutes"}, "quickstart", specs=COMMAND_OPTIONS["quickstart"]
-    )
-    assert "--train_minutes does nothing without --max_steps left out" in warning
     assert validate_options(options, {"num_beams"}, "generate", specs=specs) == []  # defaults never warn
+
+
+def test_a_run_specs_sections_are_validated_together():
+    from scalevae.options import merged_options
+    from scalevae.recipe import RunSpec
+
+    argv = ["--output_dir", "x", "--kl_n_cycle", "3", "--train_minutes", "0", "--max_steps", "-1"]
+    spec, given, _ = RunSpec.parse(argv)
+    options = merged_options(spec.model, spec.data, spec.run, spec.training)
+    with pytest.raises(OptionError, match=r"^train: --max_steps -1: must be a whole number >= 1"):
+        validate_options(options, given, "train", specs=COMMAND_OPTIONS["train"])
+    spec, given, _ = RunSpec.parse(argv[:-2])  # max_steps left at TrainingArguments' -1: a default is not checked
+    with pytest.raises(OptionError, match=r"^train: --train_minutes 0.0: must be a number > 0"):
+        validate_options(merged_options(spec.run, spec.training), given, "train", specs=COMMAND_OPTIONS["train"])
+    spec, given, _ = RunSpec.parse(argv[:4])
+    options = merged_options(spec.model, spec.data, spec.run, spec.training)
+    (warning,) = validate_options(options, given, "train", specs=COMMAND_OPTIONS["train"])
+    assert warning == "train: --kl_n_cycle does nothing without --kl_schedule cyclical; it is ignored."
 
 
 def test_a_dataclass_of_options_declares_its_ranges_in_one_place():
@@ -1227,11 +1240,12 @@ def test_choose_des_std_takes_the_most_mi_within_one_percent_of_the_vae():
     assert choose_des_std(table, ["scale_0.5", "scale_1.0"]) == ("scale_0.5", "scale_1.0")
 
 
-def test_choose_des_std_falls_back_to_the_lowest_nll():
+def test_choose_des_std_chooses_none_where_the_rule_cannot_hold():
+    # no des_std within 1%, or no VAE to compare with: nothing is chosen; the lowest IW-NLL is still reported
     none_within = des_std_table(vae=100.0, scale_0_5=(103.0, 3.0), scale_1_0=(102.0, 1.0))
-    assert choose_des_std(none_within, ["scale_0.5", "scale_1.0"]) == ("scale_1.0", "scale_1.0")
+    assert choose_des_std(none_within, ["scale_0.5", "scale_1.0"]) == (None, "scale_1.0")
     no_vae = des_std_table(scale_0_5=(90.0, 1.0), scale_1_0=(95.0, 7.0))
-    assert choose_des_std(no_vae, ["scale_0.5", "scale_1.0"]) == ("scale_0.5", "scale_0.5")
+    assert choose_des_std(no_vae, ["scale_0.5", "scale_1.0"]) == (None, "scale_0.5")
     assert choose_des_std(no_vae, []) == (None, None)
 
 
