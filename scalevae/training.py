@@ -284,6 +284,7 @@ class LatentLMTrainer(Trainer):
 class ScaleVAETrainer(LatentLMTrainer):
     """`LatentLMTrainer` with the guards a training run's folder needs (`make_trainer` builds one):
 
+    - the output folder is not the folder the model was loaded from, nor holds it or lies inside it;
     - a resume verifies the checkpoint's weights and says what state it lacks (`check_resume_checkpoint`);
     - one run per output folder: `train` holds the folder's lock (`scalevae.hub.writer_lock`), so a second run, or a
       `save_model`, on the same folder fails at once instead of corrupting the checkpoints;
@@ -293,7 +294,10 @@ class ScaleVAETrainer(LatentLMTrainer):
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         from .hub import writer_lock
+        from .options import check_output_folder
 
+        # A fine-tuned model's own folder must survive its run: checkpoints, final/ and their rotation would land on it.
+        check_output_folder(self.args.output_dir, getattr(_unwrap(self.model), "name_or_path", None) or None)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises its own error

@@ -1060,6 +1060,17 @@ def test_the_output_folder_is_never_the_input_model_folder(tmp_path):
     check_output_folder(tmp_path / "other", model, None, "someone/hub-model")  # no local folder in common
 
 
+def test_fine_tuning_never_writes_into_the_model_folder_it_reads(saved, tmp_path):
+    """`train --model_name_or_path D --output_dir D` wrote checkpoints and final/ inside the input folder."""
+    data = corpus_file(tmp_path, lines=16)
+    before = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}
+    for output in (saved, saved.parent):
+        argv = ["train", "--model_name_or_path", str(saved), "--output_dir", str(output), "--train_file", str(data)]
+        with pytest.raises(OptionError, match=rf"--output_dir {output} (is|holds) the input model folder {saved}"):
+            main([*argv, "--max_steps", "1", "--report_to", "none", "--use_cpu", "--max_length", "16"])
+    assert {p.name: p.stat().st_mtime_ns for p in saved.iterdir()} == before
+
+
 def test_max_length_fits_both_the_encoder_and_the_decoder():
     short_encoder = tester.get_config(encoder_positions=40, decoder_positions=80)
     check_max_length(40, short_encoder)
