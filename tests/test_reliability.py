@@ -1164,6 +1164,9 @@ class ShiftedLinearGaussian(torch.nn.Module):
             mu=mean / F_SHIFT, logvar=var.log(), decoder_mu=mean, prior_mean=PRIOR_MEAN, prior_std=PRIOR_STD
         )
 
+    def prior_distribution(self, prior=None, dtype=None):
+        return torch.distributions.Independent(torch.distributions.Normal(PRIOR_MEAN, PRIOR_STD), 1)
+
     def log_likelihood(self, latents, decoder_input_ids, labels, decoder_attention_mask=None):
         if self.flat:
             return -(decoder_input_ids**2).sum(-1)
