@@ -47,6 +47,26 @@ FORMAT_2_FIELDS = ("prior", "prior_momentum", "freeze_encoder")
 # The names public Scale-VAE reimplementations use, accepted as aliases.
 PAPER_ALIASES = {"des_std": "scale_target_std", "f_epo": "scale_freeze_epochs"}
 
+# Upper bounds on the sizes a config may ask for, checked before any tensor is allocated: a hand-edited or corrupted
+# config.json with vocab_size=1e12 would otherwise try to allocate terabytes (and 1e8 would really allocate 25 GB)
+# before failing. Each bound is well above any published model's value. "sub-config field": (bound, what it sizes).
+SIZE_BOUNDS = {
+    "latent_size": 1 << 16,
+    "prior_components": 1 << 16,
+    "encoder.vocab_size": 1 << 21,
+    "encoder.hidden_size": 1 << 16,
+    "encoder.num_hidden_layers": 1 << 10,
+    "encoder.num_attention_heads": 1 << 10,
+    "encoder.intermediate_size": 1 << 18,
+    "encoder.max_position_embeddings": 1 << 17,
+    "decoder.vocab_size": 1 << 21,
+    "decoder.n_embd": 1 << 16,
+    "decoder.n_layer": 1 << 10,
+    "decoder.n_head": 1 << 10,
+    "decoder.n_inner": 1 << 18,
+    "decoder.n_positions": 1 << 17,
+}
+
 
 class ScaleVAEConfig(PreTrainedConfig):
     r"""
@@ -162,6 +182,24 @@ class ScaleVAEConfig(PreTrainedConfig):
         self.validate_scalevae()
 
     @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """A config.json as a dict, refused unless it is one JSON object of a Scale-VAE config. A file without
+        `model_type` is read as a Scale-VAE config, so `from_dict` checks its required fields (a missing `model_type`
+        must not turn the check off); any other `model_type` is another model's folder."""
+        config_dict = super()._dict_from_json_file(json_file)
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"{json_file} holds a JSON {type(config_dict).__name__}, not the JSON object of a config: the file is "
+                "corrupted or is not a config.json."
+            )
+        model_type = config_dict.setdefault("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{json_file} is the config of a {model_type!r} model, not of a Scale-VAE ({cls.model_type!r})."
+            )
+        return config_dict
+
+    @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """`PreTrainedConfig.from_dict`, which every `from_pretrained` goes through. A saved config (one that names its
         `model_type`) must hold every format-1 field; any error names the folder's and the installed versions."""
@@ -208,11 +246,8 @@ class ScaleVAEConfig(PreTrainedConfig):
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not one of {allowed}.")
-        positive_int = {
-            "latent_size": self.latent_size,
-            "scale_freeze_epochs": self.scale_freeze_epochs,
-            "prior_components": self.prior_components,
-        }
+        self._validate_sizes()
+        positive_int = {"scale_freeze_epochs": self.scale_freeze_epochs}
         if self.scale_freeze_steps is not None:
             positive_int["scale_freeze_steps"] = self.scale_freeze_steps
         for field, value in positive_int.items():
@@ -246,6 +281,30 @@ class ScaleVAEConfig(PreTrainedConfig):
             )
         if self.decoder.model_type != "gpt2":
             raise ValueError(f"decoder.model_type={self.decoder.model_type!r}: the decoder must be a GPT-2 config.")
+
+    def _validate_sizes(self):
+        """Every size the model allocates from (`SIZE_BOUNDS`) is an integer in [1, bound]; the attention heads
+        divide the width. Run before any tensor exists."""
+        for name, bound in SIZE_BOUNDS.items():
+            owner, field = (self, name) if "." not in name else (getattr(self, name.split(".")[0]), name.split(".")[1])
+            value = getattr(owner, field, None)
+            if value is None and name in ("decoder.n_inner", "encoder.intermediate_size"):
+                continue  # GPT-2's n_inner=None means 4 * n_embd
+            if value is None and "." in name and not hasattr(owner, field):
+                continue  # an encoder type without this field (DistilBERT's dim, ...)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+                raise ValueError(
+                    f"{name}={value!r} must be an integer in [1, {bound}] (the bound keeps a corrupted or hand-edited "
+                    "config.json from allocating what no machine holds)."
+                )
+        for width, heads in (
+            ("encoder.hidden_size", "encoder.num_attention_heads"),
+            ("decoder.n_embd", "decoder.n_head"),
+        ):
+            part = getattr(self, width.split(".")[0])
+            w, h = getattr(part, width.split(".")[1], None), getattr(part, heads.split(".")[1], None)
+            if isinstance(w, int) and isinstance(h, int) and w % h:
+                raise ValueError(f"{width}={w} is not a multiple of {heads}={h}.")
 
     @property
     def des_std(self) -> float:

@@ -42,7 +42,10 @@ def load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
             f"truncated or corrupted ({error}); re-download or re-save the model."
         ) from error
     model.config.validate_scalevae()  # config fields given as keyword arguments override the saved ones unchecked
-    problems = weights_config_mismatches(model, info, allow_resize, allow_missing=not strict)
+    files = resolved_weights_files(pretrained_model_name_or_path, kwargs)
+    problems = part_type_mismatches(model.config, files) + weights_config_mismatches(
+        model, info, allow_resize, allow_missing=not strict
+    )
     absent, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     if problems:
         anyway = []
@@ -69,7 +72,7 @@ def load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
             ", ".join(unused) or "none",
         )
     if verify_weights:
-        verify_weights_checksums(resolved_weights_files(pretrained_model_name_or_path, kwargs))
+        verify_weights_checksums(files)
     # Loading materialises the parameters anew, without the requires_grad=False that __init__ set on a frozen encoder.
     model._freeze_encoder(model.config.freeze_encoder)
     return (model, info) if return_loading_info else model
@@ -93,7 +96,7 @@ def save_publicly(model, save, save_directory, *args, push_to_hub: bool = False,
         for config, name in zip(configs, names):
             config._name_or_path = name
     if kwargs.get("is_main_process", True):
-        record_weights_checksums(save_directory)
+        record_weights_checksums(save_directory, part_types(model.config))
     if push_to_hub:  # after the checksums: push_to_hub saves a fresh copy and uploads that
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
         model.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
@@ -116,6 +119,31 @@ def describe_weights_files(path, subfolder: str = "") -> str:
         except (SafetensorError, OSError):
             return file
     return ", ".join(files) or folder
+
+
+# The encoder's and decoder's model types, recorded in every weights file's metadata: a RoBERTa encoder has a BERT's
+# tensor names and shapes, so only the record tells a config.json edited from one to the other.
+PART_TYPE_KEYS = {"encoder": "scalevae_encoder_type", "decoder": "scalevae_decoder_type"}
+
+
+def part_types(config) -> dict[str, str]:
+    """The metadata entries recording the model types of `config`'s encoder and decoder."""
+    return {key: getattr(config, part).model_type for part, key in PART_TYPE_KEYS.items()}
+
+
+def part_type_mismatches(config, files) -> list[str]:
+    """The encoder/decoder model types of `config` that differ from those recorded in the weights files (a file saved
+    before they were recorded says nothing)."""
+    problems = []
+    for path in files[:1]:  # every shard of a save records the same types
+        metadata = read_safetensors_header(path)[1].get("__metadata__") or {}
+        for part, key in PART_TYPE_KEYS.items():
+            saved, now = metadata.get(key), getattr(config, part).model_type
+            if saved is not None and saved != now:
+                problems.append(
+                    f"{part}.model_type={now!r} in the config, but the weights file was saved from a {saved!r} {part}"
+                )
+    return problems
 
 
 # Tensors whose shape reveals a config value: key -> ((config field, dimension of the saved shape, divisor), ...).
@@ -160,10 +188,16 @@ def weights_config_mismatches(model, info: dict, allow_resize: bool = False, all
     for (field, value, saved, is_missing), keys in groups.items():
         names = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
         if field is None:
+            part = keys[0].split(".")[0]
+            part_type = (
+                f" ({part}.model_type={getattr(config, part).model_type!r} in the config)"
+                if part in PART_TYPE_KEYS and all(key.startswith(part + ".") for key in keys)
+                else ""
+            )
             problems.append(
-                f"the config builds {names}, which the weights file lacks"
+                f"the config builds {names}, which the weights file lacks{part_type}"
                 if is_missing
-                else f"the weights file holds {names}, which the config does not build"
+                else f"the weights file holds {names}, which the config does not build{part_type}"
             )
         elif is_missing:
             problems.append(
@@ -229,12 +263,34 @@ def weights_files_in(folder) -> list[str]:
 
 
 def read_safetensors_header(path) -> tuple[int, dict]:
-    """(header length in bytes, parsed header) of a safetensors file."""
+    """(header length in bytes, parsed header) of a safetensors file. Raises an OSError naming the file when it is
+    not one (too short, an unreadable header) or is shorter than its header says (truncated)."""
     import json
+    import os
 
+    size = os.path.getsize(path)
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
-        return length, json.loads(handle.read(length))
+        try:
+            if size < 8 or length > size - 8:
+                raise ValueError("shorter than its header")
+            header = json.loads(handle.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            end = max(
+                (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
+            )
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise OSError(
+                f"{path} is truncated or corrupted: not a readable safetensors file ({error}); re-download or re-save "
+                "the model."
+            ) from None
+    if 8 + length + end > size:
+        raise OSError(
+            f"{path} is truncated: {size} bytes, but its header describes {8 + length + end}; re-download or re-save "
+            "the model."
+        )
+    return length, header
 
 
 def weights_checksum(path, header_length: int, header: dict) -> str:
@@ -273,9 +329,9 @@ def weights_checksum(path, header_length: int, header: dict) -> str:
     return f"{_CHECKSUM_VERSION}:{digest.hexdigest()}"
 
 
-def record_weights_checksum(path, saved_at: int) -> None:
-    """Rewrite a safetensors file with its checksum and save time in the metadata; the new file gets the folder's
-    usual mode (0o666 less the umask), like every other file of a save."""
+def record_weights_checksum(path, saved_at: int, extra: dict[str, str] | None = None) -> None:
+    """Rewrite a safetensors file with its checksum, save time and `extra` entries in the metadata; the new file gets
+    the folder's usual mode (0o666 less the umask), like every other file of a save."""
     import json
     import os
     import shutil
@@ -284,6 +340,7 @@ def record_weights_checksum(path, saved_at: int) -> None:
     metadata = dict(header.get("__metadata__") or {})
     metadata[WEIGHTS_DIGEST_KEY] = weights_checksum(path, length, header)
     metadata[WEIGHTS_SAVED_AT_KEY] = str(saved_at)
+    metadata.update(extra or {})
     new_header = json.dumps({**header, "__metadata__": metadata}, separators=(",", ":")).encode()
     new_header += b" " * (-len(new_header) % 8)  # the data stays 8-byte aligned
     partial = f"{path}.partial"
@@ -301,17 +358,19 @@ def record_weights_checksum(path, saved_at: int) -> None:
         raise
 
 
-def record_weights_checksums(folder) -> None:
+def record_weights_checksums(folder, extra: dict[str, str] | None = None) -> None:
     import time
 
     saved_at = time.time_ns()
     for path in weights_files_in(folder):
-        record_weights_checksum(path, saved_at)
+        record_weights_checksum(path, saved_at, extra)
 
 
-def verify_weights_checksums(files) -> None:
-    """Raise an OSError naming the first weights file whose tensors differ from the checksum recorded at its save.
-    A file saved without one (older versions of scalevae) passes."""
+def verify_weights_checksums(
+    files, remedy: str = "Re-download or re-save the model (or pass verify_weights=False to load it anyway)."
+) -> None:
+    """Raise an OSError naming the first weights file whose tensors differ from the checksum recorded at its save
+    (`remedy` says what to do). A file saved without one (older versions of scalevae) passes."""
     for path in files:
         length, header = read_safetensors_header(path)
         recorded = (header.get("__metadata__") or {}).get(WEIGHTS_DIGEST_KEY)
@@ -323,8 +382,7 @@ def verify_weights_checksums(files) -> None:
         if weights_checksum(path, length, header) != recorded:
             raise OSError(
                 f"{path} is corrupted: its tensors do not match the checksum recorded when it was saved "
-                f"({WEIGHTS_DIGEST_KEY} in its metadata). Re-download or re-save the model (or pass "
-                "verify_weights=False to load it anyway)."
+                f"({WEIGHTS_DIGEST_KEY} in its metadata). {remedy}"
             )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from modeling_scalevae import shift_labels_right
 from scalevae.corpus import default_corpus_files
-from scalevae.factory import decoder_special_token_ids
+from scalevae.factory import MAX_RUN_CHARS, decoder_special_token_ids, split_long_runs
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,32 @@ def check_text_file(path: str | Path) -> None:
                 raise ValueError(
                     f"{path} is not valid UTF-8: byte 0x{error.object[error.start]:02x} at byte offset {position}"
                 ) from None
-            has_text = has_text or bool(text.strip())
+            has_text = has_text or has_visible_text(text)
             if final:
                 break
             offset += len(chunk)
     if not has_text:
         raise ValueError(f"{path} has no non-empty lines")
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` holds a character that is neither white space nor a format character (category Cf: zero-width
+    spaces and joiners, U+2060, the byte-order mark): a line of only those is empty to a reader, and a sentence of
+    nothing to a model."""
+    if text.isprintable():  # the usual case, at C speed: no format character at all
+        return bool(text.strip())
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
+
+
+def clean_line(text: str | None) -> tuple[str, bool]:
+    """A line as the pipeline keeps it, and whether a long run without spaces was cut: without the UTF-8 byte-order
+    mark an editor put before it, NUL bytes read as spaces (tokenizers would drop them and merge the words around
+    them; `check_text_file` warns), stripped, and every run of more than `MAX_RUN_CHARS` characters without a space cut
+    into pieces (`split_long_runs`), which bounds each tokenizer's work on the line. Empty if nothing visible is left."""
+    text = "" if text is None else str(text).lstrip("\ufeff").replace("\x00", " ").strip()
+    if not has_visible_text(text):
+        return "", False
+    return split_long_runs(text)
 
 
 def _normalise_data_files(data_files: Mapping[str, str | Path] | str | Path) -> dict[str, str]:
@@ -96,19 +117,27 @@ def _normalise_data_files(data_files: Mapping[str, str | Path] | str | Path) -> 
     return {str(split): str(path) for split, path in data_files.items()}
 
 
+def _clean_batch(batch: dict[str, list]) -> dict[str, list]:
+    cleaned = [clean_line(text) for text in batch[TEXT_COLUMN]]
+    return {TEXT_COLUMN: [text for text, _ in cleaned], "_split": [split for _, split in cleaned]}
+
+
 def _strip_and_drop_empty(dataset: datasets.DatasetDict, num_proc: int | None) -> datasets.DatasetDict:
     # PTB-style files pad every line with a leading and trailing space; Hub datasets may hold None.
-    stripped = dataset.map(
-        # A NUL byte separates words (tokenizers would drop it and merge them; check_text_file warns).
-        lambda batch: {
-            TEXT_COLUMN: [
-                "" if text is None else str(text).replace("\x00", " ").strip() for text in batch[TEXT_COLUMN]
-            ]
-        },
-        batched=True,
-        num_proc=num_proc,
-        desc="Stripping lines",
-    )
+    stripped = dataset.map(_clean_batch, batched=True, num_proc=num_proc, desc="Stripping lines")
+    for split in stripped:
+        cut = list(stripped[split]["_split"])
+        if any(cut):
+            logger.warning(
+                "%s: %d line(s) (the first: line %d) hold a run of more than %d characters without a space; each such "
+                "run was cut into pieces of %d characters, which bounds the tokenizers' work on it.",
+                split,
+                sum(cut),
+                cut.index(True) + 1,
+                MAX_RUN_CHARS,
+                MAX_RUN_CHARS,
+            )
+    stripped = stripped.remove_columns("_split")
     kept = stripped.filter(
         lambda batch: [bool(text) for text in batch[TEXT_COLUMN]],
         batched=True,
@@ -150,7 +179,8 @@ def load_text_dataset(
 
     With neither ``data_files`` nor ``dataset_name``, the embedded default corpus
     (``scalevae/corpus``, sentences from the Python standard library) is loaded.
-    Lines are stripped and empty lines dropped.
+    Lines are cleaned (`clean_line`: byte-order mark and NUL bytes, surrounding space, runs of more than
+    `MAX_RUN_CHARS` characters without a space cut, with a warning) and lines with nothing visible dropped.
 
     Raises:
         ValueError: both sources given; a local file is missing, is not valid UTF-8 or

@@ -1,15 +1,40 @@
 """The model factory: the two tokenizers (the encoder's, and the decoder's fitted BPE), building a model around them,
 saving and loading a folder's model with its tokenizers."""
 
+import json
+import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from configuration_scalevae import ScaleVAEConfig
 from modeling_scalevae import ScaleVAEForLatentLM, default_decoder_config
 
 DECODER_TOKENIZER_SUBFOLDER = "decoder_tokenizer"
+# The longest run of characters without a space that a tokenizer is given (longer runs are cut into pieces of this
+# length). No word is that long; a run of a megabyte (a line of base64, a corrupted file) costs a BPE fit time
+# quadratic in its length (minutes), and slow tokenizers the same at encoding.
+MAX_RUN_CHARS = 256
+_LONG_RUN = re.compile(rf"\S{{{MAX_RUN_CHARS + 1},}}")
+
+logger = logging.getLogger(__name__)
+
+
+def split_long_runs(text: str) -> tuple[str, bool]:
+    """`text` with every run of more than `MAX_RUN_CHARS` characters without a space cut into pieces of that length
+    (separated by spaces), and whether there was one."""
+    if len(text) <= MAX_RUN_CHARS:
+        return text, False
+
+    def cut(match: re.Match) -> str:
+        run = match.group(0)
+        return " ".join(run[i : i + MAX_RUN_CHARS] for i in range(0, len(run), MAX_RUN_CHARS))
+
+    split, count = _LONG_RUN.subn(cut, text)
+    return split, count > 0
 
 
 def offline_encoder_path() -> str:
@@ -24,7 +49,7 @@ def decoder_tokenizer_from_encoder(encoder_tokenizer_path: str) -> PreTrainedTok
 
     BERT-style tokenizers have no BOS/EOS: their [CLS]/[SEP] (RoBERTa: <s>/</s>) take those roles.
     """
-    tokenizer = AutoTokenizer.from_pretrained(encoder_tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_tokenizer_path, trust_remote_code=False)
     bos_id, eos_id = decoder_special_token_ids(tokenizer)
     tokenizer.add_special_tokens(
         {"bos_token": tokenizer.convert_ids_to_tokens(bos_id), "eos_token": tokenizer.convert_ids_to_tokens(eos_id)}
@@ -43,7 +68,9 @@ def fit_decoder_tokenizer(
     A new decoder learns every output row from the training data alone, so a few thousand tokens that the corpus
     actually uses train far faster than a pretrained 30k vocabulary (whose softmax also costs a third of a step).
     Byte-level BPE has no unknown token and decodes back to exactly the text it encoded. The ids of `<pad>`, `<s>` and
-    `</s>` are 0, 1 and 2. The fit is deterministic: same texts, same tokenizer.
+    `</s>` are 0, 1 and 2. The fit is deterministic: same texts, same tokenizer. Runs of more than `MAX_RUN_CHARS`
+    characters without a space are fitted as pieces of that length (a warning says how many texts hold one): the fit's
+    time grows with the square of a word's length, and a megabyte "word" would take hours.
 
     Raises:
         ValueError: `vocab_size` leaves no room for merges (below the 256 bytes plus the 3 special tokens).
@@ -67,7 +94,24 @@ def fit_decoder_tokenizer(
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    split_texts = 0
+
+    def bounded(texts: Iterable[str]):
+        nonlocal split_texts
+        for text in texts:
+            text, split = split_long_runs(text)
+            split_texts += split
+            yield text
+
+    tokenizer.train_from_iterator(bounded(texts), trainer=trainer)
+    if split_texts:
+        logger.warning(
+            "%d training text(s) hold a run of more than %d characters without a space: the decoder's tokenizer was "
+            "fitted on it cut into pieces of %d characters.",
+            split_texts,
+            MAX_RUN_CHARS,
+            MAX_RUN_CHARS,
+        )
     # Cleaning up spaces would turn "a , b" into "a, b": decoding must give back the bytes that were encoded.
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **DECODER_SPECIAL_TOKENS
@@ -132,11 +176,15 @@ def build_model(
     The decoder's special-token ids are read from its tokenizer, never hard-coded.
     """
     encoder = encoder or offline_encoder_path()
-    encoder_tokenizer = AutoTokenizer.from_pretrained(encoder)
+    # No folder's own code ever runs (trust_remote_code=False on every Auto* call): the classes it needs are ours or
+    # transformers', and a folder that asks for its code is refused rather than offered a prompt.
+    encoder_tokenizer = AutoTokenizer.from_pretrained(encoder, trust_remote_code=False)
     if isinstance(decoder_tokenizer, PreTrainedTokenizerBase):
         dec_tokenizer = prepare_decoder_tokenizer(decoder_tokenizer)
     elif decoder is not None:
-        dec_tokenizer = prepare_decoder_tokenizer(AutoTokenizer.from_pretrained(decoder_tokenizer or decoder))
+        dec_tokenizer = prepare_decoder_tokenizer(
+            AutoTokenizer.from_pretrained(decoder_tokenizer or decoder, trust_remote_code=False)
+        )
     elif decoder_tokenizer is None and train_texts is not None:
         dec_tokenizer = prepare_decoder_tokenizer(fit_decoder_tokenizer(train_texts, decoder_vocab_size))
     else:
@@ -147,13 +195,25 @@ def build_model(
         pad_token_id=dec_tokenizer.pad_token_id,
     )
     if decoder is not None:
-        model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(encoder, decoder, **config_kwargs)
+        decoder_config = GPT2Config.from_pretrained(decoder)
+    else:
+        decoder_config = default_decoder_config(len(dec_tokenizer), **special, **(decoder_config_overrides or {}))
+    # Every size and setting is validated before any tensor is allocated: a decoder width of 10**6 would otherwise
+    # allocate its layers first.
+    ScaleVAEConfig(
+        encoder=AutoConfig.from_pretrained(encoder, trust_remote_code=False),
+        decoder=decoder_config,
+        **{key: value for key, value in config_kwargs.items() if not key.startswith(("encoder_", "decoder_"))},
+    )
+    if decoder is not None:
+        model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(
+            encoder, decoder, encoder_trust_remote_code=False, **config_kwargs
+        )
         for name, value in special.items():
             setattr(model.config.decoder, name, value)
     else:
-        decoder_config = default_decoder_config(len(dec_tokenizer), **special, **(decoder_config_overrides or {}))
         model = ScaleVAEForLatentLM.from_encoder_decoder_pretrained(
-            encoder, decoder_config=decoder_config, **config_kwargs
+            encoder, decoder_config=decoder_config, encoder_trust_remote_code=False, **config_kwargs
         )
     model.generation_config.update(**special)
     return model, encoder_tokenizer, dec_tokenizer
@@ -184,6 +244,7 @@ def _check_saved_folder(path: str | os.PathLike) -> None:
         "but not its tokenizers: add them with `scalevae.save_tokenizers(folder, encoder_tokenizer, "
         "decoder_tokenizer)`, the two tokenizers the model was trained with, or save with `scalevae.hub.save_model`."
     )
+    check_json_files(name)
     tokenizer_files = ("tokenizer_config.json", "tokenizer.json")
     if not any(os.path.isfile(os.path.join(name, file)) for file in tokenizer_files):
         raise FileNotFoundError(f"{name} has no encoder tokenizer (no tokenizer_config.json at its root). {fix}")
@@ -195,6 +256,24 @@ def _check_saved_folder(path: str | os.PathLike) -> None:
         )
 
 
+def check_json_files(folder: str | os.PathLike) -> None:
+    """Raise a ValueError naming the first JSON file of a saved folder (its root and `decoder_tokenizer/`) that does
+    not parse as a JSON object, and where; transformers would raise a bare JSONDecodeError, or skip a broken
+    generation_config.json and carry on with defaults."""
+    for sub in ("", DECODER_TOKENIZER_SUBFOLDER):
+        base = Path(folder) / sub
+        if not base.is_dir():
+            continue
+        for path in sorted(base.glob("*.json")):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    value = json.load(handle)
+            except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+                raise ValueError(f"{path} is not valid JSON ({error}): the file is truncated or corrupted.") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: the file is corrupted.")
+
+
 def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
     """The encoder's tokenizer (the folder's root) and the decoder's (`decoder_tokenizer/`) of a saved folder.
 
@@ -204,7 +283,7 @@ def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, P
     """
     _check_saved_folder(path)
     try:
-        encoder_tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         if os.path.isdir(str(path)):
             raise
@@ -212,7 +291,9 @@ def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, P
             f"{path} does not exist as a local folder, and loading it from the Hub failed: {error}"
         ) from error
     try:
-        decoder_tokenizer = AutoTokenizer.from_pretrained(path, subfolder=DECODER_TOKENIZER_SUBFOLDER)
+        decoder_tokenizer = AutoTokenizer.from_pretrained(
+            path, subfolder=DECODER_TOKENIZER_SUBFOLDER, trust_remote_code=False
+        )
     except (OSError, ValueError) as error:  # a Hub repository without the subfolder
         raise FileNotFoundError(
             f"{path} has no loadable decoder tokenizer in {DECODER_TOKENIZER_SUBFOLDER}/ ({error}). Save the model "
@@ -227,4 +308,29 @@ def load_pretrained(path: str | os.PathLike, **kwargs):
     _check_saved_folder(path)
     tokenizers = load_tokenizers(path)
     model = ScaleVAEForLatentLM.from_pretrained(path, **kwargs).eval()
+    _complete_generation_config(model, tokenizers[1], path)
     return (model, *tokenizers)
+
+
+def _complete_generation_config(model: ScaleVAEForLatentLM, decoder_tokenizer, path) -> None:
+    """A generation_config.json without the decoder's BOS, EOS or pad id (hand-edited, or written by other code) gets
+    them from the model's decoder config, else from the decoder tokenizer: generation starts every sentence from BOS
+    and could not start at all."""
+    bos_id, eos_id = decoder_special_token_ids(decoder_tokenizer)
+    decoder = model.config.decoder
+    fallback = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": decoder_tokenizer.pad_token_id}
+    filled = []
+    for name, from_tokenizer in fallback.items():
+        if getattr(model.generation_config, name, None) is None:
+            value = getattr(decoder, name, None)
+            value = value if value is not None else from_tokenizer
+            if value is not None:
+                setattr(model.generation_config, name, value)
+                filled.append(f"{name}={value}")
+    if filled:
+        logger.warning(
+            "%s: generation_config.json lacks %s; using the decoder's (%s).",
+            path,
+            ", ".join(item.split("=")[0] for item in filled),
+            ", ".join(filled),
+        )

@@ -15,10 +15,14 @@ command line hides the values of credential flags (`public_command`). A save kil
 (`recover_interrupted_save`), which restores the newest complete folder and removes the leftovers.
 """
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -29,6 +33,8 @@ from modeling_scalevae import ScaleVAEForLatentLM
 from . import __version__
 from .card import write_model_card
 from .factory import DECODER_TOKENIZER_SUBFOLDER, save_tokenizers
+
+logger = logging.getLogger(__name__)
 
 # The model's code, which every saved folder carries for remote-code users: the modeling file and the siblings it
 # imports relatively (transformers' `custom_object_save` copies them).
@@ -52,8 +58,12 @@ REQUIRED_FILES = (
 def missing_files(folder: str | os.PathLike) -> list[str]:
     """The files a complete saved folder holds that `folder` lacks (empty: complete)."""
     folder = Path(folder)
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+    return _required_missing(lambda name: (folder / name).is_file())
+
+
+def _required_missing(has) -> list[str]:
+    missing = [name for name in REQUIRED_FILES if not has(name)]
+    if not has("model.safetensors") and not has("model.safetensors.index.json"):
         missing.append("model.safetensors")
     return missing
 
@@ -81,6 +91,97 @@ def _swap_in(new: Path, folder: Path) -> None:
         os.rename(old, folder)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+_HELD: dict[Path, int] = {}  # lock file -> the thread of this process holding it
+_HELD_GUARD = threading.Lock()
+
+
+class FolderInUseError(RuntimeError):
+    """Another writer (a `save_model`, a training run) holds the lock of the folder being written."""
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | os.PathLike, purpose: str = "write"):
+    """Hold the lock of `folder` for one writer (a `save_model`, a training run): the file `.NAME.lock` beside it,
+    locked with `flock` and holding the writer's pid. A second writer, in this process or another, fails at once with
+    `FolderInUseError` naming the holder's pid; the lock dies with its process, so a killed writer leaves nothing that
+    blocks the next one. The thread that holds it may take it again (a training run saving into its own folder).
+    (Without `fcntl`, on Windows, nothing is locked.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    folder = Path(folder).absolute()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = folder.with_name(f".{folder.name}.lock")
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        reentry = _HELD.get(lock_path) == me
+    if reentry:
+        yield
+        return
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUseError(
+                f"{folder} is being written by another writer (process {holder}, lock file {lock_path}): two writers "
+                f"would corrupt each other's files. Wait for it to finish, or {purpose} to another folder."
+            ) from None
+        try:  # the lock's previous holder may have removed the file between our open and our flock: lock the new one
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    with _HELD_GUARD:
+        _HELD[lock_path] = me
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with _HELD_GUARD:
+            del _HELD[lock_path]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def disk_full(error: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether a write into `folder` failed because its device is full: ENOSPC (or a quota) anywhere in the error's
+    chain or text, or, for an I/O error that lost its errno (torch.save's "basic_ios::clear: iostream error" or
+    "unexpected pos" is a RuntimeError), less than 1 MiB left on the device."""
+    seen, write_error = error, False
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(seen):
+            return True
+        write_error = write_error or isinstance(seen, (OSError, RuntimeError)) or "Safetensor" in type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    if not write_error:
+        return False
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free < 1 << 20
+    except OSError:
+        return False
+
+
+def no_space_error(folder: str | os.PathLike, removed: str | os.PathLike, error: BaseException) -> OSError:
+    """The OSError that says a save of `folder` ran out of space and that its partial files (`removed`) are gone."""
+    return OSError(
+        errno.ENOSPC,
+        f"no space left on device while writing {folder} ({shutil.disk_usage(Path(removed).parent).free} bytes "
+        f"free); the partial save {removed} was removed. Free some space and save again. ({type(error).__name__}: "
+        f"{error})",
+    )
 
 
 def _leftovers(folder: Path) -> list[Path]:
@@ -145,9 +246,16 @@ def save_model(
 
     Everything is written into a temporary sibling folder that then replaces `folder` whole (`_swap_in`): an error or
     an interruption leaves the previous folder as it was. An existing `folder` that is not a saved ScaleVAE model (and
-    not empty) is refused rather than replaced.
+    not empty) is refused rather than replaced. One writer at a time (`writer_lock`): a second `save_model` of the
+    same folder, or a save into a training run's folder, raises `FolderInUseError`. A full disk raises an OSError
+    (ENOSPC) that says so and names the folder; the partial save is removed.
     """
     folder = Path(folder).absolute()
+    with writer_lock(folder, "save"):
+        return _save_model_locked(folder, model, encoder_tokenizer, decoder_tokenizer, metrics, training)
+
+
+def _save_model_locked(folder: Path, model, encoder_tokenizer, decoder_tokenizer, metrics, training) -> Path:
     recover_interrupted_save(folder)
     if folder.exists():
         if not folder.is_dir():
@@ -159,7 +267,8 @@ def save_model(
             )
     folder.parent.mkdir(parents=True, exist_ok=True)
     model.config.scalevae_version = __version__
-    new = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    # Unique per writer (pid and a random part), so no two saves ever share one.
+    new = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     new.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would end up on the saved folder
     try:
         model.save_pretrained(new)
@@ -171,6 +280,12 @@ def save_model(
                 f"save_model wrote an incomplete folder (missing {', '.join(missing)}); nothing replaced."
             )
         _swap_in(new, folder)
+    except Exception as error:
+        full = disk_full(error, new)
+        shutil.rmtree(new, ignore_errors=True)
+        if full:
+            raise no_space_error(folder, new, error) from error
+        raise
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
@@ -196,16 +311,34 @@ TRAINER_STATE_FILES = (
 )
 
 
+def is_trainer_state(name: str) -> bool:
+    """Whether a file name is a Trainer checkpoint's training state (`TRAINER_STATE_FILES`, per-process RNG states)."""
+    return name in TRAINER_STATE_FILES or (name.startswith("rng_state") and name.endswith(".pth"))
+
+
 def folder_files(folder: str | os.PathLike) -> list[str]:
-    """The files of a saved folder, as repository paths (POSIX, relative), sorted; a Trainer checkpoint's training
-    state (`TRAINER_STATE_FILES`, per-process RNG states) is left out: it is never uploaded."""
+    """What a saved folder publishes, as repository paths (POSIX, relative), sorted: its regular files, at any depth,
+    but a Trainer checkpoint's training state (`is_trainer_state`, in a `checkpoint-N/` inside the folder too: its
+    training_args.bin holds the access token) and anything that is not a regular file inside the folder. A link, to
+    a file or a folder, is skipped with a warning naming it (uploading it would publish what it points to, wherever
+    that is); so are sockets, pipes and devices."""
     folder = Path(folder)
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file()
-        and not (p.parent == folder and (p.name in TRAINER_STATE_FILES or p.name.startswith("rng_state")))
-    )
+    files, skipped = [], []
+    for root, dirs, names in os.walk(folder):  # os.walk does not enter linked folders; they are listed in dirs
+        base = Path(root)
+        for name in [d for d in dirs if (base / d).is_symlink()]:
+            dirs.remove(name)
+            skipped.append(base / name)
+        for name in names:
+            path = base / name
+            if path.is_symlink() or not path.is_file():
+                skipped.append(path)
+            elif not is_trainer_state(name):
+                files.append(path.relative_to(folder).as_posix())
+    for path in skipped:
+        target = f" -> {os.readlink(path)}" if path.is_symlink() else ""
+        logger.warning("%s%s is a link or not a regular file: it is not published.", path, target)
+    return sorted(files)
 
 
 def push_to_hub(
@@ -253,6 +386,12 @@ def push_to_hub(
                 training=training,
             )
         files = folder_files(folder)
+        unpublished = _required_missing(set(files).__contains__)
+        if unpublished:
+            raise FileNotFoundError(
+                f"{folder}: {', '.join(unpublished)} would not be uploaded (a link or not a regular file); a published "
+                "folder holds its own files. Replace the link(s) by the files."
+            )
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
@@ -274,10 +413,14 @@ def push_to_hub(
 
 
 __all__ = [
+    "FolderInUseError",
+    "disk_full",
     "folder_files",
+    "is_trainer_state",
     "missing_files",
     "push_to_hub",
     "recover_interrupted_save",
     "save_model",
     "save_time",
+    "writer_lock",
 ]

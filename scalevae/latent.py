@@ -341,9 +341,11 @@ class LatentText:
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """The decoder's latent for each text: the (scaled) posterior mean."""
-        if not texts or any(not t.strip() for t in texts):
-            raise ValueError("encode() needs a non-empty list of non-empty texts.")
+        """The decoder's latent for each text: the (scaled) posterior mean; no texts give a (0, latent_size) tensor."""
+        if len(texts) == 0:
+            return torch.empty(0, self.model.config.latent_size, device=self.model.device, dtype=self.model.dtype)
+        if any(not t.strip() for t in texts):
+            raise ValueError("encode() needs non-empty texts.")
         batch = self.encoder_tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.model.device)
@@ -359,6 +361,12 @@ class LatentText:
         if not latents.is_floating_point():
             raise ValueError(f"latents must be floating point, got dtype {latents.dtype}.")
         latents = latents.to(device=self.model.device, dtype=self.model.dtype)
+        if latents.dim() == 2 and latents.shape[0] == 0:  # nothing to generate (the decoder cannot run on 0 rows)
+            if latents.shape[1] != self.model.config.latent_size:
+                raise ValueError(
+                    f"latents of shape {tuple(latents.shape)}: expected (n, {self.model.config.latent_size})."
+                )
+            return []
         if "max_length" not in generation_kwargs:
             # the BOS token and, with memory injection, the latent's slot take positions too
             room = self.model.config.decoder.n_positions - 1 - int(self.model.config.latent_injection != "embedding")

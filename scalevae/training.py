@@ -7,10 +7,14 @@ The basic path needs none of it: `Trainer(model=model, args=args, train_dataset=
 does).
 """
 
+import contextlib
+import os
+import shutil
 from dataclasses import dataclass, replace
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from .metrics import PosteriorAccumulator
@@ -196,17 +200,74 @@ class CompleteCheckpointCallback(TrainerCallback):
         self.training = dict(training or {})
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        import os
-
         from .card import write_model_card
         from .factory import save_tokenizers
 
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not args.should_save or not os.path.isdir(folder):
             return
-        save_tokenizers(folder, self.encoder_tokenizer, self.decoder_tokenizer)
-        if model is not None:
-            write_model_card(folder, _unwrap(model), training={**self.training, "steps": state.global_step})
+        with _removed_if_incomplete(folder):
+            save_tokenizers(folder, self.encoder_tokenizer, self.decoder_tokenizer)
+            if model is not None:
+                write_model_card(folder, _unwrap(model), training={**self.training, "steps": state.global_step})
+
+
+@contextlib.contextmanager
+def _removed_if_incomplete(folder: str):
+    """Remove a checkpoint folder whose writing fails (a resume must never find half a checkpoint); a full disk is
+    reported as such, naming the folder."""
+    from .hub import disk_full, no_space_error
+
+    try:
+        yield
+    except Exception as error:
+        full = disk_full(error, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        if full:
+            raise no_space_error(folder, folder, error) from error
+        raise
+
+
+# What a Trainer checkpoint needs beyond the weights to continue exactly where it stopped, and what resuming without
+# it changes. (The Trainer loads the optimizer only together with the scheduler.)
+RESUME_STATE = {
+    "optimizer.pt": "the optimizer's state (AdamW's moment estimates) starts from zero, so the next steps move the "
+    "weights differently",
+    "scheduler.pt": "the learning-rate schedule restarts from its first step (warm-up and decay begin again), and the "
+    "Trainer then does not load optimizer.pt either",
+    "rng_state.pth": "the random state is not restored: dropout masks and the latent's sampling noise differ",
+}
+
+
+def check_resume_checkpoint(checkpoint: str, args) -> None:
+    """Before the Trainer resumes from `checkpoint`: verify its weights against the checksums recorded at their save
+    (the Trainer's own resume reads them unchecked, and a flipped bit would be trained on and saved under a fresh
+    checksum), naming a corrupted or truncated file; warn, naming each, when state that an exact continuation needs
+    is missing, and what resuming without it changes."""
+    from loading_scalevae import verify_weights_checksums, weights_files_in
+
+    if not os.path.isdir(checkpoint):
+        return  # the Trainer says it is not a checkpoint
+    try:
+        verify_weights_checksums(weights_files_in(checkpoint), remedy="Resume from another checkpoint.")
+    except OSError as error:
+        raise OSError(f"resume_from_checkpoint {checkpoint}: {error}") from error
+    if getattr(args, "deepspeed", None):
+        return  # DeepSpeed keeps its own optimizer and RNG files
+    needed = dict(RESUME_STATE)
+    if args.world_size > 1:
+        needed[f"rng_state_{args.process_index}.pth"] = needed.pop("rng_state.pth")
+    if args.fp16:
+        needed["scaler.pt"] = "the loss scale of mixed precision restarts from its initial value"
+    missing = [
+        f"{name} ({effect})" for name, effect in needed.items() if not os.path.isfile(os.path.join(checkpoint, name))
+    ]
+    if missing:
+        logger.warning(
+            "Resuming from %s without %s. The run continues, but it will not reproduce the uninterrupted run.",
+            checkpoint,
+            "; without ".join(missing),
+        )
 
 
 class LatentLMTrainer(Trainer):
@@ -220,6 +281,54 @@ class LatentLMTrainer(Trainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
+class ScaleVAETrainer(LatentLMTrainer):
+    """`LatentLMTrainer` with the guards a training run's folder needs (`make_trainer` builds one):
+
+    - the output folder is not the folder the model was loaded from, nor holds it or lies inside it;
+    - a resume verifies the checkpoint's weights and says what state it lacks (`check_resume_checkpoint`);
+    - one run per output folder: `train` holds the folder's lock (`scalevae.hub.writer_lock`), so a second run, or a
+      `save_model`, on the same folder fails at once instead of corrupting the checkpoints;
+    - a checkpoint whose writing fails is removed (a full disk is reported as such, naming it);
+    - training_args.bin, which holds the access token among the arguments, is readable by its owner only (0600).
+    """
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        from .hub import writer_lock
+        from .options import check_output_folder
+
+        # A fine-tuned model's own folder must survive its run: checkpoints, final/ and their rotation would land on it.
+        check_output_folder(self.args.output_dir, getattr(_unwrap(self.model), "name_or_path", None) or None)
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises its own error
+        if isinstance(checkpoint, (str, os.PathLike)):
+            check_resume_checkpoint(str(checkpoint), self.args)
+        lock = writer_lock(self.args.output_dir, "train") if self.args.should_save else contextlib.nullcontext()
+        with lock:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with _removed_if_incomplete(folder) if self.args.should_save else contextlib.nullcontext():
+            super()._save_checkpoint(model, trial)
+            _owner_only(os.path.join(folder, "training_args.bin"))
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        args_file = os.path.join(output_dir, "training_args.bin")
+        if self.args.should_save:  # created 0600 before torch.save writes into it: never readable by others
+            os.makedirs(output_dir, exist_ok=True)
+            os.close(os.open(args_file, os.O_WRONLY | os.O_CREAT, 0o600))
+            _owner_only(args_file)
+        super()._save(output_dir, state_dict)
+        _owner_only(args_file)
+
+
+def _owner_only(path: str) -> None:
+    if os.path.isfile(path):
+        os.chmod(path, 0o600)
+
+
 def make_trainer(
     model,
     args,
@@ -231,8 +340,9 @@ def make_trainer(
     prior_fit_sentences: int = 4000,
     **trainer_kwargs,
 ) -> Trainer:
-    """A `LatentLMTrainer` (the stock `Trainer`, its `eval_loss` from sampled z) with the KL schedule, the collapse
-    strategy's step and epoch hooks, the prior fit at the end of training and the latent monitor attached; with a
+    """A `ScaleVAETrainer` (a `LatentLMTrainer`, whose `eval_loss` comes from sampled z, with its resume verified and
+    its folder locked) with the KL schedule, the collapse strategy's step and epoch hooks, the prior fit at the end of
+    training and the latent monitor attached; with a
     `DataCollatorForLatentLM`, every checkpoint also gets both tokenizers and a model card (`training`: the card's
     training record, see `scalevae.card.render_model_card`)."""
     training = trainer_kwargs.pop("training", None)
@@ -241,7 +351,7 @@ def make_trainer(
     decoder_tokenizer = getattr(data_collator, "decoder_tokenizer", None)
     if encoder_tokenizer is not None and decoder_tokenizer is not None:
         callbacks.append(CompleteCheckpointCallback(encoder_tokenizer, decoder_tokenizer, training))
-    trainer = LatentLMTrainer(
+    trainer = ScaleVAETrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,

@@ -11,26 +11,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.data_guard import SHARED_DATA, data_skip_failure, pytest_runtest_makereport, shared_file  # noqa: E402, F401
 from tests.model_tester import tester  # noqa: E402
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # The names other test files import from here, over the one tester in model_tester.py.
 tiny_config = tester.get_config
 tiny_model = tester.get_model
 random_batch = tester.prepare_inputs
 TINY_DECODER = tester.decoder_overrides()
-
-
-def shared_file(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the real corpora are read at run time from ../shared/data")
-    return path
 
 
 # The session fixtures: the only builders whose result pytest caches, because they read or write disk.

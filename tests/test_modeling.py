@@ -178,14 +178,28 @@ def test_kl_weight_argument_overrides_the_config_for_one_call():
         model(**batch, kl_weight=float("inf"))
 
 
-def test_decoder_kl_is_the_kl_against_the_scaled_prior():
-    model = tiny_model().eval()
-    batch = random_batch()
-    out = model(**batch)
+@pytest.mark.parametrize("prior", ["scaled", "fitted"])
+def test_decoder_kl_is_the_kl_of_the_scaled_posterior_against_the_generative_prior(prior):
+    # Factors != 1 and a fitted prior with a non-zero mean: with f = 1 and N(0, 1) (an untrained model) any mix-up of
+    # mu and f * mu, of the two priors, or a dropped prior mean would pass unnoticed.
+    model = tiny_model(prior=prior).eval()
+    with torch.no_grad():
+        model.latent_head.proj.weight.mul_(10)  # posterior means well away from 0, so f * mu and mu differ
+        model.collapse.scale_factors.copy_(torch.tensor([2.0, 0.5, 1.0, 1.5]))
+        model.fitted_prior.loc.copy_(torch.tensor([0.3, -0.2, 0.5, 0.1]))
+        model.fitted_prior.scale.copy_(torch.tensor([1.5, 0.7, 1.2, 0.9]))
+    out = model(**random_batch())
     f = model.collapse.scale_factors
-    mu, var = out.mu * f, out.logvar.exp()
-    manual = (torch.log(f) - 0.5 * out.logvar + (var + mu**2) / (2 * f**2) - 0.5).sum(-1).mean()
-    assert torch.allclose(out.decoder_kl, manual, rtol=1e-5)
+    if prior == "scaled":
+        mean, std = torch.zeros(4), f
+    else:
+        mean, std = model.fitted_prior.loc, model.fitted_prior.scale
+    q = torch.distributions.Normal((out.mu * f).double(), (0.5 * out.logvar).exp().double())
+    exact = torch.distributions.kl_divergence(q, torch.distributions.Normal(mean.double(), std.double()))
+    assert torch.allclose(out.decoder_kl.double(), exact.sum(-1).mean(), rtol=1e-5)
+    unscaled = torch.distributions.Normal(out.mu.double(), q.scale)
+    wrong = torch.distributions.kl_divergence(unscaled, torch.distributions.Normal(mean.double(), std.double()))
+    assert not torch.allclose(wrong.sum(-1).mean(), exact.sum(-1).mean(), rtol=1e-3)  # 100x the tolerance above
 
 
 # -- padding, special tokens ------------------------------------------------------------------------------------------

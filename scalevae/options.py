@@ -1,0 +1,354 @@
+"""One validation of every command's options: each numeric option declares its valid range where it is defined
+(`number(...)`, dataclass field metadata), and `validate_options` checks a parsed dataclass of options against them
+before anything runs. The rules behind it:
+
+- a value outside its range is refused, with the range in the message (`--top_p 2.0: must be a number in (0, 1]`);
+- 0 and negative values never stand for "the default": an option that is not given is None, and a given value means
+  what it says, or is refused;
+- an option that does nothing in the chosen mode (`--top_p` without `--do_sample`) warns, once per option;
+- an option needed by the chosen mode (`--kl_warmup_steps` with `--kl_schedule linear`) is required;
+- an output folder must not be the input model's folder, nor hold it or lie inside it (`check_output_folder`), and a
+  sequence length must fit the encoder's and the decoder's positions (`check_max_length`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from argparse import Namespace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COMMAND_OPTIONS",
+    "RUN_OPTIONS",
+    "Condition",
+    "OptionError",
+    "Range",
+    "check_max_length",
+    "check_output_folder",
+    "max_length_limit",
+    "merged_options",
+    "number",
+    "validate_options",
+]
+
+
+class OptionError(ValueError):
+    """An option value that the command cannot honour; the message names the option and its valid range."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: `low`/`high` bounds (None: unbounded), each inclusive unless `*_open`,
+    whole numbers only with `integer`. Always finite: NaN and infinities are refused."""
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.integer else "a number"
+        if self.low is None and self.high is None:
+            return f"{kind} (finite)"
+        if self.high is None:
+            return f"{kind} {'>' if self.low_open else '>='} {_show(self.low)}"
+        if self.low is None:
+            return f"{kind} {'<' if self.high_open else '<='} {_show(self.high)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{kind} in {left}{_show(self.low)}, {_show(self.high)}{right}"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value) or (self.integer and value != int(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+
+def _show(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else repr(bound)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A mode of the command: `field` has one of `values` (`values=None`: `field` is set, i.e. neither None nor
+    False). Written in messages as, e.g., `--do_sample` or `--kl_schedule linear`, or as `text`."""
+
+    field: str
+    values: tuple | None = None
+    text: str | None = None
+
+    def holds(self, options: Any) -> bool:
+        value = getattr(options, self.field)
+        if self.values is None:
+            return value is not None and value is not False
+        return value in self.values
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        if self.values is None:
+            return f"--{self.field}"
+        return f"--{self.field} " + " or ".join(str(value) for value in self.values)
+
+
+def _condition(spec: str | Condition | tuple | None) -> Condition | None:
+    if spec is None or isinstance(spec, Condition):
+        return spec
+    if isinstance(spec, str):
+        return Condition(spec)
+    field, values = spec
+    return Condition(field, tuple(values) if isinstance(values, (list, tuple)) else (values,))
+
+
+def number(
+    default: Any = None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    integer: bool = False,
+    low_open: bool = False,
+    high_open: bool = False,
+    only_with: str | Condition | tuple | None = None,
+    required_with: str | Condition | tuple | None = None,
+    help: str = "",
+    **field_kwargs,
+):
+    """A dataclass field for a numeric option: its default (None: not given), its valid range, the mode it only
+    matters in (`only_with`: a `Condition`, a field name, or `(field, value or values)`) and the mode that requires it
+    (`required_with`). The range goes into the help text, for `HfArgumentParser`/argparse."""
+    valid = Range(low, high, integer, low_open, high_open)
+    text = f"{help} ({valid.describe()})".strip() if help else valid.describe()
+    metadata = {
+        "help": text,
+        "range": valid,
+        "only_with": _condition(only_with),
+        "required_with": _condition(required_with),
+        **field_kwargs.pop("metadata", {}),
+    }
+    return dataclasses.field(default=default, metadata=metadata, **field_kwargs)
+
+
+def _values(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def validate_options(
+    options: Any,
+    given: Iterable[str] | None = None,
+    command: str = "",
+    checks: Iterable[Callable] = (),
+    specs: dict[str, dict] | None = None,
+) -> list[str]:
+    """Check the options a command line gave against their specs; raise `OptionError` for the first given value
+    outside its range (each element of a list option is checked) or a required option missing (None) in the chosen
+    mode. The specs are a dataclass's `number(...)` field metadata, or `specs` ({option: {"range", "only_with",
+    "required_with"}}, e.g. `COMMAND_OPTIONS[command]`, for an argparse Namespace or the sections of a `RunSpec`).
+    `given`: the names the command line set (default: those of a dataclass not at their default); defaults are the
+    program's own, which may be sentinels (TrainingArguments' max_steps=-1: train for the epochs) and are not checked.
+    Given options that do nothing in the chosen mode are warned about, once per option and command in a process.
+    `checks` are further functions of `options` that return an error message or None (cross-field rules). Returns the
+    warnings."""
+    if specs is None:
+        fields = {item.name: item.metadata for item in dataclasses.fields(options)}
+        if given is None:
+            given = {
+                item.name for item in dataclasses.fields(options) if getattr(options, item.name) != _default_of(item)
+            }
+    else:
+        fields = {name: spec for name, spec in specs.items() if hasattr(options, name)}
+        if given is None:
+            raise TypeError("validate_options(..., specs=...) needs given=: the options the command line set.")
+    given = set(given)
+    prefix = f"{command}: " if command else ""
+    for name, item in fields.items():
+        valid = item.get("range")
+        value = getattr(options, name)
+        if valid is not None and value is not None and name in given:
+            for element in _values(value):
+                if not valid.accepts(element):
+                    raise OptionError(f"{prefix}--{name} {element!r}: must be {valid.describe()}.")
+        required = item.get("required_with")
+        if required is not None and value is None and required.holds(options):
+            raise OptionError(
+                f"{prefix}{required.describe()} needs --{name} ({valid.describe() if valid else 'a value'})."
+            )
+    for check in checks:
+        problem = check(options)
+        if problem:
+            raise OptionError(f"{prefix}{problem}")
+    warnings = []
+    for name, item in fields.items():
+        condition = item.get("only_with")
+        if condition is not None and name in given and not condition.holds(options):
+            message = f"{prefix}--{name} does nothing without {condition.describe()}; it is ignored."
+            warnings.append(message)
+            if (command, name) not in _warned:
+                _warned.add((command, name))
+                logger.warning(message)
+    return warnings
+
+
+def merged_options(*sections: Any) -> Namespace:
+    """One namespace of the fields of several option objects (dataclasses or namespaces: a `RunSpec`'s sections), for
+    `validate_options`; a name in two sections keeps the first's value."""
+    merged = {}
+    for section in sections:
+        values = (
+            {item.name: getattr(section, item.name) for item in dataclasses.fields(section)}
+            if dataclasses.is_dataclass(section)
+            else vars(section)
+        )
+        for name, value in values.items():
+            merged.setdefault(name, value)
+    return Namespace(**merged)
+
+
+def _spec(low=None, high=None, *, integer=True, low_open=False, high_open=False, only_with=None, required_with=None):
+    return {
+        "range": Range(low, high, integer, low_open, high_open),
+        "only_with": _condition(only_with),
+        "required_with": _condition(required_with),
+    }
+
+
+_SEED = _spec(0, 2**32 - 1)
+_POSITIVE = _spec(0, None, integer=False, low_open=True)  # a finite number > 0
+_CYCLICAL = ("kl_schedule", "cyclical")
+_LINEAR = ("kl_schedule", "linear")
+
+# The valid value of every numeric option of every command, by option name: the table the commands validate against
+# at parse time (`validate_options(args, given, command, specs=COMMAND_OPTIONS[command])`), and the ranges their help
+# texts show. Sizes and lengths that depend on the model are checked once it is known (`check_max_length`, the
+# config's own `validate_scalevae`, generation's position check). 0 means "none" only where that is a real choice (0
+# importance samples: no IW-NLL; 0 warm-up steps of the learning rate), never "the default".
+#
+# The run recipe's options (`scalevae.recipe.RunSpec`: TrainingArguments, ModelArguments, DataArguments,
+# RunArguments), shared by train, quickstart and compare:
+RUN_OPTIONS: dict[str, dict] = {
+    # TrainingArguments
+    "max_steps": _spec(1),
+    "num_train_epochs": _POSITIVE,
+    "learning_rate": _POSITIVE,
+    "per_device_train_batch_size": _spec(1),
+    "per_device_eval_batch_size": _spec(1),
+    "gradient_accumulation_steps": _spec(1),
+    "warmup_steps": _spec(0),
+    "logging_steps": _POSITIVE,  # below 1: a fraction of the run (TrainingArguments' convention)
+    "save_steps": _POSITIVE,
+    "eval_steps": _POSITIVE,
+    "save_total_limit": _spec(1),
+    "seed": _SEED,
+    # ModelArguments
+    "decoder_layers": _spec(1, 1 << 10),
+    "decoder_width": _spec(1, 1 << 16),
+    "decoder_heads": _spec(1, 1 << 10),
+    "decoder_vocab_size": _spec(259, 1 << 21),  # the 256 bytes and 3 special tokens, at least
+    "new_encoder_layers": _spec(1, 1 << 10),
+    "new_encoder_width": _spec(1, 1 << 16),
+    "new_encoder_heads": _spec(1, 1 << 10),
+    "kl_warmup_steps": _spec(1, only_with=_LINEAR, required_with=_LINEAR),
+    "kl_n_cycle": _spec(1, only_with=_CYCLICAL),
+    "kl_ratio_zero": _spec(0, 1, integer=False, high_open=True, only_with=_CYCLICAL),
+    "kl_ratio_increase": _spec(0, 1, integer=False, low_open=True, only_with=_CYCLICAL),
+    # DataArguments
+    "max_length": _spec(2, 1 << 17),
+    "train_sentences": _spec(1),  # left out: every sentence
+    "eval_sentences": _spec(1),
+    # RunArguments
+    "train_minutes": _POSITIVE,  # left out: no clock
+    "num_importance_samples": _spec(0),  # 0: no importance-weighted NLL
+    "bleu_sentences": _spec(1),
+    "prior_fit_sentences": _spec(1),
+}
+
+COMMAND_OPTIONS: dict[str, dict[str, dict]] = {
+    "train": RUN_OPTIONS,
+    "quickstart": RUN_OPTIONS,
+    "compare": {
+        **RUN_OPTIONS,
+        "seeds": _SEED,
+        "des_std_sweep": _spec(0, 1e3, integer=False, low_open=True),  # scale_target_std's own range
+    },
+    "evaluate": {
+        "num_samples": _spec(0),  # 0: no importance-weighted NLL (reported as null)
+        "max_sentences": _spec(1),  # left out: every sentence
+        "max_length": _spec(2, 1 << 17),
+        "batch_size": _spec(1),
+        "seed": _SEED,
+    },
+    "generate": {
+        "sample": _spec(1),
+        "steps": _spec(2, only_with="interpolate"),
+        "max_new_tokens": _spec(1, 1 << 17),
+        "num_beams": _spec(1),
+        "temperature": _spec(0, None, integer=False, low_open=True, only_with="do_sample"),
+        "top_p": _spec(0, 1, integer=False, low_open=True, only_with="do_sample"),
+        "seed": _SEED,
+    },
+}
+
+
+def _default_of(item: dataclasses.Field) -> Any:
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return dataclasses.MISSING
+
+
+def check_output_folder(
+    output_dir: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "--output_dir"
+):
+    """Refuse an output folder that is an input model's folder, lies inside it, or holds it: a run writes its
+    checkpoints, `final/` and rotates old checkpoints in its output folder, which would overwrite or delete the model
+    it reads. Hub ids and absent paths are no local folder and pass. Links are resolved first."""
+    out = Path(os.path.realpath(os.path.expanduser(str(output_dir))))
+    for source in inputs:
+        if source is None or not os.path.exists(os.path.expanduser(str(source))):
+            continue
+        model = Path(os.path.realpath(os.path.expanduser(str(source))))
+        if out == model or model in out.parents or out in model.parents:
+            relation = "is" if out == model else "lies inside" if model in out.parents else "holds"
+            raise OptionError(
+                f"{option} {output_dir} {relation} the input model folder {source}: the run would write its "
+                "checkpoints and final/ over the model it reads (or rotate it away). Choose another output folder."
+            )
+
+
+def max_length_limit(config) -> tuple[int, str]:
+    """The longest `max_length` (tokens per sentence, special tokens included) a ScaleVAE config can take, and why:
+    the encoder's positions (RoBERTa-style encoders start counting after the pad id) and the decoder's (the latent's
+    memory slot takes one with `latent_injection` "memory" or "both")."""
+    encoder = config.encoder
+    encoder_positions = encoder.max_position_embeddings
+    if "roberta" in encoder.model_type or encoder.model_type == "camembert":
+        encoder_positions -= (encoder.pad_token_id or 0) + 1
+    slot = int(config.latent_injection != "embedding")
+    decoder_positions = config.decoder.n_positions - slot
+    why = f"the encoder takes {encoder_positions} tokens, the decoder {config.decoder.n_positions} positions" + (
+        f" of which the latent takes one (latent_injection={config.latent_injection!r})" if slot else ""
+    )
+    return min(encoder_positions, decoder_positions), why
+
+
+def check_max_length(max_length: int, config, option: str = "--max_length") -> None:
+    """Refuse a `max_length` outside [2, `max_length_limit(config)`], naming both limits: beyond them the encoder's or
+    the decoder's position embeddings run out mid-batch with a shape error that names neither."""
+    limit, why = max_length_limit(config)
+    if not Range(2, limit, integer=True).accepts(max_length):
+        raise OptionError(f"{option} {max_length!r}: must be a whole number in [2, {limit}] ({why}).")
