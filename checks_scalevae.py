@@ -51,6 +51,13 @@ def check_encoder_inputs(
     config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, training: bool = False
 ) -> None:
     check_token_ids("input_ids", input_ids, config.encoder.vocab_size, "encoder", training=training)
+    # A shape, not a value: checked in every mode, before the position embeddings fail with a size mismatch.
+    positions = getattr(config.encoder, "max_position_embeddings", None)
+    if positions is not None and input_ids.dim() == 2 and input_ids.shape[1] > positions:
+        raise ValueError(
+            f"input_ids of length {input_ids.shape[1]} need more positions than the encoder has "
+            f"(config.encoder.max_position_embeddings={positions}): truncate them (the tokenizer's max_length)."
+        )
     if (
         attention_mask is not None
         and attention_mask.dim() == 2

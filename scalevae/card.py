@@ -220,8 +220,9 @@ def checkpoint_config_differences(config: ScaleVAEConfig, checkpoint: str | os.P
     which the Trainer reports itself)."""
     if not (Path(checkpoint) / "config.json").is_file():
         return []
-    values = _flat_config(config)
-    saved = _flat_config(ScaleVAEConfig.from_pretrained(checkpoint))
+    # use_cache is a runtime switch the Trainer sets from its own arguments, not a setting the weights were trained with
+    values = {k: v for k, v in _flat_config(config).items() if k != "use_cache"}
+    saved = {k: v for k, v in _flat_config(ScaleVAEConfig.from_pretrained(checkpoint)).items() if k != "use_cache"}
     return [
         f"{key}={values.get(key, NOT_SET)!r} now, {saved.get(key, NOT_SET)!r} in the checkpoint"
         for key in sorted(set(values) | set(saved))

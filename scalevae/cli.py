@@ -23,15 +23,6 @@ def train(argv: list[str]) -> None:
     from .card import public_command
 
     spec, _, _ = RunSpec.parse(argv, dict(eval_splits=[]), prog="scalevae train", description=TRAIN_HELP)
-    if spec.training.max_steps == 0 or spec.training.max_steps < -1:
-        raise ValueError(
-            f"--max_steps {spec.training.max_steps}: give a number of optimizer steps >= 1, or leave it out (-1) to "
-            "train for --num_train_epochs."
-        )
-    if spec.training.max_steps == -1 and not spec.training.num_train_epochs > 0:
-        raise ValueError(
-            f"--num_train_epochs {spec.training.num_train_epochs} must be > 0 (or give --max_steps >= 1)."
-        )
     result = run(spec, command=public_command(["scalevae", "train", *argv]))
     for split, metrics in result.metrics.items():
         print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -44,11 +35,13 @@ def evaluate(args) -> None:
     from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
     from .factory import load_pretrained
     from .metrics import evaluate_model, reconstruction_bleu_of
+    from .options import check_max_length
 
     model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model)
+    check_max_length(args.max_length, model.config)
     model.to(resolve_device(args.device))
     texts = load_text_dataset({"test": args.data})["test"]
-    if args.max_sentences:
+    if args.max_sentences is not None:
         texts = texts.select(range(min(args.max_sentences, len(texts))))
     dataset, _ = tokenize_dataset(texts, encoder_tokenizer, decoder_tokenizer, args.max_length)
     loader = DataLoader(
@@ -85,7 +78,7 @@ def generate(args) -> None:
     text.model.to(resolve_device(args.device))
     decoding = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     if args.do_sample:
-        decoding.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        decoding.update(do_sample=True, temperature=args.temperature or 1.0, top_p=args.top_p or 1.0)
     generator = torch.Generator(device=text.model.device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
     if args.sample:
@@ -93,7 +86,7 @@ def generate(args) -> None:
     elif args.reconstruct:
         outputs = text.reconstruct(args.reconstruct, **decoding)
     elif args.interpolate:
-        outputs = text.interpolate(*args.interpolate, steps=args.steps, **decoding)
+        outputs = text.interpolate(*args.interpolate, steps=args.steps or 5, **decoding)
     elif args.analogy:
         outputs = [text.analogy(*args.analogy, **decoding)]
     else:
@@ -156,12 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     what.add_argument("--reconstruct", nargs="+", metavar="TEXT")
     what.add_argument("--interpolate", nargs=2, metavar=("A", "B"))
     what.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), help="decode z_C + z_B - z_A")
-    gen.add_argument("--steps", type=int, default=5)
+    gen.add_argument("--steps", type=int, default=None, help="with --interpolate: points on the path (default 5)")
     gen.add_argument("--max_new_tokens", type=int, default=40)
     gen.add_argument("--num_beams", type=int, default=1)
     gen.add_argument("--do_sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top_p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=None, help="with --do_sample (default 1)")
+    gen.add_argument("--top_p", type=float, default=None, help="with --do_sample: nucleus sampling (default 1)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     gen.add_argument(
@@ -192,6 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     args = parser.parse_args(argv)
+    from .options import COMMAND_OPTIONS, validate_options
+
+    # Every numeric option given is checked against its range; one that does nothing in the chosen mode warns once.
+    given = {name for name, value in vars(args).items() if value is not None and value is not False}
+    if args.command in COMMAND_OPTIONS:
+        validate_options(args, given, args.command, specs=COMMAND_OPTIONS[args.command])
     if args.command == "evaluate":
         evaluate(args)
     elif args.command == "generate":

@@ -199,7 +199,7 @@ def comparison_spec(argv: list[str]) -> tuple[RunSpec, "CompareArguments"]:
     preset_name = first.parse_known_args(argv)[0].preset
     preset = dict(PRESETS[preset_name], output_dir=f"outputs/compare-{preset_name}")
     spec, given, (options,) = RunSpec.parse(
-        argv, preset, extra=(CompareArguments,), prog="scalevae compare", description=__doc__
+        argv, preset, (CompareArguments,), "compare", prog="scalevae compare", description=__doc__
     )
     data_dir = Path(options.data_dir) if options.data_dir else SHARED_DATA
     files = {}
@@ -211,9 +211,7 @@ def comparison_spec(argv: list[str]) -> tuple[RunSpec, "CompareArguments"]:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"--{name} {path} does not exist.")
         files[name] = path
-    steps = spec.training.max_steps
-    if steps < 1:
-        raise ValueError(f"--max_steps {steps}: a comparison trains every run for a number of steps >= 1.")
+    steps = spec.training.max_steps  # every preset gives it; a value given is checked by RunSpec.parse
     derived = {}  # the schedule's warm-up and the logging interval follow the run's length unless given
     if "warmup_steps" not in given:
         derived["warmup_steps"] = max(1, steps // 20)
@@ -381,16 +379,21 @@ def choose_des_std(table: dict, sweep: list[str]) -> tuple[str | None, str | Non
     carries the most information (MI) among those whose IW-NLL (fitted prior) is within 1% of the plain VAE's, the
     comparison the paper's claim is about; None when the rule cannot hold (no VAE run, or no des_std within 1%).
     `lowest`: the lowest validation IW-NLL, whatever its MI (None without a sweep)."""
-    if not sweep:
-        return None, None
     nll = {n: table[n]["validation"]["nll_fitted"][0] for n in sweep}
-    lowest = min(sweep, key=nll.get)
-    if "vae" not in table:
+    candidates = [n for n in sweep if nll[n] is not None and math.isfinite(nll[n])]  # a diverged run is no candidate
+    if not candidates:
+        return None, None
+    lowest = min(candidates, key=nll.get)
+    vae = table.get("vae", {}).get("validation", {}).get("nll_fitted", (None,))[0]
+    if vae is None or not math.isfinite(vae):
         return None, lowest
-    budget = 1.01 * table["vae"]["validation"]["nll_fitted"][0]
-    within = [n for n in sweep if nll[n] <= budget]
-    chosen = max(within, key=lambda n: table[n]["validation"]["mi_decoder"][0]) if within else None
-    return chosen, lowest
+
+    def information(name):
+        mi = table[name]["validation"]["mi_decoder"][0]
+        return mi if mi is not None and math.isfinite(mi) else -math.inf
+
+    within = [n for n in candidates if nll[n] <= 1.01 * vae]
+    return (max(within, key=information) if within else None), lowest
 
 
 # The README's narrower table: density under both priors, and whether the latent is used.

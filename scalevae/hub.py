@@ -279,6 +279,7 @@ def _save_model_locked(folder: Path, model, encoder_tokenizer, decoder_tokenizer
             raise RuntimeError(
                 f"save_model wrote an incomplete folder (missing {', '.join(missing)}); nothing replaced."
             )
+        _keep_class_statistics(folder, new)
         _swap_in(new, folder)
     except Exception as error:
         full = disk_full(error, new)
@@ -314,6 +315,19 @@ TRAINER_STATE_FILES = (
 def is_trainer_state(name: str) -> bool:
     """Whether a file name is a Trainer checkpoint's training state (`TRAINER_STATE_FILES`, per-process RNG states)."""
     return name in TRAINER_STATE_FILES or (name.startswith("rng_state") and name.endswith(".pth"))
+
+
+def _keep_class_statistics(old: Path, new: Path) -> None:
+    """A re-save replaces the whole folder: the label-conditional class statistics (`LatentText.save_classes`) carry
+    over when they were fitted on the very weights being saved again (same weights checksum), else they are left out."""
+    from .latent import CLASSES_FILE, folder_weights_checksum
+
+    classes = old / CLASSES_FILE
+    if not classes.is_file():
+        return
+    recorded = (read_safetensors_header(str(classes))[1].get("__metadata__") or {}).get("weights_checksum")
+    if recorded and recorded == folder_weights_checksum(new):
+        shutil.copy2(classes, new / CLASSES_FILE)
 
 
 def folder_files(folder: str | os.PathLike) -> list[str]:

@@ -274,6 +274,9 @@ RUN_OPTIONS: dict[str, dict] = {
     "num_importance_samples": _spec(0),  # 0: no importance-weighted NLL
     "bleu_sentences": _spec(1),
     "prior_fit_sentences": _spec(1),
+    "claims_prior_samples": _spec(2, only_with="claims"),  # retrieval needs two samples to tell apart
+    "reverse_lm_steps": _spec(0, only_with="claims"),
+    "control_sentences": _spec(1, only_with="control"),
 }
 
 COMMAND_OPTIONS: dict[str, dict[str, dict]] = {

@@ -166,7 +166,7 @@ def contrast(results: dict[str, dict]) -> str | None:
 def quickstart_spec(argv: list[str]) -> tuple[RunSpec, bool]:
     """The spec of `scalevae quickstart ARGV`, and whether to add a plain VAE beside."""
     spec, given, (options,) = RunSpec.parse(
-        argv, QUICKSTART, extra=(QuickstartArguments,), prog="scalevae quickstart", description=__doc__
+        argv, QUICKSTART, (QuickstartArguments,), "quickstart", prog="scalevae quickstart", description=__doc__
     )
     if "max_steps" in given:
         spec = spec.replace(run=dict(train_minutes=None))
@@ -179,7 +179,7 @@ def describe(spec: RunSpec, strategies: list[str]) -> str:
     frozen = spec.config.get("freeze_encoder")
     frozen = {True: "frozen", False: "trained"}.get(frozen, f"embeddings and {frozen} lower layers frozen")
     training = spec.training
-    length = f"{training.max_steps} steps" if not spec.run.train_minutes else f"{spec.run.train_minutes:g} min"
+    length = f"{training.max_steps} steps" if spec.run.train_minutes is None else f"{spec.run.train_minutes:g} min"
     encoder = Path(spec.model.encoder).name if spec.model.encoder else "MiniLM-L6"
     return (
         f"scalevae quickstart: {', '.join(NAMES.get(s, s) for s in strategies)} on "

@@ -83,7 +83,7 @@ class ModelArguments:
     kl_schedule: str = field(
         default="constant", metadata={"help": f"{' | '.join(KL_SCHEDULES)}: β rises to --kl_weight"}
     )
-    kl_warmup_steps: int = field(default=0, metadata={"help": "steps of the linear schedule's rise"})
+    kl_warmup_steps: int | None = field(default=None, metadata={"help": "steps of the linear schedule's rise"})
     kl_n_cycle: int = 4
     kl_ratio_zero: float = 0.25
     kl_ratio_increase: float = 0.25
@@ -210,13 +210,20 @@ class RunSpec:
 
     @classmethod
     def parse(
-        cls, argv: list[str], defaults: dict | None = None, extra: tuple = (), **parser_kwargs
+        cls, argv: list[str], defaults: dict | None = None, extra: tuple = (), command: str = "train", **parser_kwargs
     ) -> tuple["RunSpec", set[str], tuple]:
         """The spec a command line gives, the options it gave explicitly (a fine-tuned model keeps its saved config
-        values but for those), and the command's `extra` dataclasses, parsed."""
+        values but for those), and the command's `extra` dataclasses, parsed. Every numeric option given is checked
+        against its range (`scalevae.options.COMMAND_OPTIONS[command]`): 0 or a negative number never means "the
+        default"; an option that does nothing in the chosen mode warns once."""
+        from .options import COMMAND_OPTIONS, merged_options, validate_options
+
         parser = cls.parser(defaults, extra, **parser_kwargs)
         config_args, model, data, run, training, *extras = parser.parse_args_into_dataclasses(argv)
         given = explicit_options(parser, argv)
+        validate_options(
+            merged_options(model, data, run, training, *extras), given, command, specs=COMMAND_OPTIONS[command]
+        )
         config = config_kwargs_from(config_args)
         if model.model_name_or_path:
             rebuilt = [name for name in ModelArguments.new_model_options if name in given]
@@ -343,7 +350,7 @@ def load_raw(spec: RunSpec) -> datasets.DatasetDict:
     if files and "train" not in files:
         raise ValueError("--validation_file/--test_file need a --train_file.")
     # The training file also validating, with --eval_sentences: its last eval_sentences lines are held out.
-    held_out = bool(files) and files.get("validation") == files["train"] and bool(data.eval_sentences)
+    held_out = bool(files) and files.get("validation") == files["train"] and data.eval_sentences is not None
     if held_out:
         del files["validation"]
     if data.label_suffix and not files:
@@ -357,9 +364,9 @@ def load_raw(spec: RunSpec) -> datasets.DatasetDict:
         train = raw["train"]
         raw["train"] = train.select(range(len(train) - data.eval_sentences))
         raw["validation"] = train.select(range(len(train) - data.eval_sentences, len(train)))
-    if data.train_sentences:
+    if data.train_sentences is not None:
         raw["train"] = raw["train"].select(range(min(data.train_sentences, len(raw["train"]))))
-    if data.eval_sentences:
+    if data.eval_sentences is not None:
         for split in ("validation", "test"):
             if split in raw:
                 raw[split] = raw[split].select(range(min(data.eval_sentences, len(raw[split]))))
@@ -445,6 +452,7 @@ def build_or_load(spec: RunSpec, data: RunData):
     """A new model around the data's tokenizers, or the saved model to fine-tune; seeded first, since the random
     initialisation is part of the run (the Trainer seeds only itself)."""
     from .factory import build_model
+    from .options import check_max_length
 
     if spec.training.full_determinism:
         enable_full_determinism(spec.training.seed)
@@ -462,14 +470,7 @@ def build_or_load(spec: RunSpec, data: RunData):
             ),
             **spec.config,
         )
-    # decoder sequences are at most max_length long, and with memory injection the latent takes one more position
-    longest = model.config.decoder.n_positions - int(model.config.latent_injection != "embedding")
-    if spec.data.max_length > longest:
-        raise ValueError(
-            f"--max_length {spec.data.max_length} does not fit the decoder's {model.config.decoder.n_positions} "
-            f"positions (the latent takes one with --latent_injection {model.config.latent_injection}): use "
-            f"--max_length <= {longest}."
-        )
+    check_max_length(spec.data.max_length, model.config)  # the encoder's and the decoder's positions
     return model
 
 
@@ -633,7 +634,7 @@ def train(spec: RunSpec, data: RunData, model, callbacks=(), desc: str = "train"
     schedule = KLSchedule(
         spec.model.kl_schedule,
         model.config.kl_weight,  # a fine-tuned model's saved β unless --kl_weight is given
-        spec.model.kl_warmup_steps,
+        spec.model.kl_warmup_steps or 0,
         args.max_steps if args.max_steps > 0 else 0,
         spec.model.kl_n_cycle,
         spec.model.kl_ratio_zero,
@@ -654,7 +655,7 @@ def train(spec: RunSpec, data: RunData, model, callbacks=(), desc: str = "train"
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     budget = TimeBudgetCallback(
-        spec.run.train_minutes * 60 if spec.run.train_minutes else None, args.logging_steps, desc
+        spec.run.train_minutes * 60 if spec.run.train_minutes is not None else None, args.logging_steps, desc
     )
     trainer.add_callback(budget)
     for callback in callbacks:
@@ -859,7 +860,9 @@ def run(
         steps = trainer.state.global_step
         metrics = evaluate(spec, data, model, progress=progress, reference_lm=reference_lm, classifier=classifier)
         folder = None
-        if command and spec.run.train_minutes:  # the clock stopped it: the card names the steps that reproduce it
+        if (
+            command and spec.run.train_minutes is not None
+        ):  # the clock stopped it: the card names the steps that reproduce it
             command += f" --max_steps {steps}"
         if spec.run.save:
             folder = spec.output_dir / "final"

@@ -467,3 +467,21 @@ def test_the_cli_edits_and_samples_by_label(trained, labelled_files, tmp_path, c
     assert len(samples) == 6 and sum(word_class(s) == "negative" for s in samples) >= 4
     with pytest.raises(SystemExit, match="--label goes with --sample"):
         main(["generate", str(copy), "--reconstruct", "the tea was good", "--label", "negative"])
+
+
+def test_a_resave_keeps_the_class_statistics_of_the_same_weights_only(trained, labelled_files, tmp_path):
+    """save_model replaces the whole folder: the saved classes carry over when the weights are the same, and are left
+    out when the weights changed (they would sample latents of another model)."""
+    from scalevae import hub, load_pretrained
+
+    _, folder = trained
+    copy = tmp_path / "model"
+    model, encoder_tokenizer, decoder_tokenizer = load_pretrained(folder)
+    hub.save_model(copy, model, encoder_tokenizer, decoder_tokenizer)
+    generate_label(str(copy), 2, "positive", *labelled_files, save_classes=True, device="cpu")
+    hub.save_model(copy, model, encoder_tokenizer, decoder_tokenizer)
+    assert (copy / CLASSES_FILE).is_file()
+    with torch.no_grad():
+        model.latent_head.proj.bias.add_(0.1)
+    hub.save_model(copy, model, encoder_tokenizer, decoder_tokenizer)
+    assert not (copy / CLASSES_FILE).exists()

@@ -21,8 +21,9 @@ from scalevae.data import (
     tokenize_dataset,
     tokenize_texts,
 )
+from tests.data_guard import SHARED_DATA
 
-PTB_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb.valid.txt"
+PTB_VALID = SHARED_DATA / "ptb.valid.txt"
 SPLITS = ("train", "validation", "test")
 
 

@@ -165,13 +165,16 @@ def test_resume_with_another_model_setting_names_the_field(run_a, tmp_path, tiny
 
 @pytest.mark.parametrize("steps", ["0", "-2"])
 def test_max_steps_zero_is_refused(tmp_path, tiny_encoder_path, train_data, steps):
-    with pytest.raises(ValueError, match=rf"--max_steps {steps}: give a number of optimizer steps >= 1"):
+    with pytest.raises(ValueError, match=rf"--max_steps {steps}: must be a whole number >= 1"):
         main(train_args(tmp_path, tiny_encoder_path, train_data, "--max_steps", steps))
     assert not (tmp_path / "final").exists()
 
 
 def test_max_length_beyond_the_decoder_positions_is_refused(tmp_path, tiny_encoder_path, train_data):
-    with pytest.raises(ValueError, match=r"--max_length 200 does not fit the decoder's 128 positions.*<= 127"):
+    with pytest.raises(
+        ValueError,
+        match=r"--max_length 200: must be a whole number in \[2, \d+\] \(the encoder takes \d+ tokens, the decoder 128 positions",
+    ):
         main(train_args(tmp_path, tiny_encoder_path, train_data, "--max_steps", "1") + ["--max_length", "200"])
 
 
@@ -423,6 +426,7 @@ def test_batch_sizes_that_differ_name_both_inputs(small):
 
 
 def test_an_all_zero_attention_row_warns_once(small, caplog):
+    logging.Logger.warning_once.cache_clear()  # transformers' warning_once is process-wide: an earlier test may have
     batch = tester.prepare_inputs()
     batch["attention_mask"][1] = 0
     with caplog.at_level(logging.WARNING):
@@ -849,8 +853,10 @@ def test_a_new_model_is_validated_before_anything_is_allocated(tmp_path, tiny_en
 
     monkeypatch.setattr(GPT2LMHeadModel, "_from_config", never)
     data = corpus_file(tmp_path, lines=16)
-    with pytest.raises(ValueError, match=r"decoder\.n_embd=0 must be an integer in \[1, 65536\]"):
+    with pytest.raises(ValueError, match=r"--decoder_width 0: must be a whole number in \[1, 65536\]"):
         main(train_args(tmp_path / "run", tiny_encoder_path, data, "--max_steps", "1", "--decoder_width", "0"))
+    with pytest.raises(ValueError, match=r"decoder\.n_embd=0 must be an integer in \[1, 65536\]"):
+        scalevae.build_model(tiny_encoder_path, decoder_config_overrides=dict(n_embd=0))
     with pytest.raises(ValueError, match=r"latent_size=100000000 must be an integer in \[1, 65536\]"):
         tester.build(tiny_encoder_path, latent_size=10**8)
 
@@ -1004,17 +1010,15 @@ def test_options_that_do_nothing_in_the_mode_warn_once(caplog, monkeypatch):
 
 
 def test_a_run_specs_sections_are_validated_together():
+    """RunSpec.parse checks every section's given options against `COMMAND_OPTIONS[command]` at parse time."""
     from scalevae.options import merged_options
     from scalevae.recipe import RunSpec
 
     argv = ["--output_dir", "x", "--kl_n_cycle", "3", "--train_minutes", "0", "--max_steps", "-1"]
-    spec, given, _ = RunSpec.parse(argv)
-    options = merged_options(spec.model, spec.data, spec.run, spec.training)
     with pytest.raises(OptionError, match=r"^train: --max_steps -1: must be a whole number >= 1"):
-        validate_options(options, given, "train", specs=COMMAND_OPTIONS["train"])
-    spec, given, _ = RunSpec.parse(argv[:-2])  # max_steps left at TrainingArguments' -1: a default is not checked
-    with pytest.raises(OptionError, match=r"^train: --train_minutes 0.0: must be a number > 0"):
-        validate_options(merged_options(spec.run, spec.training), given, "train", specs=COMMAND_OPTIONS["train"])
+        RunSpec.parse(argv)
+    with pytest.raises(OptionError, match=r"^quickstart: --train_minutes 0.0: must be a number > 0"):
+        RunSpec.parse(argv[:-2], command="quickstart")  # max_steps left at TrainingArguments' -1: not checked
     spec, given, _ = RunSpec.parse(argv[:4])
     options = merged_options(spec.model, spec.data, spec.run, spec.training)
     (warning,) = validate_options(options, given, "train", specs=COMMAND_OPTIONS["train"])
@@ -1263,12 +1267,6 @@ def test_choose_des_std_chooses_none_where_the_rule_cannot_hold():
     assert choose_des_std(no_vae, []) == (None, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare.choose_des_std bug: a run whose IW-NLL is NaN (diverged) wins `lowest` (min() with a NaN key keeps "
-    "the first element), and a NaN MI wins `best` likewise. Fix: keep only runs with a finite nll_fitted as candidates "
-    "(None, None if none), and rank MI with NaN as -inf. Remove this xfail with the fix.",
-)
 def test_choose_des_std_ignores_a_diverged_run():
     table = des_std_table(vae=100.0, scale_0_5=(float("nan"), 5.0), scale_1_0=(100.2, 1.0))
     assert choose_des_std(table, ["scale_0.5", "scale_1.0"]) == ("scale_1.0", "scale_1.0")
@@ -1306,3 +1304,11 @@ def test_a_data_skip_fails_when_the_data_folder_exists(tmp_path):
     )
     assert result.returncode == 1, result.stdout
     assert "1 failed, 1 skipped" in result.stdout and "so this data-dependent test must run" in result.stdout
+
+
+def test_encoder_inputs_longer_than_its_positions_are_refused_by_name():
+    model = tester.get_model(collapse_strategy="vae").eval()
+    positions = model.config.encoder.max_position_embeddings
+    ids = torch.ones(1, positions + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"input_ids of length \d+ need more positions than the encoder has"):
+        model.encode(ids)
