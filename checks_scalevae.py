@@ -72,10 +72,24 @@ def check_encoder_inputs(
             )
 
 
+def cached_length(cache) -> int | None:
+    """How many positions the decoder's cache holds, read without a host sync where that is possible: None for a
+    filled static cache while torch.compile traces (its length lives on the device; `generate` compiles only the steps
+    after the first, and checks the whole length before it)."""
+    if cache is None or not cache.is_initialized:
+        return 0
+    length = cache.get_seq_length()
+    if isinstance(length, torch.Tensor):  # a StaticCache counts on the device
+        return None if torch.compiler.is_compiling() else int(length)
+    return length
+
+
 def check_decoder_inputs(
     config, decoder_input_ids: torch.Tensor, cache, memory_slot: bool, training: bool = False
 ) -> None:
-    past = cache.get_seq_length() if cache is not None else 0
+    past = cached_length(cache)
+    if past is None:
+        return
     if past == 0:  # later steps of generate() decode the model's own tokens
         check_token_ids(
             "decoder_input_ids", decoder_input_ids, config.decoder.vocab_size, "decoder", training=training

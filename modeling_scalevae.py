@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput, logging
 try:  # a saved folder loaded with trust_remote_code: transformers only allows relative imports between its files
     from .checks_scalevae import (
         as_model_latents,
+        cached_length,
         check_decoder_inputs,
         check_encoder_inputs,
         check_forward_inputs,
@@ -45,6 +46,7 @@ try:  # a saved folder loaded with trust_remote_code: transformers only allows r
 except ImportError:  # the same files installed as top-level modules
     from checks_scalevae import (
         as_model_latents,
+        cached_length,
         check_decoder_inputs,
         check_encoder_inputs,
         check_forward_inputs,
@@ -297,7 +299,9 @@ class ScaleStrategy(CollapseStrategy):
 
     The schedule state is saved as buffers (a resumed run continues where it stopped) and mirrored in Python ints, so
     that the training step branches on it without reading a tensor back from the device. The mirrors are re-read from
-    the buffers whenever those are replaced (`from_pretrained`, `.to()`, `to_empty()`), once, on their next use.
+    the buffers whenever those are replaced (`from_pretrained`, `.to()`, `to_empty()`), once, on their next eager use.
+    The step itself reads only `_frozen`, which changes once in a run: a counter read there would make `torch.compile`
+    recompile the step at every new value.
     """
 
     def __init__(self, config: ScaleVAEConfig):
@@ -314,7 +318,7 @@ class ScaleStrategy(CollapseStrategy):
         self.register_buffer("epochs", torch.tensor(0, dtype=torch.long))
         self.register_buffer("epoch_factor_sum", torch.zeros(config.latent_size, dtype=torch.float64))
         self.register_buffer("epoch_batches", torch.tensor(0, dtype=torch.long))
-        self._steps, self._frozen, self._epochs, self._epoch_batches = 0, False, 0, 0
+        self._steps, self._frozen, self._epochs = 0, False, 0
         self._mirrored = None  # the buffers the mirrors were read from; None: read them at the next use
 
     def _schedule_buffers(self) -> tuple[torch.Tensor, ...]:
@@ -326,9 +330,14 @@ class ScaleStrategy(CollapseStrategy):
         `to_empty()`. In-place updates keep the tensors, so a training step reads nothing back."""
         buffers = self._schedule_buffers()
         if self._mirrored is None or any(a is not b for a, b in zip(buffers, self._mirrored)):
-            self._steps, self._frozen = int(self.steps), bool(self.frozen)
-            self._epochs, self._epoch_batches = int(self.epochs), int(self.epoch_batches)
+            self._steps, self._frozen, self._epochs = int(self.steps), bool(self.frozen), int(self.epochs)
             self._mirrored = buffers
+
+    def train(self, mode: bool = True):
+        # Read the mirrors here, eagerly: a compiled step cannot (a host read breaks its graph), so it relies on this.
+        if not self.steps.is_meta:
+            self._sync_mirrors()
+        return super().train(mode)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -352,7 +361,8 @@ class ScaleStrategy(CollapseStrategy):
     def scale_factors_for(self, mu: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.scale_factors
-        self._sync_mirrors()
+        if not torch.compiler.is_compiling():  # a compiled step relies on train() having read them
+            self._sync_mirrors()
         if self._frozen:
             return self.scale_factors
         factors = self.batch_factors(mu.detach())
@@ -364,12 +374,11 @@ class ScaleStrategy(CollapseStrategy):
             )
             return self.scale_factors
         with torch.no_grad():
-            if self._steps or self._epochs or self._epoch_batches:
-                self.scale_factors.lerp_(factors, self.momentum)
-            else:  # the first batch of the run starts the estimate
-                self.scale_factors.copy_(factors)
+            # The first batch of the run starts the estimate (a weight of 1 copies it exactly). Decided on the device:
+            # a Python counter read here would make torch.compile recompile the step at each new value.
+            started = (self.steps + self.epochs + self.epoch_batches) > 0
+            self.scale_factors.lerp_(factors, torch.where(started, self.momentum, 1.0).to(factors.dtype))
             self.epoch_factor_sum.add_(factors.double())
-            self._epoch_batches += 1
             self.epoch_batches.add_(1)
         return factors
 
@@ -390,17 +399,13 @@ class ScaleStrategy(CollapseStrategy):
         self._sync_mirrors()
         self._epochs += 1
         self.epochs.add_(1)
-        if (
-            self.schedule == "epoch"
-            and not self._frozen
-            and self._epochs >= self.freeze_epochs
-            and self._epoch_batches
-        ):
-            self.scale_factors.copy_((self.epoch_factor_sum / self._epoch_batches).to(self.scale_factors.dtype))
-            self._frozen = True
-            self.frozen.fill_(True)
+        if self.schedule == "epoch" and not self._frozen and self._epochs >= self.freeze_epochs:
+            batches = int(self.epoch_batches)  # once per epoch, outside the step: a host read is fine here
+            if batches:
+                self.scale_factors.copy_((self.epoch_factor_sum / batches).to(self.scale_factors.dtype))
+                self._frozen = True
+                self.frozen.fill_(True)
         self.epoch_factor_sum.zero_()
-        self._epoch_batches = 0
         self.epoch_batches.zero_()
 
 
@@ -1087,7 +1092,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         )
         # The value check reads a tensor back to the host: once per call (not per generated token), never in a
         # training step or under torch.compile.
-        first_call = cache is None or cache.get_seq_length() == 0
+        first_call = cached_length(cache) == 0
         check_values = first_call and not self.training and not torch.compiler.is_compiling()
         check_latents(latents, decoder_input_ids.shape[0], self.config.latent_size, check_values)
         embeds = self.decoder.transformer.wte(decoder_input_ids)
@@ -1099,7 +1104,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             else:
                 if cache is None:
                     cache = DynamicCache(config=self.config.decoder)
-                if cache.get_seq_length() == 0:
+                if first_call:
                     self.injection.fill_memory(latents.to(embeds.dtype), cache)
             if decoder_attention_mask is not None:
                 decoder_attention_mask = torch.cat(
@@ -1297,6 +1302,12 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         """GenerationMixin's (the generated ids as `decoder_input_ids`, every other keyword argument passed through to
         `forward`), less `encoder_outputs`: `latents` carry all the decoder takes from the encoder side."""
         return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        """`generate(..., cache_implementation="static")`: the static cache `GenerationMixin` sizes for the text, plus
+        the latent's memory slot, which takes the first position."""
+        slot = int(self.injection.to_memory is not None)
+        return super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len + slot, *args, **kwargs)
 
 
 def shift_labels_right(
