@@ -1309,6 +1309,11 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         slot = int(self.injection.to_memory is not None)
         return super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len + slot, *args, **kwargs)
 
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """The decoder's 2D mask as it is: `GenerationMixin` would expand it to 4D for a static cache before the
+        latent's slot is in the cache, one position off; `decode` adds the slot to the 2D mask and GPT-2 expands it."""
+        return attention_mask
+
 
 def shift_labels_right(
     labels: torch.LongTensor, bos_token_id: int, pad_token_id: int

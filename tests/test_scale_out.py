@@ -59,6 +59,23 @@ def test_compiled_training_step_matches_eager_without_recompiling():
     assert compiled_graphs() <= 2
 
 
+def test_compiled_step_of_a_loaded_frozen_model_keeps_its_factors(tmp_path):
+    """The step reads the schedule's Python mirrors, which loading leaves stale; `train()` re-reads them eagerly, so a
+    compiled step (which cannot read a buffer without breaking its graph) sees a loaded model's frozen factors."""
+    from modeling_scalevae import ScaleVAEForLatentLM
+
+    model = tester.get_model(dropout=0.0, scale_freeze_steps=1)
+    tester.train_steps(model, steps=1)
+    model.collapse.end_step()
+    assert model.collapse._frozen
+    model.save_pretrained(tmp_path)
+    loaded = ScaleVAEForLatentLM.from_pretrained(tmp_path).train()
+    saved, batches = loaded.collapse.scale_factors.clone(), loaded.collapse.epoch_batches.item()
+    torch._dynamo.reset()
+    torch.compile(loaded, fullgraph=True)(**tester.prepare_inputs(batch_size=8, seed=5)).loss.backward()
+    assert torch.equal(loaded.collapse.scale_factors, saved) and loaded.collapse.epoch_batches.item() == batches
+
+
 def test_trainer_torch_compile_matches_eager(tmp_path, tiny_encoder_path):
     """`TrainingArguments(torch_compile=True)` through `make_trainer` (callbacks, prior fit) trains to the eager losses,
     scale factors and fitted prior, with one compiled graph for the whole run. Fixed-length batches
