@@ -242,6 +242,35 @@ class FreeBitsStrategy(CollapseStrategy):
         return (kl_per_dim * (kl_per_dim > self.threshold).to(kl_per_dim.dtype)).sum(-1)
 
 
+def data_parallel_world() -> int:
+    """How many processes train together (DDP, FSDP, DeepSpeed); 1 outside torch.distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient: each process's rows then receive the gradient of every
+    process's loss through the global statistic, as in SyncBatchNorm."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def global_batch_mean(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over the rows of every process's `values`, global row count) under data parallelism: the sums and counts
+    are all-reduced, with gradients flowing back through the reduction to each process's rows."""
+    sums = _SumOverProcesses.apply(torch.cat([values.sum(0), values.new_full((1,), values.shape[0])]))
+    return sums[:-1] / sums[-1], sums[-1]
+
+
 class BNStrategy(CollapseStrategy):
     """BN-VAE (Zhu et al. 2020): mu is batch-normalised with a fixed scale γ and a learned shift β, so the batch mean
     of mu_d² is at least γ² and the expected KL at least latent_size · γ² / 2.
@@ -255,6 +284,9 @@ class BNStrategy(CollapseStrategy):
     - Evaluation uses population statistics. Running averages with momentum lag a scale that moves during training;
       `calibrate` (called by `ScaleVAEForLatentLM.fit_prior` after training) replaces them with the exact mean and
       variance over a dataset, as "precise BN" does.
+
+    Under data parallelism the statistics are the global batch's (as SyncBatchNorm's), so every process normalises
+    alike, keeps the same running statistics, and trains as one process would on the whole batch.
     """
 
     variance_floor = 1e-20
@@ -270,14 +302,19 @@ class BNStrategy(CollapseStrategy):
     def normalize_mean(self, mu: torch.Tensor) -> torch.Tensor:
         mu = mu.float()
         if self.training:
-            if mu.shape[0] == 1:
+            world = data_parallel_world()
+            if mu.shape[0] * world == 1:
                 raise ValueError(
                     "collapse_strategy='bn' cannot train on a batch of one: batch-norm needs two examples."
                 )
-            mean, var = mu.mean(0), mu.var(0, unbiased=False)
+            if world == 1:
+                mean, var, count = mu.mean(0), mu.var(0, unbiased=False), mu.shape[0]
+            else:
+                mean, count = global_batch_mean(mu)
+                var, _ = global_batch_mean((mu - mean).pow(2))
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach(), self.momentum)
-                unbiased = var.detach() * mu.shape[0] / (mu.shape[0] - 1)
+                unbiased = var.detach() * count / (count - 1)
                 self.running_var.lerp_(unbiased, self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
@@ -477,8 +514,16 @@ class FittedPrior(nn.Module):
 
     @torch.no_grad()
     def update(self, decoder_mu: torch.Tensor, logvar: torch.Tensor) -> None:
-        mean = decoder_mu.float().mean(0)
-        second_moment = (decoder_mu.float().pow(2) + logvar.float().exp()).mean(0)
+        """One step of the running estimate, from the batch's moments (the global batch's under data parallelism, so
+        that every process keeps the same estimate)."""
+        if data_parallel_world() == 1:
+            mean = decoder_mu.float().mean(0)
+            second_moment = (decoder_mu.float().pow(2) + logvar.float().exp()).mean(0)
+        else:
+            moments, _ = global_batch_mean(
+                torch.cat([decoder_mu.float(), decoder_mu.float().pow(2) + logvar.float().exp()], 1)
+            )
+            mean, second_moment = moments.chunk(2)
         running_second_moment = self.scale.pow(2) + self.loc.pow(2)
         self.loc.lerp_(mean, self.momentum)
         second = running_second_moment.lerp_(second_moment, self.momentum)

@@ -5,6 +5,12 @@ The compiled runs use inductor's `fallback_random`, so compiled and eager code d
 posterior's noise): the losses are then equal to float rounding, not merely close in distribution.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch._dynamo
@@ -144,3 +150,126 @@ def test_compiled_static_cache_generation_matches_eager():
         )
         assert torch.equal(compiled, eager)
     assert hasattr(model, "_compiled_call")  # the compiled path ran (not a silent eager fallback)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several processes (gloo, on this machine's CPU): tests/scale_out_run.py trains a tiny model for 3 steps on each
+# launcher; the records of N processes must match each other exactly and one process within float rounding.
+# ---------------------------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "tests" / "scale_out_run.py"
+# What the processes must agree on with one process, per strategy. BN-VAE's running mean is left out: the bias of mu
+# cancels in the normalisation, so its gradient is rounding noise, which AdamW scales up to steps of the learning rate
+# (the 1- and 2-process runs move it differently; the loss does not depend on it).
+COMPARED = {"scale": ("scale_factors", "prior_loc", "prior_scale"), "bn": ("running_var", "prior_loc", "prior_scale")}
+
+
+def launch(output: Path, encoder: str, processes: int, *options: str, config_file: Path | None = None) -> list[dict]:
+    """Run the runner on `processes` processes (plain Python for one, torchrun, or `accelerate launch --config_file`);
+    returns each rank's record."""
+    runner = [str(RUNNER), str(output), "--encoder", encoder, *options]
+    if config_file is not None:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *runner]
+    elif processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *runner]
+    else:
+        command = [sys.executable, *runner]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+def assert_matches_one_process(ranks: list[dict], single: dict, strategy: str) -> None:
+    assert len(ranks) == 2 and ranks[0]["processes"] == 2 and single["processes"] == 1
+    # Every rank holds the same statistics, bit for bit: during training (running estimates) and after the prior fit.
+    for key in ("losses", "running", "final"):
+        assert ranks[1][key] == ranks[0][key], key
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    for name in COMPARED[strategy]:
+        assert ranks[0]["final"][name] == pytest.approx(single["final"][name], rel=1e-4, abs=1e-7), name
+
+
+def assert_saved_exactly(output: Path) -> None:
+    """The saved folder loads back to the very tensors the run gathered (the tied output embedding is saved once)."""
+    from modeling_scalevae import ScaleVAEForLatentLM
+
+    state = torch.load(output / "state.pt")
+    loaded = ScaleVAEForLatentLM.from_pretrained(output / "final").state_dict()
+    compared = [name for name in state if name in loaded]
+    assert len(compared) >= len(loaded) - 1
+    for name in compared:
+        assert torch.equal(loaded[name], state[name].to(loaded[name].dtype)), name
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_encoder_path):
+    """The one-process reference runs, each made once: (loop, strategy) -> record."""
+    records = {}
+
+    def get(loop: str, strategy: str = "scale") -> dict:
+        if (loop, strategy) not in records:
+            output = tmp_path_factory.mktemp(f"one-{loop}-{strategy}")
+            options = ("--loop", loop, "--strategy", strategy, "--batch_size", "8")
+            records[loop, strategy] = launch(output, tiny_encoder_path, 1, *options)[0]
+        return records[loop, strategy]
+
+    return get
+
+
+@pytest.mark.parametrize("strategy", ["scale", "bn"])
+def test_fsdp2_on_two_processes_matches_one_process(strategy, tmp_path, tiny_encoder_path, one_process):
+    """FSDP2 (`fully_shard` of every encoder and decoder block and of the model) over 2 gloo processes: the losses of
+    one process with the same global batch; scale factors, BN-VAE's statistics (global-batch ones, as SyncBatchNorm)
+    and the running fitted prior identical on both ranks at every step's end; the prior fit (with the root's
+    parameters gathered) and the gathered full state dict saved and loaded bit-exactly."""
+    options = ("--loop", "fsdp2", "--strategy", strategy, "--batch_size", "4")
+    ranks = launch(tmp_path, tiny_encoder_path, 2, *options)
+    assert_matches_one_process(ranks, one_process("fsdp2", strategy), strategy)
+    assert_saved_exactly(tmp_path)
+
+
+def test_trainer_on_two_processes_matches_one_process(tmp_path, tiny_encoder_path, one_process):
+    """`make_trainer` under torchrun with 2 gloo processes, asked for FSDP (`fsdp=True`): on a CPU, Accelerate sets up
+    FSDP only for GPU-type devices (accelerate/state.py), so the Trainer trains with DDP, which is what this checks: the
+    one-process losses and statistics, identical on both ranks, and the saved folder."""
+    ranks = launch(tmp_path, tiny_encoder_path, 2, "--batch_size", "4", "--fsdp")
+    assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"  # not FSDP: see the docstring
+    assert_matches_one_process(ranks, one_process("trainer"), "scale")
+    assert_saved_exactly(tmp_path)
+
+
+def test_accelerate_with_the_fsdp_config_matches_one_process(tmp_path, tiny_encoder_path, one_process):
+    """`accelerate launch --config_file examples/fsdp_accelerate.yaml` on 2 CPU processes: a plain Accelerate loop (the
+    runner's, in the one-process run's batch order) matches one process. As for the Trainer, Accelerate turns the FSDP
+    config into DDP on a CPU."""
+    config = REPO / "examples" / "fsdp_accelerate.yaml"
+    ranks = launch(tmp_path, tiny_encoder_path, 2, "--loop", "accelerate", "--batch_size", "4", config_file=config)
+    assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert_matches_one_process(ranks, one_process("fsdp2"), "scale")  # the same loop, sequential batches
+    assert_saved_exactly(tmp_path)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_through_the_trainer_matches_one_process(stage, tmp_path, tiny_encoder_path, one_process):
+    """DeepSpeed ZeRO stage 1 or 2 through `make_trainer` on 2 CPU processes (DeepSpeed's CPU accelerator, gloo):
+    one process's losses and statistics, and a saved folder that loads bit-exactly."""
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
+    }
+    (tmp_path / "ds_config.json").write_text(json.dumps(config))
+    ranks = launch(
+        tmp_path, tiny_encoder_path, 2, "--batch_size", "4", "--deepspeed", str(tmp_path / "ds_config.json")
+    )
+    assert ranks[0]["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert_matches_one_process(ranks, one_process("trainer"), "scale")
+    assert_saved_exactly(tmp_path)
