@@ -1077,6 +1077,15 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             inputs.append((ids, torch.ones_like(ids) if mask is None else mask.to(self.device)))
         if not inputs:
             raise ValueError("fit_prior got no batches.")
+        # Under FSDP2 the model's own parameters (embeddings, latent head) stay sharded outside its forward, and this
+        # calls its parts directly: gather them first (the sharded blocks gather theirs in their own forward).
+        sharded = False
+        if dist.is_available():
+            from torch.distributed.fsdp import FSDPModule
+
+            sharded = isinstance(self, FSDPModule)
+        if sharded:
+            self.unshard()
         was_training = self.training
         self.eval()
         try:
@@ -1093,6 +1102,8 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             )
         finally:
             self.train(was_training)
+            if sharded:
+                self.reshard()
 
     # -- the decoder --------------------------------------------------------------------------------------------------
 

@@ -176,11 +176,7 @@ def fsdp2_run(args, model, data, collator) -> dict:
         return record
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    # The prior fit runs the encoder outside the model's forward: the root's own parameters (embeddings, latent head)
-    # are gathered by hand; the blocks gather theirs in their own forward.
-    model.unshard()
-    model.fit_prior(prior_batches(data, collator))
-    model.reshard()
+    model.fit_prior(prior_batches(data, collator))  # every rank fits on the same sentences
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(state, args.output / "state.pt")  # first: save_pretrained empties the dict it is given

@@ -222,8 +222,8 @@ def one_process(tmp_path_factory, tiny_encoder_path):
 def test_fsdp2_on_two_processes_matches_one_process(strategy, tmp_path, tiny_encoder_path, one_process):
     """FSDP2 (`fully_shard` of every encoder and decoder block and of the model) over 2 gloo processes: the losses of
     one process with the same global batch; scale factors, BN-VAE's statistics (global-batch ones, as SyncBatchNorm)
-    and the running fitted prior identical on both ranks at every step's end; the prior fit (with the root's
-    parameters gathered) and the gathered full state dict saved and loaded bit-exactly."""
+    and the running fitted prior identical on both ranks at the end of training; `fit_prior` on the sharded model
+    (which gathers the root's own parameters); the gathered full state dict saved and loaded bit-exactly."""
     options = ("--loop", "fsdp2", "--strategy", strategy, "--batch_size", "4")
     ranks = launch(tmp_path, tiny_encoder_path, 2, *options)
     assert_matches_one_process(ranks, one_process("fsdp2", strategy), strategy)
