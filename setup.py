@@ -54,6 +54,9 @@ setup(
     ],
     # scikit-learn serves the linear probes (`linear_probe_accuracy`, `scalevae.claims`) and the control measurement's
     # text classifier (`scalevae.control`).
-    extras_require={"probe": ["scikit-learn>=1.5"], "test": ["pytest>=8", "scikit-learn>=1.5", "ruff==0.16.9", "deepspeed>=0.15"]},
+    extras_require={
+        "probe": ["scikit-learn>=1.5"],
+        "test": ["pytest>=8", "scikit-learn>=1.5", "ruff==0.16.9", "deepspeed>=0.15"],
+    },
     entry_points={"console_scripts": ["scalevae=scalevae.cli:main"]},
 )
