@@ -18,7 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .metrics import metric_info
-from .recipe import RunSpec, prepare_data, quiet, reference_language_model, run, text_classifier
+from .recipe import (
+    SMALL_RUN_DEFAULTS,
+    RunSpec,
+    prepare_data,
+    quiet,
+    reference_language_model,
+    run,
+    text_classifier,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -58,13 +66,7 @@ _GPU = dict(
     eval_sentences=3000,
 )
 _COMMON = dict(
-    per_device_train_batch_size=32,
-    learning_rate=5e-4,
-    lr_scheduler_type="constant_with_warmup",
-    weight_decay=0.0,
-    max_length=32,
-    latent_size=32,
-    decoder_vocab_size=4096,
+    SMALL_RUN_DEFAULTS,
     prior="fitted",
     freeze_encoder="True",
     eval_sentences=500,

@@ -17,7 +17,7 @@ import torch
 from .latent import LatentText
 from .metrics import METRICS
 from .plots import plot_latent_map, plot_training_curves
-from .recipe import RunSpec, describe_device, posterior_means, run
+from .recipe import SMALL_RUN_DEFAULTS, RunSpec, describe_device, posterior_means, run
 
 # The console table's rows; their labels and formats come from `scalevae.metrics.METRICS`.
 TABLE_ROWS = (
@@ -47,21 +47,15 @@ NUCLEUS = dict(do_sample=True, top_p=0.9, no_repeat_ngram_size=3)
 
 # The main job's preset: option -> default (every other option keeps the recipe's default).
 QUICKSTART = dict(
+    SMALL_RUN_DEFAULTS,
     output_dir="outputs/quickstart",
     train_minutes=7.0,
-    per_device_train_batch_size=32,
-    max_length=32,
-    latent_size=32,
-    learning_rate=5e-4,
-    lr_scheduler_type="constant_with_warmup",
     warmup_steps=50,
-    weight_decay=0.0,
     logging_steps=25,
     seed=0,
     num_importance_samples=10,
     eval_sentences=200,
     freeze_encoder="True",
-    decoder_vocab_size=4096,
     scale_target_std=1.0,
     # The prior that samples come from is refitted when training ends; 1,024 sentences pin its 32 means and variances
     # down to a few percent in a quarter of the default's time on a CPU.

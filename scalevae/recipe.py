@@ -237,6 +237,19 @@ class RunSpec:
         return cls(training=training, config=config, model=model, data=data, run=run), given, tuple(extras)
 
 
+# What the project's own runs share (the quickstart and the comparison presets): a small model on a BPE fitted to the
+# training text, batch 32, AdamW without weight decay at a constant 5e-4 after a warm-up.
+SMALL_RUN_DEFAULTS = dict(
+    per_device_train_batch_size=32,
+    learning_rate=5e-4,
+    lr_scheduler_type="constant_with_warmup",
+    weight_decay=0.0,
+    max_length=32,
+    latent_size=32,
+    decoder_vocab_size=4096,
+)
+
+
 # Config fields that are not hyperparameters a user sets on the command line.
 _NOT_OPTIONS = ("encoder", "decoder", "scalevae_format_version", "scalevae_version")
 
