@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from scalevae.hub import save_model
 from scalevae.recipe import RunSpec, build_or_load, prepare_data, quiet
-from scalevae.training import KLSchedule, latent_statistics
+from scalevae.training import KLSchedule, latent_statistics, prior_fit_batches
 
 # The example's preset of the run recipe's options (`scalevae train --help` lists them all).
 PRESET = dict(
@@ -85,8 +85,9 @@ def main(argv=None):
             progress.update()
             if step % args.logging_steps == 0 or step == args.max_steps:
                 record = {"step": step, "loss": accelerator.gather(out.loss.detach()).mean().item()}
+                # Every rank runs the probe: under FSDP its forward gathers the sharded weights, a collective.
+                record |= latent_statistics(unwrapped, probe)
                 if accelerator.is_main_process:
-                    record |= latent_statistics(unwrapped, probe)
                     progress.write(json.dumps({k: round(v, 4) for k, v in record.items()}))
                     history.append(record)
             if step >= args.max_steps:
@@ -94,7 +95,11 @@ def main(argv=None):
         unwrapped.collapse.end_epoch()
     progress.close()
 
+    # As the Trainer path does when training ends: fit BN-VAE's statistics and the prior on a training sample. Every
+    # rank fits on the same sentences, so every rank holds the same prior (and under FSDP the forward is collective).
+    unwrapped.fit_prior(prior_fit_batches(train, data.collator, spec.run.prior_fit_sentences))
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # every rank: under FSDP it gathers the shards (a collective)
     if accelerator.is_main_process:
         output = spec.output_dir
         recipe = dict(
@@ -104,7 +109,14 @@ def main(argv=None):
             batch_size_per_process=args.per_device_train_batch_size,
             command=" ".join(["examples/train_accelerate.py", *(sys.argv[1:] if argv is None else argv)]),
         )
-        save_model(output / "final", unwrapped, data.encoder_tokenizer, data.decoder_tokenizer, training=recipe)
+        save_model(
+            output / "final",
+            unwrapped,
+            data.encoder_tokenizer,
+            data.decoder_tokenizer,
+            training=recipe,
+            state_dict=state_dict,
+        )
         (output / "history.json").write_text(json.dumps(history, indent=2))
         accelerator.print(f"saved {output / 'final'}")
 

@@ -239,6 +239,7 @@ def save_model(
     decoder_tokenizer,
     metrics: dict | None = None,
     training: dict | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save a complete, Hub-ready folder, atomically: config.json (with `auto_map` and the scalevae version), the two
     model code files, model.safetensors (scale factors included), generation_config.json, the encoder's tokenizer at
@@ -248,14 +249,17 @@ def save_model(
     an interruption leaves the previous folder as it was. An existing `folder` that is not a saved ScaleVAE model (and
     not empty) is refused rather than replaced. One writer at a time (`writer_lock`): a second `save_model` of the
     same folder, or a save into a training run's folder, raises `FolderInUseError`. A full disk raises an OSError
-    (ENOSPC) that says so and names the folder; the partial save is removed.
+    (ENOSPC) that says so and names the folder; the partial save is removed. `state_dict`, as in `save_pretrained`:
+    the weights to write instead of the model's own (e.g. `accelerator.get_state_dict(model)` gathered under FSDP).
     """
     folder = Path(folder).absolute()
     with writer_lock(folder, "save"):
-        return _save_model_locked(folder, model, encoder_tokenizer, decoder_tokenizer, metrics, training)
+        return _save_model_locked(folder, model, encoder_tokenizer, decoder_tokenizer, metrics, training, state_dict)
 
 
-def _save_model_locked(folder: Path, model, encoder_tokenizer, decoder_tokenizer, metrics, training) -> Path:
+def _save_model_locked(
+    folder: Path, model, encoder_tokenizer, decoder_tokenizer, metrics, training, state_dict=None
+) -> Path:
     recover_interrupted_save(folder)
     if folder.exists():
         if not folder.is_dir():
@@ -271,7 +275,7 @@ def _save_model_locked(folder: Path, model, encoder_tokenizer, decoder_tokenizer
     new = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     new.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would end up on the saved folder
     try:
-        model.save_pretrained(new)
+        model.save_pretrained(new, state_dict=state_dict)
         save_tokenizers(new, encoder_tokenizer, decoder_tokenizer)
         write_model_card(new, model, metrics, training, model_name=(training or {}).get("model_name") or folder.name)
         missing = missing_files(new)

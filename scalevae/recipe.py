@@ -37,10 +37,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from configuration_scalevae import PAPER_ALIASES, ScaleVAEConfig
+from configuration_scalevae import PAPER_ALIASES, PRIORS, ScaleVAEConfig
 
 from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-from .training import KL_SCHEDULES, KLSchedule, make_trainer
+from .training import KL_SCHEDULES, KLSchedule, make_trainer, prior_fit_batches
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The spec
@@ -148,7 +148,11 @@ class RunArguments:
     num_importance_samples: int = field(default=50, metadata={"help": "k of the importance-weighted NLL"})
     priors: list[str] = field(
         default_factory=lambda: ["fitted"],
-        metadata={"help": "generative priors the density is reported under (fitted, scaled)"},
+        metadata={
+            "help": "generative priors the density is reported under: fitted, scaled, and full or mixture (refitted "
+            "on the training sentences for the scoring when the model holds another family)",
+            "choices": PRIORS,
+        },
     )
     bleu_sentences: int = field(default=200, metadata={"help": "sentences whose greedy reconstruction BLEU scores"})
     prior_fit_sentences: int = field(
@@ -677,6 +681,18 @@ def train(spec: RunSpec, data: RunData, model, callbacks=(), desc: str = "train"
     return trainer, budget.elapsed
 
 
+def refitted_prior(model, family: str, data: RunData, spec: RunSpec, seed: int):
+    """A copy of `model` whose prior is `family` (`"full"`, `"mixture"`), fitted on the training sentences the model's
+    own prior was fitted on, so every remedy can be scored under every family of the same fit."""
+    import copy
+
+    other = copy.deepcopy(model)
+    other.set_prior(family)
+    batches = prior_fit_batches(data.dataset["train"], data.collator, spec.run.prior_fit_sentences)
+    other.fit_prior(batches, generator=torch.Generator().manual_seed(seed))
+    return other.eval()
+
+
 def evaluate(
     spec: RunSpec,
     data: RunData,
@@ -695,19 +711,29 @@ def evaluate(
 
     seed = spec.training.seed if seed is None else seed
     model.eval()
+    # Families the model does not hold: a copy refitted to each scores the same importance samples (an AE has no
+    # density to score).
+    others = [family for family in spec.run.priors if family in ("full", "mixture") and family != model.config.prior]
+    refitted = {f: refitted_prior(model, f, data, spec, seed) for f in others if model.collapse.stochastic}
     results = {}
     for split in spec.run.eval_splits:
         if split not in data.dataset:
             continue
         loader = data.loader(split)
-        metrics = evaluate_model(
-            model,
-            loader,
-            num_importance_samples=spec.run.num_importance_samples,
-            generator=torch.Generator().manual_seed(seed),
-            progress=progress,
-            priors=tuple(spec.run.priors),
-        )
+
+        def density(model, priors):
+            return evaluate_model(
+                model,
+                loader,
+                num_importance_samples=spec.run.num_importance_samples,
+                generator=torch.Generator().manual_seed(seed),
+                progress=progress,
+                priors=priors,
+            )
+
+        metrics = density(model, tuple(p for p in spec.run.priors if p not in others))
+        for family, other in refitted.items():
+            metrics |= {k: v for k, v in density(other, (family,)).items() if k.endswith(f"_{family}")}
         metrics["bleu"] = reconstruction_bleu_of(
             model,
             data.texts[split][: spec.run.bleu_sentences],

@@ -128,10 +128,15 @@ class FitPriorCallback(TrainerCallback):
         self.num_sentences, self.batch_size = num_sentences, batch_size
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        from torch.utils.data import DataLoader
+        _unwrap(model).fit_prior(prior_fit_batches(self.dataset, self.collator, self.num_sentences, self.batch_size))
 
-        sample = self.dataset.select(range(min(self.num_sentences, len(self.dataset))))
-        _unwrap(model).fit_prior(DataLoader(sample, batch_size=self.batch_size, collate_fn=self.collator))
+
+def prior_fit_batches(train_dataset, data_collator, num_sentences: int = 4000, batch_size: int = 128):
+    """The batches `fit_prior` fits on: the first `num_sentences` training sentences (the same on every process)."""
+    from torch.utils.data import DataLoader
+
+    sample = train_dataset.select(range(min(num_sentences, len(train_dataset))))
+    return DataLoader(sample, batch_size=batch_size, collate_fn=data_collator)
 
 
 class LatentMonitorCallback(TrainerCallback):

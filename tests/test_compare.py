@@ -43,6 +43,8 @@ def test_compare_writes_the_table_and_resumes_without_retraining(tmp_path):
     test = summary["runs"]["scale_0.5"]["test"]
     for key in ("nll_fitted", "nll_scaled", "elbo_fitted", "kl", "mi_decoder", "au_decoder", "shuffle_gap", "bleu"):
         assert test[key][0] is not None and math.isfinite(test[key][0]), key  # measured, not NaN
+    for key in ("nll_full", "nll_mixture"):  # each remedy also scored under the priors it was not fitted with
+        assert math.isfinite(summary["runs"]["vae"]["validation"][key][0]) and math.isfinite(test[key][0]), key
     assert math.isnan(summary["runs"]["ae"]["test"]["nll_fitted"][0])  # no density
     for key in ("consistency_prior_r2", "consistency_data_top1", "gen_forward_ppl", "gen_distinct_2", "gen_self_bleu"):
         assert math.isfinite(test[key][0]), key  # the claims, measured with the comparison's reference LM
