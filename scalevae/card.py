@@ -187,6 +187,8 @@ def _split_metrics(metrics: dict | None) -> tuple[dict, dict, dict]:
         name = key.lower()
         name = name[len("eval_") :] if name.startswith("eval_") else name
         name = _METRIC_ALIASES.get(name, name)
+        if isinstance(value, (dict, list, tuple)):  # examples and curves, not a figure of the card
+            continue
         if name in EVALUATION_SETTINGS or isinstance(value, bool) or not isinstance(value, (int, float)):
             settings[name if name in EVALUATION_SETTINGS else key] = value
         elif math.isnan(value):

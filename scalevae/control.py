@@ -214,7 +214,8 @@ def evaluate_control(
     num_train_sentences: int | None = 4000,
     batch_size: int = 64,
     generation_kwargs: dict | None = None,
-) -> dict[str, float]:
+    num_examples: int = 5,
+) -> dict:
     """Flip each test sentence's class through the latent and measure the result on the text.
 
     The direction (`LatentText.attribute_direction`, difference of class means) is fitted on training sentences,
@@ -229,7 +230,8 @@ def evaluate_control(
 
     Summary: `control_strength50`, the first strength (in increasing order) whose transfer accuracy reaches 50%, and
     `control_acc50`, `control_bleu50`, `control_ppl50` there (NaN when none does); `control_separation`, the class
-    gap over the within-class spread along the direction (training sentences).
+    gap over the within-class spread along the direction (training sentences). `control_examples`: strength ->
+    the first `num_examples` (source, edit, target class) triples, as measured (not chosen by hand).
     """
     labels = [str(label).strip() for label in labels]
     texts = list(texts)
@@ -266,11 +268,12 @@ def evaluate_control(
     with evaluating(latent_text.model):
         latents = latent_text.encode_in_batches(texts, batch_size)
     references = _references(latent_text, texts)
-    results = {"control_separation": direction.separation}
+    results, examples = {"control_separation": direction.separation}, {}
     for s in strengths:
         moved = latent_text.edit_latents(latents, direction, [s * sign for sign in signs])
         with evaluating(latent_text.model):
             edits = latent_text.decode_in_batches(moved, batch_size, **decoding)
+        examples[f"{s:g}"] = [list(triple) for triple in zip(texts, edits, targets)][:num_examples]
         predicted = classifier.predict(edits)
         results[_key("control_acc", s)] = sum(p == t for p, t in zip(predicted, targets)) / len(targets)
         results[_key("control_bleu", s)] = content_bleu(references, edits)
@@ -282,6 +285,7 @@ def evaluate_control(
     for name in ("acc", "bleu", "ppl"):
         if name != "ppl" or fluency is not None:
             results[f"control_{name}50"] = results[_key(f"control_{name}", at)] if at is not None else math.nan
+    results["control_examples"] = examples
     return results
 
 
@@ -293,27 +297,9 @@ def control_curve(results: dict[str, float], name: str = "control_acc") -> tuple
     return [s for s, _ in points], [v for _, v in points]
 
 
-def control_examples(
-    latent_text: LatentText,
-    texts: Sequence[str],
-    labels: Sequence,
-    direction: AttributeDirection,
-    strength: float,
-    k: int = 5,
-    generation_kwargs: dict | None = None,
-) -> list[tuple[str, str, str]]:
-    """The first `k` test sentences and their edits at `strength` towards the other class, as the measurement makes
-    them: (source, edited, target class) triples, not chosen by hand."""
-    texts, labels = list(texts)[:k], [str(label).strip() for label in labels][:k]
-    signs, targets = _flip(direction, labels)
-    edits = latent_text.edit(
-        texts, direction, [strength * sign for sign in signs], **{**EDIT_DECODING, **(generation_kwargs or {})}
-    )
-    return list(zip(texts, edits, targets))
-
-
-def format_examples(examples: Sequence[tuple[str, str, str]]) -> str:
-    """One line per example: `source -> edited`, with the target class (Markdown-safe for the docs' code blocks)."""
+def format_examples(examples: Sequence[Sequence[str]]) -> str:
+    """One line per (source, edited, target class) example (`evaluate_control`'s `control_examples`): `source ->
+    edited`, with the target class (Markdown-safe for the docs' code blocks)."""
     return "\n".join(f"[to {target}] {source} -> {edited}" for source, edited, target in examples)
 
 

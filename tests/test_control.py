@@ -19,7 +19,6 @@ from scalevae import LatentText
 from scalevae.control import (
     TextClassifier,
     control_curve,
-    control_examples,
     edit_command,
     evaluate_control,
     format_examples,
@@ -271,7 +270,13 @@ def test_evaluate_control_measures_transfer_content_and_fluency(trained, tmp_pat
     assert results["control_ppl50"] == results[f"control_ppl@{at}"]
     assert [len(edits) for edits in seen] == [40, 40, 40] and results["control_ppl@0.0"] == 11.0  # increasing strength
     assert seen[0] == texts[:40]
-    assert all(metric_info(key).description != "as reported by the evaluation" for key in results), results
+    figures = [key for key in results if key != "control_examples"]
+    assert all(metric_info(key).description != "as reported by the evaluation" for key in figures), results
+    # the first five test sentences and their edits at each strength, as measured: source, edit, the class it went to
+    targets = ["positive" if y == "negative" else "negative" for y in labels[:5]]
+    examples = results["control_examples"]
+    assert [(source, target) for source, _, target in examples["1"]] == list(zip(texts[:5], targets))
+    assert examples["1"][0][1] == flipped(texts[0]) and [edit for _, edit, _ in examples["0"]] == texts[:5]
     assert control_curve(results) == ([0.0, 0.25, 1.0], [results[f"control_acc@{s}"] for s in (0.0, 0.25, 1.0)])
     png = plot_control([results, results], tmp_path / "control.png", title="Scale-VAE")
     assert png.stat().st_size > 10_000
@@ -289,15 +294,15 @@ def test_evaluate_control_measures_transfer_content_and_fluency(trained, tmp_pat
     assert math.isnan(none["control_strength50"]) and math.isnan(none["control_acc50"]) and "control_ppl50" not in none
 
 
-def test_the_first_k_examples_print_as_source_and_edit(trained):
+def test_the_measured_examples_print_as_source_and_edit(trained):
     text, _ = trained
     texts, labels = corpus()
-    direction = text.attribute_direction(texts, labels)
-    examples = control_examples(text, texts, labels, direction, 1.0, k=3)
-    assert [source for source, _, _ in examples] == texts[:3]
-    assert [target for _, _, target in examples] == ["positive", "negative", "positive"]
-    lines = format_examples(examples).splitlines()
-    assert lines[0] == f"[to positive] {texts[0]} -> {flipped(texts[0])}"
+    results = evaluate_control(
+        text, texts, labels, TextClassifier.fit(texts, labels), strengths=(1.0,),
+        direction=text.attribute_direction(texts, labels), num_sentences=3, num_examples=2,
+    )  # fmt: skip
+    lines = format_examples(results["control_examples"]["1"]).splitlines()
+    assert len(lines) == 2 and lines[0] == f"[to positive] {texts[0]} -> {flipped(texts[0])}"
 
 
 def test_classifier_saves_without_pickle_and_loads_the_same(trained, tmp_path):

@@ -607,8 +607,11 @@ def test_card_reports_measured_figures_only(model):
     assert "not evaluated" not in card.split("## Evaluation")[1].split("## How to load")[0]
     metadata = card.split("---\n")[1]
     assert "model-index" in metadata and "value: 31.234" in metadata and "split: test" in metadata
-    partial = render_model_card(model, metrics={"nll": 30.0})
+    partial = render_model_card(
+        model, metrics={"nll": 30.0, "control_examples": {"1": [["a source sentence", "its edited twin", "1"]]}}
+    )
     assert "| 30.00 |" in table_row(partial, "NLL") and "| not evaluated |" in table_row(partial, "KL")
+    assert "control_examples" not in partial and "edited twin" not in partial  # examples are not a figure of the card
     with pytest.raises(ValueError, match="infinite"):
         render_model_card(model, metrics={"nll": float("inf")})
 
