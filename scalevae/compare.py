@@ -324,13 +324,50 @@ def run_comparison(argv: list[str]) -> dict:
     summary = summarize(results, options.preset, settings)
     (output / "results.json").write_text(_to_json(summary, indent=2))
     (output / "results.md").write_text(format_markdown(summary))
-    from .plots import plot_comparison, plot_control
+    from .plots import plot_comparison, plot_control, plot_control_tradeoff
 
     plot_comparison(results, summary, output)
-    for name in dict.fromkeys(r["run"] for r in results if "control_acc50" in r.get("test", {})):
-        runs = [r["test"] for r in results if r["run"] == name]
+    control = {}
+    for result in results:
+        if "control_acc50" in result.get("test", {}):
+            control.setdefault(result["run"], []).append(result["test"])
+    for name, runs in control.items():
         plot_control(runs, output / f"control_{name}.png", title=f"{summary['preset']}: {name}")
+    if control:
+        plot_control_tradeoff(control, output / "control_tradeoff.png", title=summary["preset"])
+        (output / "control_examples.md").write_text(format_control_examples(results))
     return summary
+
+
+def format_control_examples(results: list[dict]) -> str:
+    """The first test sentences of each remedy's first seed and their edits, as the measurement made them, at the
+    strength where its transfer first reached 50% (the largest strength when none did)."""
+    from .control import format_examples
+
+    lines = ["The first test sentences and their sentiment flipped through the latent, as measured (not chosen)."]
+    for result in results:
+        test = result["test"]
+        if result["seed"] != min(r["seed"] for r in results if r["run"] == result["run"]):
+            continue
+        examples = test.get("control_examples") or {}
+        if not examples:
+            continue
+        strength = test.get("control_strength50")
+        reached = strength is not None and math.isfinite(strength)
+        strength = f"{strength:g}" if reached else max(examples, key=float)
+        accuracy = test.get(f"control_acc@{float(strength)}")
+        lines += [
+            "",
+            f"**{result['run']}** (seed {result['seed']}), strength {strength}"
+            + ("" if reached else " (transfer never reached 50%)")
+            + (f", transfer accuracy {accuracy:.2f}" if accuracy is not None else "")
+            + ":",
+            "",
+            "```",
+            format_examples(examples[strength]),
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _to_json(value, **kwargs) -> str:

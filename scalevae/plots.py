@@ -107,6 +107,29 @@ def plot_control(results: dict | list[dict], path: str | Path, title: str = "") 
     return _save(fig, path)
 
 
+def plot_control_tradeoff(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+    """Transfer accuracy against BLEU to the source, one curve per remedy (`runs`: name -> its seeds' control
+    results), each point one strength (mean over seeds): the remedy whose curve lies higher transfers more at equal
+    content kept."""
+    from .control import control_curve
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, seeds in runs.items():
+        curves = [(control_curve(r, "control_bleu")[1], control_curve(r, "control_acc")[1]) for r in seeds]
+        bleu = torch.tensor([c[0] for c in curves], dtype=torch.float64).mean(0)
+        acc = torch.tensor([c[1] for c in curves], dtype=torch.float64).mean(0)
+        ax.plot(bleu, acc, marker="o", label=f"{name} ({len(seeds)} seeds)" if len(seeds) > 1 else name)
+    ax.axhline(0.5, color="grey", alpha=0.4, linestyle=":")
+    ax.set_xlabel(metric_info("control_bleu").label)
+    ax.set_ylabel(metric_info("control_acc").label)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title or 'attribute control'}: transfer against content kept, over strengths")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -109,3 +109,8 @@ def test_yelp_preset_measures_control_with_one_text_classifier(tmp_path):
     assert 0 <= test["control_acc@1.0"][0] <= 1
     assert (output / "text_classifier.npz").is_file() and (output / "control_scale_1.png").stat().st_size > 1000
     assert "**Control (flipping the sentiment through the latent)**" in (output / "results.md").read_text()
+    assert (output / "control_tradeoff.png").stat().st_size > 1000
+    # the first test sentences and their edits, as the run made them
+    first = shared_file("yelp_sentiment.test.txt").read_text().splitlines()[0].strip()
+    examples = (output / "control_examples.md").read_text()
+    assert "**scale_1** (seed 0), strength " in examples and f"] {first} -> " in examples
