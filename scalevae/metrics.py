@@ -578,13 +578,14 @@ def linear_probe_accuracy(features, labels, seed: int = 0, test_size: float = 0.
 def reconstruction_bleu(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus BLEU, 0-100, of `hypotheses` against one reference each: `sacrebleu.corpus_bleu` with its defaults
     (13a tokenisation, 4-grams, brevity penalty). sacrebleu is called directly: `evaluate.load("bleu")` fetches its
-    script from the Hub and fails offline."""
+    script from the Hub and fails offline. `force=True` only silences sacreBLEU's warning about tokenized input (PTB
+    and Yelp are tokenized, on both sides alike); it does not change the score."""
     import sacrebleu
 
     references, hypotheses = list(references), list(hypotheses)
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses.")
-    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    return float(sacrebleu.corpus_bleu(hypotheses, [references], force=True).score)
 
 
 def reconstruction_bleu_of(

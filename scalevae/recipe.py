@@ -408,7 +408,9 @@ def _labelled_dataset(files: dict[str, str], suffix: str) -> datasets.DatasetDic
 
 
 def new_encoder(spec: RunSpec, tokenizer, folder: Path) -> str:
-    """A randomly initialised BERT (seed 0) on `tokenizer`, saved once in `folder`: every run starts from it."""
+    """A randomly initialised BERT (seed 0) on `tokenizer`, saved once in `folder`: every run starts from it. Saved
+    whole, with the pooler every BERT checkpoint carries (the model drops it), so loading it reports no missing
+    weight."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -422,7 +424,7 @@ def new_encoder(spec: RunSpec, tokenizer, folder: Path) -> str:
         num_attention_heads=spec.model.new_encoder_heads,
         intermediate_size=4 * width,
     )
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
