@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .latent import AttributeDirection, LatentText, evaluating
+from .metrics import reconstruction_bleu
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The strengths of the curve, in units of the attribute's spread (1: the gap between the two class means). 0 is the
@@ -179,15 +180,6 @@ def _flip(direction: AttributeDirection, labels: list[str]) -> tuple[list[float]
     return signs, [direction.target if y == direction.source else direction.source for y in labels]
 
 
-def content_bleu(sources: Sequence[str], edits: Sequence[str]) -> float:
-    """Corpus BLEU (0-100) of the edits against their sources: `scalevae.metrics.reconstruction_bleu`."""
-    from .metrics import reconstruction_bleu
-
-    if len(sources) != len(edits):
-        raise ValueError(f"{len(sources)} sources but {len(edits)} edits.")
-    return reconstruction_bleu(sources, edits)
-
-
 def _references(latent_text: LatentText, texts: list[str]) -> list[str]:
     """Each source as the decoder's tokenizer writes it back (as `reconstruction_bleu_of`), so casing and tokenisation
     artefacts are the same on both sides of the BLEU."""
@@ -273,7 +265,7 @@ def evaluate_control(
         examples[f"{s:g}"] = [list(triple) for triple in zip(texts, edits, targets)][:num_examples]
         predicted = classifier.predict(edits)
         results[_key("control_acc", s)] = sum(p == t for p, t in zip(predicted, targets)) / len(targets)
-        results[_key("control_bleu", s)] = content_bleu(references, edits)
+        results[_key("control_bleu", s)] = reconstruction_bleu(references, edits)
         if fluency is not None:
             results[_key("control_ppl", s)] = float(fluency(edits))
     reached = [s for s in strengths if results[_key("control_acc", s)] >= TRANSFER_THRESHOLD]
