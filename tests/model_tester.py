@@ -242,6 +242,25 @@ class ScaleVAEModelTester:
         torch.manual_seed(seed)
         return build_model(encoder_path, **kwargs)
 
+    def training_args(self, output_dir, **overrides):
+        """`TrainingArguments` of the tests' short CPU runs: 6 steps of batch 8, a loss logged every step, seeded, no
+        saving, no reporting, no progress bar; `overrides` change any of them."""
+        from transformers import TrainingArguments
+
+        defaults = dict(
+            output_dir=str(output_dir),
+            max_steps=6,
+            per_device_train_batch_size=8,
+            learning_rate=1e-3,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        return TrainingArguments(**{**defaults, **overrides})
+
     def get_trainer_setup(self, encoder_path, strategy="scale", sentences=96, max_length=24) -> TrainerSetup:
         """A built model and the default corpus's first `sentences` training and 32 validation sentences, tokenized,
         with the collator: what a Trainer test needs."""

@@ -59,7 +59,7 @@ def prior_batches(data, collator):
 
 
 def trainer_run(args, model, data, collator) -> dict:
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
     from scalevae.training import make_trainer
 
@@ -68,17 +68,10 @@ def trainer_run(args, model, data, collator) -> dict:
         extra = dict(fsdp=True, fsdp_config={"version": 2})
     if args.deepspeed:
         extra = dict(deepspeed=args.deepspeed)
-    training_args = TrainingArguments(
-        output_dir=str(args.output / "trainer"),
+    training_args = tester.training_args(
+        args.output / "trainer",
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
         dataloader_drop_last=True,
         **extra,
     )

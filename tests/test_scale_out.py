@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
-from transformers import TrainingArguments
 from transformers.generation.configuration_utils import CompileConfig
 
 from scalevae.data import DataCollatorForLatentLM
@@ -90,19 +89,7 @@ def test_trainer_torch_compile_matches_eager(tmp_path, tiny_encoder_path):
     def run(compiled):
         model, encoder_tokenizer, decoder_tokenizer, data, _ = tester.get_trainer_setup(tiny_encoder_path)
         collator = DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer, pad_to_multiple_of=32)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"compiled-{compiled}"),
-            max_steps=3,
-            per_device_train_batch_size=8,
-            learning_rate=1e-3,
-            logging_steps=1,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-            torch_compile=compiled,
-        )
+        args = tester.training_args(tmp_path / f"compiled-{compiled}", max_steps=3, torch_compile=compiled)
         trainer = make_trainer(model, args, data["train"], collator, prior_fit_sentences=32, probe_size=16)
         trainer.train()
         return [h["loss"] for h in trainer.state.log_history if "loss" in h], model

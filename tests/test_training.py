@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerState
 
 from scalevae.data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
 from scalevae.training import KLSchedule, KLScheduleCallback, make_trainer
@@ -29,20 +29,7 @@ def test_kl_schedules():
 
 
 def args_for(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        max_steps=6,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=16,
-        learning_rate=1e-3,
-        logging_steps=2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return TrainingArguments(**{**defaults, **kwargs})
+    return tester.training_args(tmp_path, **{"per_device_eval_batch_size": 16, "logging_steps": 2, **kwargs})
 
 
 def test_stock_trainer_trains_without_subclass(tmp_path, tiny_encoder_path):
