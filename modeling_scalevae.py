@@ -542,14 +542,21 @@ class FittedPrior(nn.Module):
         Gaussians to its exact moments; the mixture by EM on at least `num_samples` draws from it (as many per
         sentence), with `generator` (default: seeded with 0, so a refit gives the same prior)."""
         decoder_mu, variance = decoder_mu.double(), logvar.double().exp()
-        self.loc.copy_(decoder_mu.mean(0))
-        self.scale.copy_((decoder_mu.var(0, unbiased=False) + variance.mean(0)).sqrt())
+        mean = decoder_mu.mean(0)
+        # Every fit is computed before any buffer changes, so a fit that fails leaves the prior as it was.
+        components = None
         if self.family == "full":
-            centred = decoder_mu - decoder_mu.mean(0)
+            centred = decoder_mu - mean
             covariance = centred.T @ centred / len(decoder_mu) + torch.diag(variance.mean(0))
-            self.component_logits.zero_()
-            self.component_loc.copy_(decoder_mu.mean(0).unsqueeze(0))
-            self.component_scale_tril.copy_(torch.linalg.cholesky(covariance).unsqueeze(0))
+            tril, info = torch.linalg.cholesky_ex(covariance)
+            # Singular only when posterior variances vanish (an AE's) and the means span too few dimensions.
+            if info.item() != 0:
+                raise ValueError(
+                    f"The full-covariance prior cannot be fitted: the aggregate posterior of {len(decoder_mu)} sentences "
+                    f"has a singular covariance in {decoder_mu.shape[1]} dimensions (smallest mean posterior variance "
+                    f"{variance.mean(0).min().item():.3g}). Fit it on more sentences, or use prior='fitted'."
+                )
+            components = (torch.zeros(1), mean.unsqueeze(0), tril.unsqueeze(0))
         elif self.family == "mixture":
             generator = generator if generator is not None else torch.Generator().manual_seed(0)
             per_sentence = -(-num_samples // len(decoder_mu))
@@ -557,10 +564,13 @@ class FittedPrior(nn.Module):
             noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float64)
             noise = noise.to(decoder_mu.device)
             samples = (decoder_mu.unsqueeze(1) + variance.sqrt().unsqueeze(1) * noise).flatten(0, 1)
-            logits, loc, tril = fit_gaussian_mixture(samples, self.components, generator)
-            self.component_logits.copy_(logits)
-            self.component_loc.copy_(loc)
-            self.component_scale_tril.copy_(tril)
+            components = fit_gaussian_mixture(samples, self.components, generator)
+        self.loc.copy_(mean)
+        self.scale.copy_((decoder_mu.var(0, unbiased=False) + variance.mean(0)).sqrt())
+        if components is not None:
+            buffers = (self.component_logits, self.component_loc, self.component_scale_tril)
+            for buffer, value in zip(buffers, components):
+                buffer.copy_(value)
 
 
 def diagonal_gaussian(mean: torch.Tensor, std: torch.Tensor) -> Distribution:

@@ -3,6 +3,7 @@ density, saved bit-exactly. The diagonal "fitted" and the "scaled" priors are te
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -71,6 +72,17 @@ def test_full_prior_is_the_aggregate_posteriors_mean_and_covariance():
     assert torch.equal(mean, prior.mean)
     # The diagonal fit is the same aggregate's moments: the full prior's marginals.
     np.testing.assert_allclose(model.fitted_prior.scale.double().numpy(), np.sqrt(np.diag(covariance)), atol=1e-6)
+
+
+def test_a_singular_aggregate_is_refused_and_the_prior_kept():
+    # An AE-like aggregate: no posterior variance, and every sentence at the same mean.
+    model = trained(prior="full")
+    before = {name: buffer.clone() for name, buffer in model.fitted_prior.named_buffers()}
+    means = torch.randn(1, tester.latent_size, generator=torch.Generator().manual_seed(0)).repeat(3, 1)
+    with pytest.raises(ValueError, match=f"singular covariance in {tester.latent_size} dimensions.*prior='fitted'"):
+        model.fitted_prior.fit(means, torch.full_like(means, -math.inf))
+    for name, buffer in model.fitted_prior.named_buffers():
+        assert torch.equal(buffer, before[name]), name
 
 
 def test_kl_to_each_prior():
