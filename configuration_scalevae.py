@@ -14,7 +14,9 @@ from transformers.configuration_utils import SubConfigSpec
 #     instead of `collapse.norm.*`). Format-1 folders load with prior="scaled", the prior they were trained and
 #     evaluated with, except BN-VAE folders, whose normalisation changed meaning: they are refused.
 #   Still 2: the priors "full" and "mixture" (buffers `fitted_prior.component_*`) and `prior_components`. An older
-#     package refuses such a folder by its `prior` value; format-2 folders mean what they meant.
+#     package refuses such a folder by its `prior` value; format-2 folders mean what they meant. The default prior
+#     became "full" (chosen on validation: model_card.md); every format-2 config.json names its prior, so a folder
+#     saved with the "fitted" default keeps it.
 SCALEVAE_FORMAT_VERSION = 2
 
 LATENT_INJECTIONS = ("memory", "embedding", "both")
@@ -116,9 +118,11 @@ class ScaleVAEConfig(PreTrainedConfig):
         bn_gamma (`float`, defaults to 0.5):
             BN-VAE's fixed γ: μ is batch-normalised with scale γ, which bounds the expected KL below by
             latent_size · γ² / 2.
-        prior (`str`, defaults to `"fitted"`):
+        prior (`str`, defaults to `"full"`):
             The generative model's prior p(z), used by `sample_prior`, `decoder_kl`, the ELBO and the importance-weighted
-            NLL (training's loss keeps the KL of the original posterior to N(0, I) either way). `"fitted"`: a diagonal
+            NLL (training's loss keeps the KL of the original posterior to N(0, I) either way). The default was chosen
+            on validation IW-NLL (model_card.md: it lowers every latent-using remedy's bound, a mixture adds little).
+            `"fitted"`: a diagonal
             Gaussian N(m, diag s²) fitted to the aggregate of the decoder's posterior N(f ⊙ μ, σ²) over training data
             (a running estimate while training; `fit_prior` refits it exactly on a pass over data). `"scaled"`:
             N(0, diag f²), the standard normal pushed through the scale factors (f = 1 but for Scale-VAE). Folders saved
@@ -163,7 +167,7 @@ class ScaleVAEConfig(PreTrainedConfig):
     scale_freeze_epochs: int = 1
     free_bits: float = 0.5
     bn_gamma: float = 0.5
-    prior: str = "fitted"
+    prior: str = "full"
     prior_components: int = 4
     prior_momentum: float = 0.01
     freeze_encoder: bool | int = False

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .latent import LatentText
-from .metrics import METRICS
+from .metrics import METRICS, PRIOR_NAMES
 from .plots import plot_latent_map, plot_training_curves
 from .recipe import SMALL_RUN_DEFAULTS, RunSpec, describe_device, posterior_means, run
 
@@ -57,8 +57,8 @@ QUICKSTART = dict(
     eval_sentences=200,
     freeze_encoder="True",
     scale_target_std=1.0,
-    # The prior that samples come from is refitted when training ends; 1,024 sentences pin its 32 means and variances
-    # down to a few percent in a quarter of the default's time on a CPU.
+    # The prior that samples come from is refitted when training ends, on 1,024 sentences' posteriors (each a whole
+    # Gaussian, so its full covariance is well conditioned) in a quarter of the default's time on a CPU.
     prior_fit_sentences=1024,
     report_to=["tensorboard"],
     save_strategy="no",
@@ -119,11 +119,10 @@ def show_examples(result: dict, seed: int) -> tuple[str, list[str]]:
     reconstructions, samples, path = (
         [" ".join(line.split()) for line in lines] for lines in (reconstructions, samples, path)
     )
-    prior = "fitted" if model.config.prior == "fitted" else "N(0, diag f²)"
     lines = ["Reconstructions of test sentences (greedy, from the posterior mean):"]
     for source, output in zip(sources, reconstructions):
         lines += [f"  in : {source}", f"  out: {output}"]
-    lines.append(f"Samples from the {prior} prior (nucleus sampling, top_p=0.9):")
+    lines.append(f"Samples from the {PRIOR_NAMES[model.config.prior]} (nucleus sampling, top_p=0.9):")
     lines += [f"  - {s}" for s in samples]
     lines.append("Interpolation between two test sentences (greedy):")
     lines += [f"  {i}. {s}" for i, s in enumerate(path)]

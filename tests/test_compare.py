@@ -55,7 +55,7 @@ def test_compare_writes_the_table_and_resumes_without_retraining(tmp_path):
     # than by choose_des_std itself. "(chosen)" only where the rule holds; otherwise the table says none was chosen.
     sweep = ("scale_0.5", "scale_2")
     validation = {name: summary["runs"][name]["validation"] for name in ("vae", *sweep)}
-    nll = {name: row["nll_fitted"][0] for name, row in validation.items()}
+    nll = {name: row["nll"][0] for name, row in validation.items()}  # under the runs' own prior
     assert nll["scale_0.5"] != nll["scale_2"]
     within = [name for name in sweep if nll[name] <= 1.01 * nll["vae"]]
     chosen = max(within, key=lambda name: validation[name]["mi_decoder"][0]) if within else None

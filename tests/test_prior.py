@@ -1,5 +1,7 @@
-"""The generative prior (config.prior) and BN-VAE's guarantee, on tiny models and real text."""
+"""The diagonal generative priors ("fitted", "scaled") and BN-VAE's guarantee, on tiny models and real text. The
+full-covariance and mixture priors (the default is "full") are tested in test_prior_family.py."""
 
+import functools
 import json
 
 import pytest
@@ -11,7 +13,7 @@ from scalevae.metrics import elbo, evaluate_model, iw_log_likelihood
 from tests.conftest import shared_file
 from tests.model_tester import DENSITY_STRATEGIES, tester
 
-tiny_model, random_batch = tester.get_model, tester.prepare_inputs
+tiny_model, random_batch = functools.partial(tester.get_model, prior="fitted"), tester.prepare_inputs
 
 
 def trained(seed=0, steps=20, **kwargs):
@@ -141,7 +143,7 @@ def test_folders_saved_before_the_fitted_prior_load_with_the_scaled_prior(tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = ScaleVAEForLatentLM.from_pretrained(tmp_path)
     assert loaded.config.prior == "scaled"
-    assert ScaleVAEConfig().prior == "fitted"  # new models default to the fitted prior
+    assert ScaleVAEConfig().prior == "full"  # new models default to the full-covariance prior
 
 
 def test_bn_vae_keeps_its_guarantee_in_eval_on_held_out_text():
