@@ -119,18 +119,18 @@ class ScaleVAEConfig(PreTrainedConfig):
             BN-VAE's fixed γ: μ is batch-normalised with scale γ, which bounds the expected KL below by
             latent_size · γ² / 2.
         prior (`str`, defaults to `"full"`):
-            The generative model's prior p(z), used by `sample_prior`, `decoder_kl`, the ELBO and the importance-weighted
-            NLL (training's loss keeps the KL of the original posterior to N(0, I) either way). The default was chosen
-            on validation IW-NLL (model_card.md: it lowers every latent-using remedy's bound, a mixture adds little).
-            `"fitted"`: a diagonal
-            Gaussian N(m, diag s²) fitted to the aggregate of the decoder's posterior N(f ⊙ μ, σ²) over training data
-            (a running estimate while training; `fit_prior` refits it exactly on a pass over data). `"scaled"`:
-            N(0, diag f²), the standard normal pushed through the scale factors (f = 1 but for Scale-VAE). Folders saved
-            before this field existed load with `"scaled"`, which is what they were trained and evaluated with.
-            `"full"`: the full-covariance Gaussian fitted to the same aggregate (its exact mean and covariance).
-            `"mixture"`: a mixture of `prior_components` full-covariance Gaussians fitted by EM to samples of that
-            aggregate. These two are fitted by `fit_prior` only (the Trainer glue calls it after training); until then
-            they equal the diagonal running estimate. Every collapse strategy can use every prior.
+            The generative model's prior p(z), used by `sample_prior`, `decoder_kl`, the ELBO and the
+            importance-weighted NLL (training's loss keeps the KL of the original posterior to N(0, I) either way). The
+            default was chosen on validation IW-NLL (model_card.md: it lowers every latent-using remedy's bound, a
+            mixture adds little). `"fitted"`: a diagonal Gaussian N(m, diag s²) fitted to the aggregate of the
+            decoder's posterior N(f ⊙ μ, σ²) over training data (a running estimate while training; `fit_prior` refits
+            it exactly on a pass over data). `"scaled"`: N(0, diag f²), the standard normal pushed through the scale
+            factors (f = 1 but for Scale-VAE). Folders saved before this field existed load with `"scaled"`, which is
+            what they were trained and evaluated with. `"full"`: the full-covariance Gaussian fitted to the same
+            aggregate (its exact mean and covariance). `"mixture"`: a mixture of `prior_components` full-covariance
+            Gaussians fitted by EM to samples of that aggregate. These two are fitted by `fit_prior` only (the Trainer
+            glue calls it after training); until then they equal the diagonal running estimate. Every collapse strategy
+            can use every prior.
         prior_components (`int`, defaults to 4):
             The number of components of the `"mixture"` prior (ignored by the others).
         prior_momentum (`float`, defaults to 0.01):
