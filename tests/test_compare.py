@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from scalevae.compare import run_comparison
+from scalevae.compare import DES_STD_SWEEP, comparison_spec, run_comparison, run_names
 from tests.conftest import shared_file
 from tests.model_tester import tester
 
@@ -79,6 +79,15 @@ def test_compare_writes_the_table_and_resumes_without_retraining(tmp_path):
         run_comparison(tiny_argv(output, "--runs", "vea"))
     with pytest.raises(ValueError, match="--max_steps 0"):
         run_comparison(tiny_argv(output, "--max_steps", "0"))
+
+
+def test_each_cpu_preset_runs_the_main_rows_and_the_whole_sweep():
+    """Both CPU presets: every remedy, the cyclical VAE and every des_std; only PTB adds the f_epo variant."""
+    sweep = [f"scale_{d:g}" for d in DES_STD_SWEEP]
+    for preset, extra in (("ptb-cpu", ["scale_epoch"]), ("yelp-cpu", [])):
+        spec, options = comparison_spec(["--preset", preset])
+        names = run_names(options, labelled=bool(spec.data.label_suffix))
+        assert names == ["vae", "vae_cyclical", "free_bits", "bn", "ae", *extra, *sweep], preset
 
 
 def test_compare_runs_on_anyones_files(tmp_path):
