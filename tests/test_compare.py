@@ -85,7 +85,7 @@ def test_each_cpu_preset_runs_the_main_rows_and_the_whole_sweep():
     """Both CPU presets: every remedy, the cyclical VAE and every des_std; only PTB adds the f_epo variant."""
     sweep = [f"scale_{d:g}" for d in DES_STD_SWEEP]
     for preset, extra in (("ptb-cpu", ["scale_epoch"]), ("yelp-cpu", [])):
-        spec, options = comparison_spec(["--preset", preset])
+        spec, options = comparison_spec(["--preset", preset, "--data_dir", str(shared_file("ptb.train.txt").parent)])
         names = run_names(options, labelled=bool(spec.data.label_suffix))
         assert names == ["vae", "vae_cyclical", "free_bits", "bn", "ae", *extra, *sweep], preset
 
