@@ -598,25 +598,11 @@ def test_push_refuses_a_folder_whose_weights_are_a_link(copy_of_saved, tmp_path)
 
 
 def trainer_for(output_dir, encoder_path, **overrides):
-    from transformers import TrainingArguments
-
     from scalevae.training import make_trainer
 
     model, _, _, data, collator = tester.get_trainer_setup(encoder_path, sentences=32, max_length=12)
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=2,
-        save_strategy="steps",
-        save_steps=2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    args = TrainingArguments(**{**settings, **overrides})
+    checkpointing = dict(max_steps=4, logging_steps=2, save_strategy="steps", save_steps=2)
+    args = tester.training_args(output_dir, **{**checkpointing, **overrides})
     return make_trainer(model, args, data["train"], collator, probe_size=8)
 
 
