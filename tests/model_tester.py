@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -284,3 +286,57 @@ class ScaleVAEModelTester:
 
 # The default tester: the sizes most of the suite is written against.
 tester = ScaleVAEModelTester()
+
+
+# -- saved folders: what the loading, saving and resuming tests read or damage ----------------------------------------
+
+TOKEN = "hf_" + "Zq7" * 10  # what a real access token looks like
+
+
+def saved_tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def flip_bit(path, tensor_name) -> None:
+    """Flip one bit in the first byte of a tensor's data."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    data = bytearray(Path(path).read_bytes())
+    data[8 + length + header[tensor_name]["data_offsets"][0] + 3] ^= 0x40
+    Path(path).write_bytes(bytes(data))
+
+
+def edit_json(path, edit) -> None:
+    """Change a JSON file in place: `edit` mutates the parsed object."""
+    data = json.loads(Path(path).read_text())
+    edit(data)
+    Path(path).write_text(json.dumps(data))
+
+
+def corpus_file(folder, lines=12, name="corpus.txt") -> Path:
+    """The first `lines` validation sentences of the embedded corpus, as a local file in `folder`."""
+    from scalevae.data import load_text_dataset
+
+    texts = load_text_dataset()["validation"]["text"][:lines]
+    path = Path(folder) / name
+    path.write_text("\n".join(texts) + "\n")
+    return path
+
+
+def checkpointing_trainer(output_dir, encoder_path, **overrides):
+    """`make_trainer` on 32 sentences for 4 steps, a checkpoint every 2; `overrides` change the TrainingArguments."""
+    from scalevae.training import make_trainer
+
+    model, _, _, data, collator = tester.get_trainer_setup(encoder_path, sentences=32, max_length=12)
+    checkpointing = dict(max_steps=4, logging_steps=2, save_strategy="steps", save_steps=2)
+    args = tester.training_args(output_dir, **{**checkpointing, **overrides})
+    return make_trainer(model, args, data["train"], collator, probe_size=8)

@@ -4,12 +4,15 @@ import json
 import math
 
 import pytest
+import torch
 
-from scalevae import save_tokenizers
+import scalevae
+from scalevae import hub, save_tokenizers
 from scalevae.cli import main
+from scalevae.data import load_text_dataset
 from scalevae.hub import save_model
 from tests.conftest import shared_file
-from tests.model_tester import tester
+from tests.model_tester import corpus_file, tester
 
 
 @pytest.fixture(scope="module", params=["save_model", "save_pretrained"])
@@ -68,45 +71,20 @@ def test_generate_modes(saved_folder, capsys, arguments, lines):
     assert len(out) == lines
 
 
-def test_generate_needs_a_mode(saved_folder):
-    with pytest.raises(SystemExit):
+def test_generate_needs_a_mode(saved_folder, capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["generate", str(saved_folder)])
-
-
-def test_train_command_trains_and_saves(tmp_path, tiny_encoder_path):
-    data = shared_file("ptb.valid.txt")
-    main(
-        [
-            "train",
-            "--output_dir",
-            str(tmp_path),
-            "--encoder",
-            tiny_encoder_path,
-            "--latent_size",
-            "4",
-            "--train_file",
-            str(data),
-            "--max_length",
-            "16",
-            "--max_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "4",
-            "--report_to",
-            "none",
-            "--save_strategy",
-            "no",
-            "--use_cpu",
-            "--kl_schedule",
-            "linear",
-            "--kl_warmup_steps",
-            "2",
-            "--decoder_layers",
-            "1",
-            "--decoder_width",
-            "32",
-        ]
+    assert exit_.value.code == 2
+    assert (
+        "scalevae generate: error: one of the arguments --sample --reconstruct --interpolate --analogy is required"
+        in capsys.readouterr().err
     )
+
+
+def test_train_command_trains_and_saves(tmp_path, train_command):
+    data = shared_file("ptb.valid.txt")
+    options = ["--max_steps", "2", "--save_strategy", "no", "--kl_schedule", "linear", "--kl_warmup_steps", "2"]
+    main(train_command(tmp_path, data, *options))
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert "scalevae train" in (tmp_path / "final" / "README.md").read_text()
 
@@ -144,3 +122,57 @@ def test_every_config_field_is_a_train_option_and_a_new_field_arrives_by_itself(
     assert "A knob added after the CLI was written." in parser.format_help()
     with pytest.raises(ValueError, match="--freeze_encoder 'some'"):
         config_kwargs_from(dataclasses.replace(args, freeze_encoder="some"))
+
+
+# -- scalevae evaluate is evaluate_model -------------------------------------------------------------------------------
+
+
+def test_evaluate_without_importance_samples_writes_valid_json(tmp_path, tiny_parts):
+    folder = hub.save_model(tmp_path / "model", *tiny_parts)
+    data = tmp_path / "test.txt"
+    data.write_text("the cat sat\na dog ran far\nthree words here\n")
+    output = tmp_path / "metrics.json"
+    main(
+        [
+            "evaluate",
+            str(folder),
+            "--data",
+            str(data),
+            "--num_samples",
+            "0",
+            "--max_length",
+            "16",
+            "--output",
+            str(output),
+        ]
+    )
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    metrics = json.loads(output.read_text(), parse_constant=no_nan)
+    assert metrics["nll"] is None and metrics["kl"] is not None
+
+
+def test_the_evaluate_command_equals_evaluate_model_on_the_same_data(tiny_folder, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from scalevae.data import DataCollatorForLatentLM, tokenize_dataset
+    from scalevae.metrics import evaluate_model
+
+    data, output = corpus_file(tmp_path, lines=10), tmp_path / "metrics.json"
+    argv = ["evaluate", str(tiny_folder), "--data", str(data), "--num_samples", "3", "--max_length", "16"]
+    main([*argv, "--batch_size", "4", "--seed", "5", "--device", "cpu", "--output", str(output)])
+    written = json.loads(output.read_text())
+
+    model, encoder_tokenizer, decoder_tokenizer = scalevae.load_pretrained(tiny_folder)
+    dataset, _ = tokenize_dataset(load_text_dataset({"test": data})["test"], encoder_tokenizer, decoder_tokenizer, 16)
+    loader = DataLoader(
+        dataset, batch_size=4, collate_fn=DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
+    )
+    expected = evaluate_model(
+        model, loader, num_importance_samples=3, generator=torch.Generator().manual_seed(5), progress=False
+    )
+    assert expected["num_sentences"] == 10
+    for key, value in expected.items():
+        assert written[key] == (None if value != value else pytest.approx(value, rel=1e-12, abs=1e-12)), key

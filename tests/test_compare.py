@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from scalevae.compare import DES_STD_SWEEP, comparison_spec, run_comparison, run_names
+from scalevae.compare import DES_STD_SWEEP, choose_des_std, comparison_spec, run_comparison, run_names
 from tests.conftest import shared_file
 from tests.model_tester import tester
 
@@ -123,3 +123,37 @@ def test_yelp_preset_measures_control_with_one_text_classifier(tmp_path):
     first = shared_file("yelp_sentiment.test.txt").read_text().splitlines()[0].strip()
     examples = (output / "control_examples.md").read_text()
     assert "**scale_1** (seed 0), strength " in examples and f"] {first} -> " in examples
+
+
+# -- choose_des_std: the 1% rule and its fallbacks ---------------------------------------------------------------------
+
+
+def des_std_table(vae=None, **runs):
+    """{run: {"validation": {"nll": (mean, sd), "mi_decoder": (mean, sd)}}} from run=(nll, mi) keywords,
+    `scale_0_5` naming the run scale_0.5."""
+    rows = {"scale_" + name.removeprefix("scale_").replace("_", "."): values for name, values in runs.items()}
+    if vae is not None:
+        rows["vae"] = (vae, 0.0)
+    return {name: {"validation": {"nll": (nll, 0.0), "mi_decoder": (mi, 0.0)}} for name, (nll, mi) in rows.items()}
+
+
+def test_choose_des_std_takes_the_most_mi_within_one_percent_of_the_vae():
+    table = des_std_table(vae=100.0, scale_0_5=(100.9, 3.0), scale_1_0=(100.5, 2.0), scale_2_0=(101.2, 9.0))
+    assert choose_des_std(table, ["scale_0.5", "scale_1.0", "scale_2.0"]) == ("scale_0.5", "scale_1.0")
+    # the bound is inclusive: exactly 1% above the VAE is within
+    table = des_std_table(vae=100.0, scale_0_5=(101.0, 3.0), scale_1_0=(100.5, 2.0))
+    assert choose_des_std(table, ["scale_0.5", "scale_1.0"]) == ("scale_0.5", "scale_1.0")
+
+
+def test_choose_des_std_chooses_none_where_the_rule_cannot_hold():
+    # no des_std within 1%, or no VAE to compare with: nothing is chosen; the lowest IW-NLL is still reported
+    none_within = des_std_table(vae=100.0, scale_0_5=(103.0, 3.0), scale_1_0=(102.0, 1.0))
+    assert choose_des_std(none_within, ["scale_0.5", "scale_1.0"]) == (None, "scale_1.0")
+    no_vae = des_std_table(scale_0_5=(90.0, 1.0), scale_1_0=(95.0, 7.0))
+    assert choose_des_std(no_vae, ["scale_0.5", "scale_1.0"]) == (None, "scale_0.5")
+    assert choose_des_std(no_vae, []) == (None, None)
+
+
+def test_choose_des_std_ignores_a_diverged_run():
+    table = des_std_table(vae=100.0, scale_0_5=(float("nan"), 5.0), scale_1_0=(100.2, 1.0))
+    assert choose_des_std(table, ["scale_0.5", "scale_1.0"]) == ("scale_1.0", "scale_1.0")

@@ -1,5 +1,6 @@
 """Two gloo processes compute the factors of the global batch, identical on every rank."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -30,6 +31,7 @@ def _worker(rank: int, world_size: int, init_file: str, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes: see .ci/run
 def test_two_processes_compute_the_global_batch_factors(tmp_path):
     manager = mp.Manager()
     results = manager.dict()

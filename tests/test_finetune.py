@@ -29,29 +29,11 @@ TRAINING = [
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tiny_encoder_path) -> Path:
+def base_model(tmp_path_factory, train_command) -> Path:
     """A tiny Scale-VAE trained for 3 steps on PTB by `scalevae train`, with a non-default des_std."""
     output = tmp_path_factory.mktemp("base")
-    main(
-        [
-            "train",
-            "--output_dir",
-            str(output),
-            "--encoder",
-            tiny_encoder_path,
-            "--latent_size",
-            "4",
-            "--des_std",
-            "0.8",
-            "--decoder_layers",
-            "1",
-            "--decoder_width",
-            "32",
-            "--train_file",
-            str(shared_file("ptb.valid.txt")),
-            *TRAINING,
-        ]
-    )
+    data = shared_file("ptb.valid.txt")
+    main(train_command(output, data, "--des_std", "0.8", "--max_steps", "3", "--save_strategy", "no"))
     return output / "final"
 
 

@@ -426,3 +426,117 @@ def test_reconstruction_bleu_of(tokenizers, monkeypatch):
     score = metrics.reconstruction_bleu_of(vae, texts, encoder_tokenizer, decoder_tokenizer, batch_size=2)
     assert score == pytest.approx(100.0)
     assert not queue
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The generative prior: KL, ELBO and IW-NLL with a shifted prior and factors != 1, against exact values
+# ---------------------------------------------------------------------------------------------------------------------
+
+F_SHIFT = torch.tensor([2.0, 0.5, 1.5], dtype=torch.float64)  # scale factors: decoder_mu = f * mu
+
+
+PRIOR_MEAN = torch.tensor([0.8, -1.1, 0.3], dtype=torch.float64)
+
+
+PRIOR_STD = torch.tensor([1.6, 0.6, 1.1], dtype=torch.float64)
+
+
+X_SHIFT = torch.tensor([[0.3, -1.2, 2.0], [1.5, 0.1, -0.4]], dtype=torch.float64)
+
+
+class ShiftedLinearGaussian(torch.nn.Module):
+    """p(z) = N(m, s²), p(x|z) = N(x; z, τ²), so p(x) = N(x; m, s² + τ²). The decoder's posterior is exact, or shifted
+    and wider; the encoder's mean is decoder_mu / f. With `flat`, log p(x|z) does not depend on z, so the single-sample
+    ELBO is exactly that constant minus the analytic KL."""
+
+    def __init__(self, tau=0.7, exact=True, flat=False):
+        super().__init__()
+        self.tau, self.exact, self.flat = tau, exact, flat
+        self.collapse = SimpleNamespace(stochastic=True)
+
+    def posterior(self, x):
+        var = 1 / (1 / PRIOR_STD**2 + 1 / self.tau**2)
+        mean = var * (x / self.tau**2 + PRIOR_MEAN / PRIOR_STD**2)
+        return (mean + 0.4, var.expand_as(x) * 1.8) if not self.exact else (mean, var.expand_as(x))
+
+    def encode(self, input_ids, attention_mask=None, prior=None):
+        mean, var = self.posterior(input_ids)
+        return ScaleVAEEncoderOutput(
+            mu=mean / F_SHIFT, logvar=var.log(), decoder_mu=mean, prior_mean=PRIOR_MEAN, prior_std=PRIOR_STD
+        )
+
+    def prior_distribution(self, prior=None, dtype=None):
+        return torch.distributions.Independent(torch.distributions.Normal(PRIOR_MEAN, PRIOR_STD), 1)
+
+    def log_likelihood(self, latents, decoder_input_ids, labels, decoder_attention_mask=None):
+        if self.flat:
+            return -(decoder_input_ids**2).sum(-1)
+        return torch.distributions.Normal(latents, self.tau).log_prob(decoder_input_ids).sum(-1)
+
+    def log_px(self, x):
+        return torch.distributions.Normal(PRIOR_MEAN, (PRIOR_STD**2 + self.tau**2).sqrt()).log_prob(x).sum(-1)
+
+
+def shifted_batch(x):
+    ones = torch.ones(x.shape[0], 1, dtype=torch.long)
+    return dict(input_ids=x, attention_mask=ones, decoder_input_ids=x, decoder_attention_mask=ones, labels=ones * 0)
+
+
+def exact_kl(mean, var):
+    """KL(N(mean, var) || N(PRIOR_MEAN, PRIOR_STD²)) summed over dimensions, by torch.distributions."""
+    q, p = torch.distributions.Normal(mean, var.sqrt()), torch.distributions.Normal(PRIOR_MEAN, PRIOR_STD)
+    return torch.distributions.kl_divergence(q, p).sum(-1)
+
+
+def test_iw_nll_is_exact_under_a_shifted_prior():
+    toy = ShiftedLinearGaussian(exact=True)
+    estimate = metrics.iw_log_likelihood(
+        toy, shifted_batch(X_SHIFT), num_samples=7, chunk_size=3, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(estimate, toy.log_px(X_SHIFT), rtol=0, atol=1e-9)
+
+
+def test_iw_nll_converges_under_a_shifted_prior_with_a_wrong_posterior():
+    toy = ShiftedLinearGaussian(exact=False)
+    estimate = metrics.iw_log_likelihood(
+        toy, shifted_batch(X_SHIFT), 20000, chunk_size=5000, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(estimate, toy.log_px(X_SHIFT), rtol=0, atol=0.03)
+
+
+def test_elbo_uses_the_decoder_posterior_against_the_shifted_prior_exactly():
+    toy = ShiftedLinearGaussian(exact=False, flat=True)
+    mean, var = toy.posterior(X_SHIFT)
+    expected = -(X_SHIFT**2).sum(-1) - exact_kl(mean, var)
+    torch.testing.assert_close(
+        metrics.elbo(toy, shifted_batch(X_SHIFT), generator=torch.Generator().manual_seed(2)),
+        expected,
+        rtol=0,
+        atol=1e-12,
+    )
+    # the KL of the encoder's mean (mu = decoder_mu / f) or against a zero-mean prior would differ by nats
+    assert (exact_kl(mean / F_SHIFT, var) - exact_kl(mean, var)).abs().min() > 0.1
+    zero_mean = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, var.sqrt()), torch.distributions.Normal(0 * PRIOR_MEAN, PRIOR_STD)
+    ).sum(-1)
+    assert (zero_mean - exact_kl(mean, var)).abs().min() > 0.1
+
+
+def test_evaluate_model_decoder_kl_with_factors_and_a_fitted_shifted_prior():
+    model = ScaleVAEModelTester().get_model(dropout=0.0, prior="fitted").eval()  # the suite's default sizes
+    with torch.no_grad():
+        model.collapse.scale_factors.copy_(torch.tensor([2.0, 0.5, 1.0, 1.5]))
+        model.fitted_prior.loc.copy_(torch.tensor([0.3, -0.2, 0.5, 0.1]))
+        model.fitted_prior.scale.copy_(torch.tensor([1.5, 0.7, 1.2, 0.9]))
+    batch = tester.prepare_inputs(batch_size=4, seed=4)
+    results = metrics.evaluate_model(
+        model, [batch], num_importance_samples=0, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    with torch.no_grad():
+        posterior = model.encode(batch["input_ids"], batch["attention_mask"])
+    q = torch.distributions.Normal(
+        (posterior.mu * model.collapse.scale_factors).double(), (0.5 * posterior.logvar).exp().double()
+    )
+    p = torch.distributions.Normal(model.fitted_prior.loc.double(), model.fitted_prior.scale.double())
+    expected = torch.distributions.kl_divergence(q, p).sum(-1).mean().item()
+    assert results["decoder_kl"] == pytest.approx(expected, rel=1e-6)

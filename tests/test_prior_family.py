@@ -112,6 +112,8 @@ def test_kl_to_each_prior():
 
 @pytest.mark.parametrize(("prior", "components"), FAMILIES)
 def test_iw_is_a_valid_bound_under_each_prior(prior, components):
+    """The importance-weighted bound tightens with k and stays under the ELBO, under every prior family (the default
+    full-covariance one included: no other test repeats this)."""
     model = trained(prior, components, steps=30)
     model.fit_prior(batches())
     batch = tester.prepare_inputs(batch_size=8, seed=7)

@@ -205,6 +205,7 @@ def one_process(tmp_path_factory, tiny_encoder_path):
     return get
 
 
+@pytest.mark.slow  # two processes: see .ci/run
 @pytest.mark.parametrize("strategy", ["scale", "bn"])
 def test_fsdp2_on_two_processes_matches_one_process(strategy, tmp_path, tiny_encoder_path, one_process):
     """FSDP2 (`fully_shard` of every encoder and decoder block and of the model) over 2 gloo processes: the losses of
@@ -217,6 +218,7 @@ def test_fsdp2_on_two_processes_matches_one_process(strategy, tmp_path, tiny_enc
     assert_saved_exactly(tmp_path)
 
 
+@pytest.mark.slow  # two processes: see .ci/run
 def test_trainer_on_two_processes_matches_one_process(tmp_path, tiny_encoder_path, one_process):
     """`make_trainer` under torchrun with 2 gloo processes, asked for FSDP (`fsdp=True`): on a CPU, Accelerate sets up
     FSDP only for GPU-type devices (accelerate/state.py), so the Trainer trains with DDP, which is what this checks: the
@@ -227,6 +229,7 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, tiny_encoder_pat
     assert_saved_exactly(tmp_path)
 
 
+@pytest.mark.slow  # two processes: see .ci/run
 def test_accelerate_with_the_fsdp_config_matches_one_process(tmp_path, tiny_encoder_path, one_process):
     """`accelerate launch --config_file examples/fsdp_accelerate.yaml` on 2 CPU processes: a plain Accelerate loop (the
     runner's, in the one-process run's batch order) matches one process. As for the Trainer, Accelerate turns the FSDP
@@ -238,6 +241,7 @@ def test_accelerate_with_the_fsdp_config_matches_one_process(tmp_path, tiny_enco
     assert_saved_exactly(tmp_path)
 
 
+@pytest.mark.slow  # two processes: see .ci/run
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_zero_through_the_trainer_matches_one_process(stage, tmp_path, tiny_encoder_path, one_process):
     """DeepSpeed ZeRO stage 1 or 2 through `make_trainer` on 2 CPU processes (DeepSpeed's CPU accelerator, gloo):

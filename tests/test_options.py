@@ -1,0 +1,185 @@
+"""Command-line options: one validation for every command, each numeric option checked with its range, options that do
+nothing in the mode warned about once, and usage errors that name the option."""
+
+import logging
+import os
+from argparse import Namespace
+
+import pytest
+
+import scalevae
+from scalevae.cli import main
+from scalevae.options import (
+    COMMAND_OPTIONS,
+    OptionError,
+    check_max_length,
+    check_output_folder,
+    number,
+    validate_options,
+)
+from tests.model_tester import (
+    corpus_file,
+    tester,
+)
+
+# -- one validation for every command -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, option, value, mode, message",
+    [
+        ("quickstart", "max_steps", 0, {}, r"--max_steps 0: must be a whole number >= 1"),
+        ("quickstart", "train_minutes", 0.0, {}, r"--train_minutes 0.0: must be a number > 0"),
+        ("evaluate", "max_sentences", 0, {}, r"--max_sentences 0: must be a whole number >= 1"),
+        ("evaluate", "max_sentences", -1, {}, r"--max_sentences -1: must be a whole number >= 1"),
+        ("evaluate", "num_samples", -1, {}, r"--num_samples -1: must be a whole number >= 0"),
+        ("compare", "max_steps", 0, {}, r"--max_steps 0: must be a whole number >= 1"),
+        ("compare", "max_steps", -5, {}, r"--max_steps -5"),
+        ("compare", "seeds", [0, -1], {}, r"--seeds -1: must be a whole number in \[0, 4294967295\]"),
+        (
+            "train",
+            "kl_warmup_steps",
+            -5,
+            {"kl_schedule": "linear"},
+            r"--kl_warmup_steps -5: must be a whole number >= 1",
+        ),
+        ("train", "kl_warmup_steps", None, {"kl_schedule": "linear"}, r"--kl_schedule linear needs --kl_warmup_steps"),
+        ("train", "decoder_width", 0, {}, r"--decoder_width 0: must be a whole number in \[1, 65536\]"),
+        ("train", "decoder_vocab_size", 100, {}, r"--decoder_vocab_size 100: must be a whole number in \[259,"),
+        ("train", "learning_rate", float("nan"), {}, r"--learning_rate nan: must be a number > 0"),
+        ("generate", "top_p", 2.0, {"do_sample": True}, r"--top_p 2.0: must be a number in \(0, 1\]"),
+        ("generate", "num_beams", 0, {}, r"--num_beams 0: must be a whole number >= 1"),
+        ("generate", "temperature", float("inf"), {"do_sample": True}, r"--temperature inf: must be a number > 0"),
+        ("generate", "sample", 2.5, {}, r"--sample 2.5: must be a whole number >= 1"),
+    ],
+)
+def test_every_numeric_option_is_checked_with_its_range(command, option, value, mode, message):
+    options = Namespace(**{option: value, **mode})
+    with pytest.raises(OptionError, match=rf"^{command}: {message}"):
+        validate_options(options, given={option, *mode}, command=command, specs=COMMAND_OPTIONS[command])
+
+
+def test_options_that_do_nothing_in_the_mode_warn_once(caplog, monkeypatch):
+    monkeypatch.setattr(scalevae.options, "_warned", set())  # what earlier tests of this process warned about
+    specs = COMMAND_OPTIONS["generate"]
+    options = Namespace(do_sample=False, top_p=0.9, temperature=0.7, num_beams=2, interpolate=None, steps=4)
+    with caplog.at_level(logging.WARNING, logger="scalevae.options"):
+        warnings = validate_options(options, {"top_p", "temperature", "num_beams", "steps"}, "generate", specs=specs)
+        validate_options(options, {"top_p", "temperature", "num_beams", "steps"}, "generate", specs=specs)
+    assert warnings == [
+        "generate: --steps does nothing without --interpolate; it is ignored.",
+        "generate: --temperature does nothing without --do_sample; it is ignored.",
+        "generate: --top_p does nothing without --do_sample; it is ignored.",
+    ]
+    assert sorted(r.getMessage() for r in caplog.records) == warnings  # once each, not once per call
+    assert validate_options(options, {"num_beams"}, "generate", specs=specs) == []  # defaults never warn
+
+
+def test_a_run_specs_sections_are_validated_together():
+    """RunSpec.parse checks every section's given options against `COMMAND_OPTIONS[command]` at parse time."""
+    from scalevae.options import merged_options
+    from scalevae.recipe import RunSpec
+
+    argv = ["--output_dir", "x", "--kl_n_cycle", "3", "--train_minutes", "0", "--max_steps", "-1"]
+    with pytest.raises(OptionError, match=r"^train: --max_steps -1: must be a whole number >= 1"):
+        RunSpec.parse(argv)
+    with pytest.raises(OptionError, match=r"^quickstart: --train_minutes 0.0: must be a number > 0"):
+        RunSpec.parse(argv[:-2], command="quickstart")  # max_steps left at TrainingArguments' -1: not checked
+    spec, given, _ = RunSpec.parse(argv[:4])
+    options = merged_options(spec.model, spec.data, spec.run, spec.training)
+    (warning,) = validate_options(options, given, "train", specs=COMMAND_OPTIONS["train"])
+    assert warning == "train: --kl_n_cycle does nothing without --kl_schedule cyclical; it is ignored."
+
+
+def test_a_dataclass_of_options_declares_its_ranges_in_one_place():
+    import dataclasses
+    from dataclasses import dataclass
+
+    @dataclass
+    class GenerateOptions:
+        do_sample: bool = False
+        top_p: float | None = number(low=0, high=1, low_open=True, only_with="do_sample", help="nucleus mass")
+        beams: int = number(1, low=1, integer=True)
+        warmup: int | None = number(low=1, integer=True, required_with=("schedule", "linear"))
+        schedule: str = "constant"
+
+    help_text = {f.name: f.metadata.get("help") for f in dataclasses.fields(GenerateOptions)}
+    assert help_text["top_p"] == "nucleus mass (a number in (0, 1])"
+    assert validate_options(GenerateOptions(top_p=0.5)) == ["--top_p does nothing without --do_sample; it is ignored."]
+    assert validate_options(GenerateOptions(do_sample=True, top_p=1.0)) == []
+    with pytest.raises(OptionError, match=r"--beams 0: must be a whole number >= 1"):
+        validate_options(GenerateOptions(beams=0))
+    with pytest.raises(OptionError, match=r"--schedule linear needs --warmup"):
+        validate_options(GenerateOptions(schedule="linear"))
+    with pytest.raises(OptionError, match=r"width 30 is not a multiple"):
+        validate_options(GenerateOptions(), checks=[lambda o: "width 30 is not a multiple of 4"])
+
+
+# -- train's options ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", ["0", "-2"])
+def test_max_steps_zero_is_refused(tmp_path, train_command, train_data, steps):
+    with pytest.raises(ValueError, match=rf"--max_steps {steps}: must be a whole number >= 1"):
+        main(train_command(tmp_path, train_data, "--max_steps", steps))
+    assert not (tmp_path / "final").exists()
+
+
+def test_max_length_beyond_the_decoder_positions_is_refused(tmp_path, train_command, train_data):
+    with pytest.raises(
+        ValueError,
+        match=r"--max_length 200: must be a whole number in \[2, \d+\] \(the encoder takes \d+ tokens, the decoder 128 positions",
+    ):
+        main(train_command(tmp_path, train_data, "--max_steps", "1") + ["--max_length", "200"])
+
+
+def test_max_length_fits_both_the_encoder_and_the_decoder():
+    short_encoder = tester.get_config(encoder_positions=40, decoder_positions=80)
+    check_max_length(40, short_encoder)
+    with pytest.raises(
+        OptionError, match=r"--max_length 41: .*\[2, 40\] \(the encoder takes 40 tokens, the decoder 80"
+    ):
+        check_max_length(41, short_encoder)
+    memory = tester.get_config(encoder_positions=512, decoder_positions=80, latent_injection="memory")
+    with pytest.raises(OptionError, match=r"--max_length 100000: .*\[2, 79\].*of which the latent takes one"):
+        check_max_length(100000, memory)
+    check_max_length(80, tester.get_config(encoder_positions=512, decoder_positions=80, latent_injection="embedding"))
+
+
+# -- the output folder --------------------------------------------------------------------------------------------
+
+
+def test_the_output_folder_is_never_the_input_model_folder(tmp_path):
+    model = tmp_path / "runs" / "final"
+    model.mkdir(parents=True)
+    os.symlink(model, tmp_path / "link")
+    for output, relation in [
+        (model, "is"),
+        (tmp_path / "link", "is"),
+        (model / "more", "lies inside"),
+        (tmp_path / "runs", "holds"),
+    ]:
+        with pytest.raises(OptionError, match=rf"--output_dir {output} {relation} the input model folder {model}"):
+            check_output_folder(output, model)
+    check_output_folder(tmp_path / "other", model, None, "someone/hub-model")  # no local folder in common
+
+
+def test_fine_tuning_never_writes_into_the_model_folder_it_reads(tiny_folder, tmp_path):
+    """`train --model_name_or_path D --output_dir D` wrote checkpoints and final/ inside the input folder."""
+    data = corpus_file(tmp_path, lines=16)
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_folder.iterdir()}
+    for output in (tiny_folder, tiny_folder.parent):
+        argv = [
+            "train",
+            "--model_name_or_path",
+            str(tiny_folder),
+            "--output_dir",
+            str(output),
+            "--train_file",
+            str(data),
+        ]
+        with pytest.raises(
+            OptionError, match=rf"--output_dir {output} (is|holds) the input model folder {tiny_folder}"
+        ):
+            main([*argv, "--max_steps", "1", "--report_to", "none", "--use_cpu", "--max_length", "16"])
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_folder.iterdir()} == before

@@ -1,0 +1,146 @@
+"""Checkpoints and resuming: the same seed gives the same weights, a resumed run matches the uninterrupted one, and a
+damaged or incomplete checkpoint is named before any step runs."""
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from scalevae import LatentText, hub
+from scalevae.cli import main
+from tests.model_tester import (
+    assert_same_tensors,
+    checkpointing_trainer,
+    flip_bit,
+    saved_tensors,
+)
+
+# -- reproducible and resumable CLI training ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on shared CPUs: intra-op threads only contend. Module-wide, so that the runs compared bit for bit
+    (an interrupted and an uninterrupted one) add their floats in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_b(tmp_path_factory, train_command, train_data):
+    """tiny_run again, in another process's shoes: same command, another folder."""
+    output = tmp_path_factory.mktemp("run_b")
+    main(train_command(output, train_data, "--max_steps", "6", "--save_steps", "3"))
+    return output
+
+
+def test_same_seed_gives_bit_identical_weights(tiny_run, run_b):
+    assert_same_tensors(saved_tensors(tiny_run / "final"), saved_tensors(run_b / "final"))
+
+
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tiny_run, run_b, tmp_path, train_command, train_data):
+    # run B killed right after its step-3 checkpoint: only that checkpoint is left
+    shutil.copytree(run_b / "checkpoint-3", tmp_path / "checkpoint-3")
+    main(
+        train_command(
+            tmp_path,
+            train_data,
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "3",
+            "--resume_from_checkpoint",
+            str(tmp_path / "checkpoint-3"),
+        )
+    )
+    resumed, uninterrupted = saved_tensors(tmp_path / "final"), saved_tensors(tiny_run / "final")
+    assert_same_tensors(resumed, uninterrupted)
+    assert not torch.equal(uninterrupted["collapse.scale_factors"], torch.ones(4))  # the factors did move
+
+
+def test_resume_with_another_model_setting_names_the_field(tiny_run, tmp_path, train_command, train_data):
+    with pytest.raises(ValueError, match=r"collapse_strategy='vae' now, 'scale' in the checkpoint"):
+        main(
+            train_command(
+                tmp_path,
+                train_data,
+                "--max_steps",
+                "6",
+                "--collapse_strategy",
+                "vae",
+                "--resume_from_checkpoint",
+                str(tiny_run / "checkpoint-3"),
+            )
+        )
+    assert not (tmp_path / "final").exists()
+
+
+def test_trainer_checkpoints_are_complete_folders(tiny_run):
+    checkpoint = tiny_run / "checkpoint-3"
+    assert hub.missing_files(checkpoint) == []
+    text = LatentText.from_pretrained(checkpoint)
+    assert len(text.sample(2, max_new_tokens=3)) == 2
+
+
+# -- resuming through the Trainer ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory, tiny_encoder_path):
+    """A 4-step run with checkpoints at steps 2 and 4."""
+    output = tmp_path_factory.mktemp("checkpointed")
+    checkpointing_trainer(output, tiny_encoder_path).train()
+    return output
+
+
+def copied_checkpoint(checkpointed, tmp_path):
+    return Path(shutil.copytree(checkpointed / "checkpoint-2", tmp_path / "resume-from"))
+
+
+def test_resume_refuses_a_checkpoint_with_a_flipped_weight_bit(checkpointed, tmp_path, tiny_encoder_path):
+    checkpoint = copied_checkpoint(checkpointed, tmp_path)
+    flip_bit(checkpoint / "model.safetensors", "collapse.scale_factors")
+    trainer = checkpointing_trainer(tmp_path / "out", tiny_encoder_path)
+    with pytest.raises(
+        OSError, match=rf"resume_from_checkpoint {checkpoint}: {checkpoint}/model\.safetensors is corr"
+    ):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0 and not (tmp_path / "out" / "checkpoint-4").exists()
+
+
+def test_resume_from_a_truncated_checkpoint_names_the_file(checkpointed, tmp_path, tiny_encoder_path):
+    checkpoint = copied_checkpoint(checkpointed, tmp_path)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=rf"{weights} is truncated"):
+        checkpointing_trainer(tmp_path / "out", tiny_encoder_path).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_resume_without_optimizer_or_rng_state_says_which_and_what_changes(
+    checkpointed, tmp_path, tiny_encoder_path, caplog
+):
+    checkpoint = copied_checkpoint(checkpointed, tmp_path)
+    (checkpoint / "optimizer.pt").unlink()
+    (checkpoint / "rng_state.pth").unlink()
+    with caplog.at_level(logging.WARNING, logger="scalevae.training"):
+        trainer = checkpointing_trainer(tmp_path / "out", tiny_encoder_path)
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    warned = [r.getMessage() for r in caplog.records if "Resuming from" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert (
+        "without optimizer.pt (the optimizer's state" in warned[0] and "rng_state.pth (the random state" in warned[0]
+    )
+    assert "scheduler.pt" not in warned[0] and "will not reproduce the uninterrupted run" in warned[0]
+    assert trainer.state.global_step == 4  # it does resume
+
+
+def test_training_args_bin_is_readable_by_its_owner_only(checkpointed, tmp_path, tiny_encoder_path):
+    for step in (2, 4):
+        assert (checkpointed / f"checkpoint-{step}" / "training_args.bin").stat().st_mode & 0o777 == 0o600
+    trainer = checkpointing_trainer(tmp_path / "out", tiny_encoder_path)
+    trainer.save_model(str(tmp_path / "saved"))  # the Trainer's own save writes it too
+    assert (tmp_path / "saved" / "training_args.bin").stat().st_mode & 0o777 == 0o600
