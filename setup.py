@@ -56,6 +56,9 @@ setup(
     # text classifier (`scalevae.control`).
     extras_require={
         "probe": ["scikit-learn>=1.5"],
+        # `scalevae demo` and the Space a saved folder can carry (pandas feeds Gradio's plots); selenium drives the
+        # page's browser test.
+        "demo": ["gradio>=6.31", "pandas>=2.2", "selenium>=4.30"],
         "test": ["pytest>=8", "scikit-learn>=1.5", "ruff==0.16.9", "deepspeed>=0.15"],
     },
     entry_points={"console_scripts": ["scalevae=scalevae.cli:main"]},

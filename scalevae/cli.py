@@ -1,4 +1,4 @@
-"""The `scalevae` command: quickstart, train, evaluate, generate."""
+"""The `scalevae` command: quickstart, train, evaluate, generate, edit, compare, demo."""
 
 import argparse
 import json
@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
 
         quickstart(argv[1:])
         return
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo
+
+        demo(argv[1:])
+        return
     if argv[:1] == ["compare"]:
         from .compare import format_markdown, run_comparison
 
@@ -183,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         "compare",
         help="train every collapse remedy with the same model, data and seeds; write a table, JSON and PNGs (--help)",
     )
+
+    commands.add_parser("demo", help="a local Gradio page over a saved model's latent space (--help; needs [demo])")
 
     args = parser.parse_args(argv)
     from .options import COMMAND_OPTIONS, validate_options

@@ -240,6 +240,7 @@ def save_model(
     metrics: dict | None = None,
     training: dict | None = None,
     state_dict: dict | None = None,
+    space: bool = False,
 ) -> Path:
     """Save a complete, Hub-ready folder, atomically: config.json (with `auto_map` and the scalevae version), the two
     model code files, model.safetensors (scale factors included), generation_config.json, the encoder's tokenizer at
@@ -251,14 +252,18 @@ def save_model(
     same folder, or a save into a training run's folder, raises `FolderInUseError`. A full disk raises an OSError
     (ENOSPC) that says so and names the folder; the partial save is removed. `state_dict`, as in `save_pretrained`:
     the weights to write instead of the model's own (e.g. `accelerator.get_state_dict(model)` gathered under FSDP).
+    With `space`, the folder also runs as a Gradio Space as it is: app.py, requirements.txt and a copy of this package
+    (`scalevae.demo.write_space_files`; the page of `scalevae demo`).
     """
     folder = Path(folder).absolute()
     with writer_lock(folder, "save"):
-        return _save_model_locked(folder, model, encoder_tokenizer, decoder_tokenizer, metrics, training, state_dict)
+        return _save_model_locked(
+            folder, model, encoder_tokenizer, decoder_tokenizer, metrics, training, state_dict, space
+        )
 
 
 def _save_model_locked(
-    folder: Path, model, encoder_tokenizer, decoder_tokenizer, metrics, training, state_dict=None
+    folder: Path, model, encoder_tokenizer, decoder_tokenizer, metrics, training, state_dict=None, space=False
 ) -> Path:
     recover_interrupted_save(folder)
     if folder.exists():
@@ -278,6 +283,10 @@ def _save_model_locked(
         model.save_pretrained(new, state_dict=state_dict)
         save_tokenizers(new, encoder_tokenizer, decoder_tokenizer)
         write_model_card(new, model, metrics, training, model_name=(training or {}).get("model_name") or folder.name)
+        if space:
+            from .demo import write_space_files
+
+            write_space_files(new)
         missing = missing_files(new)
         if missing:
             raise RuntimeError(
