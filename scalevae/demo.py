@@ -340,6 +340,11 @@ def _frame(rows: list[tuple], columns: list[str]):
     return pandas.DataFrame(rows, columns=columns)
 
 
+# The map's colours: the labels take the palette in order; typed sentences and paths stand out in red over grey.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+HIGHLIGHT, BACKGROUND = "#d62728", "#c8c8c8"
+
+
 def _on_map(demo: LatentDemo, points: list[tuple[float, float, str, str]]):
     """The map's sentences in grey ("map") under the given points (x, y, kind, text), for the small plots."""
     rows = [(x, y, "map", text) for (x, y), text in zip(demo.map_xy.tolist(), demo.sentences)]
@@ -430,7 +435,15 @@ def build_app(demo: LatentDemo, max_queue: int = 32):
             int_out = gr.Textbox(
                 label="texts along the path, A to B (one per line)", elem_id="interpolate-output", interactive=False
             )
-            int_plot = gr.ScatterPlot(x="x", y="y", color="kind", tooltip=["text"], height=300, label="the path")
+            int_plot = gr.ScatterPlot(
+                x="x",
+                y="y",
+                color="kind",
+                color_map={"map": BACKGROUND, "path": HIGHLIGHT},
+                tooltip=["text"],
+                height=300,
+                label="the path on the map",
+            )
             int_go.click(guarded(interpolate), [int_a, int_b, int_steps], [int_out, int_plot], api_name="interpolate")
         with gr.Tab("Sample"):
             prior = demo.text.model.config.prior
@@ -473,12 +486,26 @@ def build_app(demo: LatentDemo, max_queue: int = 32):
                     guarded(edit), [edit_in, edit_to, edit_strength], [edit_out, edit_from, edit_lp], api_name="edit"
                 )
         with gr.Tab("Map"):
+            # The map opens with one sentence placed on it: the plot fixes its colours from the first value it shows,
+            # so "typed" must be among them from the start.
             map_typed = gr.Textbox(
-                label=f"sentences to place on the map (one per line, at most {limits.max_typed})", lines=3
+                demo.sentences[0],
+                label=f"sentences to place on the map (one per line, at most {limits.max_typed})",
+                lines=3,
+                elem_id="map-typed",
             )
             map_go = gr.Button("Draw", elem_id="map-run")
+            names = sorted(set(demo.labels or ["sentence"]))
+            colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)} | {"typed": HIGHLIGHT}
             map_plot = gr.ScatterPlot(
-                draw_map(""), x="x", y="y", color="label", tooltip=["text"], height=500, label="PCA of the latents"
+                draw_map(demo.sentences[0]),
+                x="x",
+                y="y",
+                color="label",
+                color_map=colours,
+                tooltip=["text"],
+                height=560,
+                label="PCA of the latents (hover for the text)",
             )
             map_go.click(guarded(draw_map), map_typed, map_plot, api_name="map")
     page.queue(max_size=max_queue, default_concurrency_limit=1)
