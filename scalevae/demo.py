@@ -145,6 +145,38 @@ def _duplicates(texts: Sequence[str]) -> list[int | None]:
     return marks
 
 
+PROJECTIONS = ("auto", "pca", "umap")
+
+
+def fit_projection(latents: torch.Tensor, method: str = "auto"):
+    """(name, project): the map's 2-D projection fitted on `latents` (n, d), and the function that places any latents
+    (m, d) on it, as an (m, 2) float64 tensor. `"pca"`: the two directions of largest spread, signs fixed so a rerun
+    draws the same map; `"umap"`: UMAP (the optional `umap-learn` package, seeded); `"auto"`: UMAP when installed."""
+    if method not in PROJECTIONS:
+        raise DemoSetupError(f"--projection {method!r} is not one of {PROJECTIONS}.")
+    if method in ("auto", "umap"):
+        try:
+            import umap
+        except ImportError:
+            if method == "umap":
+                raise DemoSetupError(
+                    "--projection umap needs the umap-learn package: pip install umap-learn."
+                ) from None
+        else:
+            reducer = umap.UMAP(n_components=2, random_state=0).fit(latents.double().cpu().numpy())
+            guard = threading.Lock()  # UMAP's transform keeps state between calls: one request at a time
+
+            def place(z: torch.Tensor) -> torch.Tensor:
+                with guard:
+                    return torch.as_tensor(reducer.transform(z.double().cpu().numpy()), dtype=torch.float64)
+
+            return "UMAP", place
+    centre = latents.double().cpu().mean(0)
+    _, _, vh = torch.linalg.svd(latents.double().cpu() - centre, full_matrices=False)
+    axes = vh[:2] * torch.sign(vh[:2].gather(1, vh[:2].abs().argmax(1, keepdim=True)))
+    return "PCA", lambda z: (z.double().cpu() - centre) @ axes.T
+
+
 class LatentDemo:
     """The page's handlers over one `LatentText` and the map's sentences (`sentences`, optional `labels`): each
     checks its inputs against `limits`, holds `lock` while it runs the model, and returns plain Python values."""
@@ -157,6 +189,7 @@ class LatentDemo:
         limits: Limits = Limits(),
         source: str = "",
         name: str = "",
+        projection: str = "auto",
     ):
         self.text, self.limits, self.source, self.name = text, limits, source, name
         self.sentences = list(sentences)
@@ -164,12 +197,7 @@ class LatentDemo:
         self.lock = threading.Lock()
         self.text.model.eval()
         self.latents = text.encode_in_batches(self.sentences).double().cpu()
-        # PCA of the map's latents: the two directions of largest spread, signs fixed so a rerun draws the same map.
-        self.centre = self.latents.mean(0)
-        _, _, vh = torch.linalg.svd(self.latents - self.centre, full_matrices=False)
-        axes = vh[:2]
-        signs = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))
-        self.axes = axes * signs
+        self.projection, self.project = fit_projection(self.latents, projection)
         self.map_xy = self.project(self.latents)
         self.typical_norm = float(self.latents.norm(dim=1).median())
 
@@ -181,6 +209,7 @@ class LatentDemo:
         labels_file: str | os.PathLike | None = None,
         max_sentences: int = 2000,
         device: str = "cpu",
+        projection: str = "auto",
     ) -> "LatentDemo":
         """The demo of a saved folder, or `DemoSetupError` saying why the folder cannot serve one. The map's sentences:
         `sentences_file` (and `labels_file`), else the folder's `demo_sentences.txt` (and `.label`), else the
@@ -207,7 +236,8 @@ class LatentDemo:
             text.model.to(device)
         except Exception as error:  # any failure to load is the folder's problem, and must stop the start-up
             raise DemoSetupError(f"cannot load the model in {folder}: {type(error).__name__}: {error}") from error
-        return cls(text, sentences, labels, source=str(sentences_file or EMBEDDED_SENTENCES), name=folder.name)
+        source = str(sentences_file or EMBEDDED_SENTENCES)
+        return cls(text, sentences, labels, source=source, name=folder.name, projection=projection)
 
     # -- inputs ------------------------------------------------------------------------------------------------------
 
@@ -220,10 +250,6 @@ class LatentDemo:
 
     def _decoding(self, **settings) -> dict:
         return dict(GREEDY, max_new_tokens=self.limits.max_new_tokens, **settings)
-
-    def project(self, latents: torch.Tensor) -> torch.Tensor:
-        """The 2-D map coordinates of latents (n, d)."""
-        return (latents.double().cpu() - self.centre) @ self.axes.T
 
     # -- the tabs -----------------------------------------------------------------------------------------------------
 
@@ -505,7 +531,7 @@ def build_app(demo: LatentDemo, max_queue: int = 32):
                 color_map=colours,
                 tooltip=["text"],
                 height=560,
-                label="PCA of the latents (hover for the text)",
+                label=f"{demo.projection} of the latents (hover for the text)",
             )
             map_go.click(guarded(draw_map), map_typed, map_plot, api_name="map")
     page.queue(max_size=max_queue, default_concurrency_limit=1)
@@ -544,6 +570,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max_sentences", type=int, default=2000, help=f"sentences on the map (at most {MAX_MAP_SENTENCES})"
     )
     parser.add_argument("--max_queue", type=int, default=32, help="requests waiting at most; more are refused")
+    parser.add_argument(
+        "--projection", default="auto", choices=PROJECTIONS, help="the map's: UMAP when umap-learn is installed (auto)"
+    )
     parser.add_argument("--device", default="cpu")
     return parser.parse_args(argv)  # fmt: skip
 
@@ -554,7 +583,9 @@ def serve(args: argparse.Namespace, host: str | None = "127.0.0.1", block: bool 
     if not 1 <= args.max_queue <= 1000:
         raise SystemExit(f"--max_queue {args.max_queue} must be in [1, 1000].")
     try:
-        demo = LatentDemo.load(args.folder, args.sentences, args.labels, args.max_sentences, args.device)
+        demo = LatentDemo.load(
+            args.folder, args.sentences, args.labels, args.max_sentences, args.device, args.projection
+        )
     except DemoSetupError as error:
         raise SystemExit(f"scalevae demo: {error}") from None
     page = build_app(demo, args.max_queue)

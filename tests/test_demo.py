@@ -18,10 +18,12 @@ from scalevae.demo import (
     GREEDY,
     INSTALL_HINT,
     DemoInputError,
+    DemoSetupError,
     LatentDemo,
     Limits,
     class_direction,
     class_log_probs,
+    fit_projection,
     parse_args,
     serve,
 )
@@ -129,6 +131,38 @@ def test_the_map_holds_the_sentences_their_labels_and_the_typed_ones(demo, revie
     assert len(result["typed_xy"]) == 2
     on_map = demo.sentences.index(reviews[0][0])  # the first review is on the map too
     assert result["typed_xy"][1] == pytest.approx(result["xy"][on_map], abs=1e-4)
+
+
+def test_the_map_is_the_pca_of_the_latents_unless_umap_is_installed(demo, monkeypatch):
+    assert demo.projection == "PCA"  # umap-learn is not a dependency
+    centred = demo.latents - demo.latents.mean(0)
+    xy = demo.map_xy
+    assert xy.var(0)[0] >= xy.var(0)[1] > 0
+    # the two axes hold as much of the spread as any two orthogonal directions can: the top singular values
+    assert (xy.pow(2).sum()).item() == pytest.approx(torch.linalg.svdvals(centred)[:2].pow(2).sum().item(), rel=1e-6)
+    monkeypatch.setitem(sys.modules, "umap", None)
+    with pytest.raises(DemoSetupError, match="--projection umap needs the umap-learn package"):
+        fit_projection(demo.latents, "umap")
+    assert fit_projection(demo.latents, "auto")[0] == "PCA"
+
+    class FakeUMAP:  # what the page asks of umap-learn: fit, then transform
+        def __init__(self, n_components, random_state):
+            assert (n_components, random_state) == (2, 0)
+
+        def fit(self, features):
+            self.offset = features.mean(0)[:2]
+            return self
+
+        def transform(self, features):
+            return features[:, :2] - self.offset
+
+    monkeypatch.setitem(sys.modules, "umap", type(sys)("umap"))
+    sys.modules["umap"].UMAP = FakeUMAP
+    name, place = fit_projection(demo.latents, "auto")
+    assert name == "UMAP"
+    assert torch.allclose(place(demo.latents[:3]), demo.latents[:3, :2] - demo.latents[:, :2].mean(0))
+    with pytest.raises(DemoSetupError, match="--projection 'tsne' is not one of"):
+        fit_projection(demo.latents, "tsne")
 
 
 def test_concurrent_requests_each_get_their_single_user_answer(demo, reviews):

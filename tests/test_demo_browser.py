@@ -7,6 +7,7 @@ test fails if the page shows an error toast, and checks that it would: an empty 
 Slow (a server and a browser start): `python -m pytest -m slow tests/test_demo_browser.py`. Without Chromium or
 Selenium it skips, unless SCALEVAE_REQUIRE_BROWSER is set (CI sets it after installing them): then it fails."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -55,42 +56,56 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@contextlib.contextmanager
+def server(command: list[str], cwd: Path, log_path: Path, port: int):
+    """A demo server process, until it answers on 127.0.0.1:`port` (its URL is yielded); stopped on exit."""
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", GRADIO_SERVER_PORT=str(port))
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + STARTUP_SECONDS
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"the demo server exited ({process.returncode}): {log_path.read_text()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the demo server did not answer within {STARTUP_SECONDS} s")
+                time.sleep(1)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def yelp():
+    return shared_file("yelp_sentiment.train.txt"), shared_file("yelp_sentiment.train.label")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, yelp):
+    pytest.importorskip("gradio")
+    return build_demo_folder(tmp_path_factory.mktemp("demo") / "model", *yelp)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, folder, yelp):
     """(url, folder, the reviews): the demo command serving the tiny model, stopped after the module."""
     browser_or_skip()
-    pytest.importorskip("gradio")
-    yelp = shared_file("yelp_sentiment.train.txt"), shared_file("yelp_sentiment.train.label")
-    folder = build_demo_folder(tmp_path_factory.mktemp("demo") / "model", *yelp)
     port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "scalevae.cli", "demo", str(folder), "--port", str(port)]
     command += ["--sentences", str(yelp[0]), "--labels", str(yelp[1]), "--max_sentences", "400"]
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the demo server exited ({server.returncode}): {Path(log.name).read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the demo server did not answer within {STARTUP_SECONDS} s")
-            time.sleep(1)
+    with server(command, REPO, tmp_path_factory.mktemp("server") / "server.log", port) as url:
         yield url, folder, short_reviews(*yelp)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 @pytest.fixture
@@ -212,3 +227,19 @@ def test_interpolate_and_edit_in_a_browser_match_latent_text(served, browser, tm
     page.driver.find_element(page.by.ID, "reconstruct-run").click()
     time.sleep(3)
     assert any("sentence is empty" in error for error in page.errors()), page.errors()
+
+
+def test_a_folder_saved_as_a_space_serves_the_page_from_its_app(folder, yelp, tmp_path):
+    """`save_model(space=True)`'s folder runs as it is: `python app.py` inside it serves the page (on the port a Space
+    gives it in GRADIO_SERVER_PORT), whose answers are LatentText's."""
+    from gradio_client import Client
+
+    from scalevae.hub import save_model
+
+    text = LatentText.from_pretrained(folder)
+    space = save_model(tmp_path / "space", text.model, text.encoder_tokenizer, text.decoder_tokenizer, space=True)
+    port = free_port()
+    with server([sys.executable, "app.py"], space, tmp_path / "space.log", port) as url:
+        client = Client(url, verbose=False)
+        review = short_reviews(*yelp)[0][0]
+        assert client.predict(review, api_name="/reconstruct")[0] == text.reconstruct([review], **DECODING)[0]
