@@ -118,6 +118,10 @@ class ScaleVAEConfig(PreTrainedConfig):
         bn_gamma (`float`, defaults to 0.5):
             BN-VAE's fixed γ: μ is batch-normalised with scale γ, which bounds the expected KL below by
             latent_size · γ² / 2.
+        word_dropout (`float`, defaults to 0.0):
+            Word dropout (Bowman et al. 2016) for every remedy: in training, each text token of the decoder's input
+            (never its BOS) has its embedding zeroed with this probability, so the next word must come from z and the
+            words before it. In [0, 0.9]; off at evaluation and generation.
         prior (`str`, defaults to `"full"`):
             The generative model's prior p(z), used by `sample_prior`, `decoder_kl`, the ELBO and the
             importance-weighted NLL (training's loss keeps the KL of the original posterior to N(0, I) either way). The
@@ -167,6 +171,7 @@ class ScaleVAEConfig(PreTrainedConfig):
     scale_freeze_epochs: int = 1
     free_bits: float = 0.5
     bn_gamma: float = 0.5
+    word_dropout: float = 0.0
     prior: str = "full"
     prior_components: int = 4
     prior_momentum: float = 0.01
@@ -267,6 +272,7 @@ class ScaleVAEConfig(PreTrainedConfig):
             "free_bits": (0.0, 1e3, True),
             "bn_gamma": (0.0, 1e3, False),
             "prior_momentum": (0.0, 1.0, False),
+            "word_dropout": (0.0, 0.9, True),
         }
         for field, (low, high, inclusive) in ranges.items():
             value = getattr(self, field)

@@ -1162,6 +1162,11 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         check_values = first_call and not self.training and not torch.compiler.is_compiling()
         check_latents(latents, decoder_input_ids.shape[0], self.config.latent_size, check_values)
         embeds = self.decoder.transformer.wte(decoder_input_ids)
+        if self.training and self.config.word_dropout > 0:
+            # Word dropout (Bowman et al. 2016): a dropped token's embedding is zeroed, BOS (position 0) never.
+            keep = torch.rand(decoder_input_ids.shape, device=embeds.device) >= self.config.word_dropout
+            keep[:, 0] = True
+            embeds = embeds * keep.unsqueeze(-1).to(embeds.dtype)
         if self.injection.to_embedding is not None:
             embeds = embeds + self.injection.to_embedding(latents).unsqueeze(1).to(embeds.dtype)
         if self.injection.to_memory is not None:

@@ -19,13 +19,16 @@ Definitions (the README repeats them):
   turn, each floored at 0, averaged over halves and dimensions: 1 when ẑ determines z linearly, about 0 when it
   carries nothing of it); `top1`, the share of the N cycles whose ẑ is, by cosine similarity after subtracting each set's mean,
   closest to its own z among all N (1 for a perfect cycle, 1/N by chance).
-* **Generation** over N prior samples decoded greedily (the texts of the prior cycle): `forward_ppl`, their perplexity
-  under a reference language model trained on the training split (`train_language_model`); `reverse_ppl`, the
-  perplexity of the real test split under a language model of the same size trained on the samples; `distinct_n`,
-  distinct n-grams / all n-grams over all samples (Li et al. 2016); `self_bleu`, the mean sentence BLEU-4 of each
-  sample against all the others (Zhu et al. 2018; sacreBLEU, smoothing "exp"); `mean_length`, decoder tokens per
-  sample, against the data's (test sentences, cut to `max_length` as the model saw them). Tokens for distinct-n and
-  self-BLEU are sacreBLEU's 13a tokens.
+* **Generation** over the N prior latents of the prior cycle, decoded by seeded nucleus sampling (top-p 0.9, the
+  field's protocol; `NUCLEUS_DECODING`): `forward_ppl`, their perplexity under a reference language model trained on
+  the training split (`train_language_model`); `reverse_ppl`, the perplexity of the real test split under a language
+  model of the same size trained on the samples; `distinct_n`, distinct n-grams / all n-grams over all samples (Li et
+  al. 2016); `self_bleu`, the mean sentence BLEU-4 of each sample against all the others (Zhu et al. 2018; sacreBLEU,
+  smoothing "exp"); `repetition`, the share of samples that stutter (`repetition_rate`: a word three times in a row);
+  `mean_length`, decoder tokens per sample, against the data's (test sentences, cut to `max_length` as the model saw
+  them). Tokens for distinct-n, self-BLEU and the repetition rate are sacreBLEU's 13a tokens.
+* **Fluency of reconstructions**: the data cycle's greedy decodings of the test sentences, scored like the samples
+  (`recon_ppl` under the reference language model, `recon_repetition`).
 """
 
 import math
@@ -39,8 +42,15 @@ from .latent import LatentText
 from .metrics import PROBE_SIZES, _evaluating
 
 PROBE_FEATURES = ("mu", "decoder_mu")
+# Generation figures decode prior samples the field's way: nucleus sampling (Holtzman et al. 2020), top-p 0.9 with no
+# top-k cut, seeded. Greedy decoding stays for the consistency cycles, where a text must be a function of its latent;
+# greedy prior samples of a VAE are near-identical sentences that forward perplexity rewards.
+NUCLEUS_DECODING = dict(do_sample=True, top_p=0.9, top_k=0)
+# A word three times in a row ("object object object") is what a reader calls stuttering.
+REPETITION_RUN = 3
 
 __all__ = [
+    "NUCLEUS_DECODING",
     "PROBE_SIZES",
     "consistency_figures",
     "distinct_n",
@@ -49,6 +59,7 @@ __all__ = [
     "language_model_perplexity",
     "latent_codec",
     "mean_token_length",
+    "repetition_rate",
     "reverse_perplexity",
     "self_bleu",
     "train_language_model",
@@ -152,7 +163,9 @@ def top1_retrieval(latents, recovered) -> float:
 def latent_codec(model, encoder_tokenizer, decoder_tokenizer, max_length: int = 32, batch_size: int = 100):
     """(encode, decode) of a trained model, the two halves of a cycle: `encode(texts)` gives the decoder's posterior
     means (N, d) (an empty text is encoded with no token, so every empty decoding gets the same latent); `decode(z)`
-    greedy-decodes up to `max_length` tokens from each latent. Both in eval mode, in batches of `batch_size`."""
+    greedy-decodes up to `max_length` tokens from each latent, and `decode(z, seed=s)` samples them by nucleus
+    sampling (`NUCLEUS_DECODING`) from a random state seeded with s (the caller's state is left as it was). Both in
+    eval mode, in batches of `batch_size`."""
     text = LatentText(model, encoder_tokenizer, decoder_tokenizer, max_length=max_length)
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
@@ -175,12 +188,15 @@ def latent_codec(model, encoder_tokenizer, decoder_tokenizer, max_length: int = 
                 means.append(model.encode(ids.to(model.device), mask.to(model.device)).decoder_mu.float().cpu())
         return torch.cat(means)
 
-    def decode(latents: torch.Tensor) -> list[str]:
-        with _evaluating(model):
+    def decode(latents: torch.Tensor, seed: int | None = None) -> list[str]:
+        decoding = dict(do_sample=False) if seed is None else NUCLEUS_DECODING
+        with _evaluating(model), torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
             return [
                 out
                 for start in range(0, len(latents), batch_size)
-                for out in text.decode(latents[start : start + batch_size], do_sample=False)
+                for out in text.decode(latents[start : start + batch_size], **decoding)
             ]
 
     return encode, decode
@@ -210,6 +226,27 @@ def _bleu_tokens(texts: Sequence[str]) -> list[list[str]]:
 
     tokenize = Tokenizer13a()
     return [tokenize(text.rstrip()).split() for text in texts]
+
+
+def repetition_rate(texts: Sequence[str], run: int = REPETITION_RUN) -> float:
+    """The share of texts in which one word occurs `run` times in a row ("the the the"; words are 13a tokens holding a
+    letter or a digit, compared case-folded, so "..." or "! ! !" do not count). The one definition of stuttering that
+    every command reports; NaN for no texts."""
+    texts = list(texts)
+    if not texts:
+        return math.nan
+    if isinstance(run, bool) or not isinstance(run, int) or run < 2:
+        raise ValueError(f"run={run!r} must be a whole number >= 2.")
+
+    def stutters(tokens: list[str]) -> bool:
+        length = 1
+        for previous, token in zip(tokens, tokens[1:]):
+            length = length + 1 if token.casefold() == previous.casefold() and any(c.isalnum() for c in token) else 1
+            if length >= run:
+                return True
+        return False
+
+    return sum(stutters(tokens) for tokens in _bleu_tokens(texts)) / len(texts)
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -452,20 +489,25 @@ def evaluate_claims(
 
     generator = torch.Generator().manual_seed(seed)
     with _evaluating(model):
-        z, samples, z_hat = prior_cycle(
+        prior_latents, _, z_hat = prior_cycle(
             lambda n: model.sample_prior(n, generator=generator, prior=prior).cpu(), encode, decode, num_prior_samples
         )
-    figures |= {f"consistency_prior_{key}": value for key, value in consistency_figures(z, z_hat).items()}
-    z, _, z_hat = data_cycle(list(texts["test"])[:num_cycle_sentences], encode, decode)
+    figures |= {f"consistency_prior_{key}": value for key, value in consistency_figures(prior_latents, z_hat).items()}
+    z, reconstructions, z_hat = data_cycle(list(texts["test"])[:num_cycle_sentences], encode, decode)
     figures |= {f"consistency_data_{key}": value for key, value in consistency_figures(z, z_hat).items()}
+    figures["recon_repetition"] = repetition_rate(reconstructions)
 
+    # The generation figures: the prior cycle's latents again, decoded by seeded nucleus sampling.
+    samples = decode(prior_latents, seed=seed)
     figures["gen_distinct_1"] = distinct_n(samples, 1)
     figures["gen_distinct_2"] = distinct_n(samples, 2)
     figures["gen_self_bleu"] = self_bleu(samples)
+    figures["gen_repetition"] = repetition_rate(samples)
     figures["gen_mean_length"] = mean_token_length(samples, decoder_tokenizer)
     figures["data_mean_length"] = mean_token_length(texts["test"], decoder_tokenizer, max_length)
     if reference_lm is not None:
         figures["gen_forward_ppl"] = language_model_perplexity(reference_lm, decoder_tokenizer, samples, max_length)
+        figures["recon_ppl"] = language_model_perplexity(reference_lm, decoder_tokenizer, reconstructions, max_length)
     if reverse_lm_steps:
         figures["gen_reverse_ppl"] = reverse_perplexity(
             samples,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .claims import repetition_rate
 from .latent import AttributeDirection, LatentText, evaluating
 from .metrics import reconstruction_bleu
 
@@ -215,10 +216,12 @@ def evaluate_control(
 
     - `control_acc@s`: transfer accuracy, the fraction of edits that `classifier` assigns to the target class;
     - `control_bleu@s`: content kept, sacreBLEU corpus BLEU (0-100) of the edits against their sources;
+    - `control_repetition@s`: the share of edits that stutter (`scalevae.claims.repetition_rate`);
     - `control_ppl@s`: fluency, `fluency(edits)` (e.g. a reference language model's perplexity), when given.
 
     Summary: `control_strength50`, the first strength (in increasing order) whose transfer accuracy reaches 50%, and
-    `control_acc50`, `control_bleu50`, `control_ppl50` there (NaN when none does); `control_separation`, the class
+    `control_acc50`, `control_bleu50`, `control_repetition50`, `control_ppl50` there (NaN when none does);
+    `control_acc_at_bleu1`, the transfer at equal content kept (`transfer_at_bleu`, BLEU 1); `control_separation`, the class
     gap over the within-class spread along the direction (training sentences). `control_examples`: strength ->
     the first `num_examples` (source, edit, target class) triples, as measured (not chosen by hand).
     """
@@ -266,14 +269,16 @@ def evaluate_control(
         predicted = classifier.predict(edits)
         results[_key("control_acc", s)] = sum(p == t for p, t in zip(predicted, targets)) / len(targets)
         results[_key("control_bleu", s)] = reconstruction_bleu(references, edits)
+        results[_key("control_repetition", s)] = repetition_rate(edits)
         if fluency is not None:
             results[_key("control_ppl", s)] = float(fluency(edits))
     reached = [s for s in strengths if results[_key("control_acc", s)] >= TRANSFER_THRESHOLD]
     at = reached[0] if reached else None
     results["control_strength50"] = at if at is not None else math.nan
-    for name in ("acc", "bleu", "ppl"):
+    for name in ("acc", "bleu", "repetition", "ppl"):
         if name != "ppl" or fluency is not None:
             results[f"control_{name}50"] = results[_key(f"control_{name}", at)] if at is not None else math.nan
+    results["control_acc_at_bleu1"] = transfer_at_bleu(results, 1.0)
     results["control_examples"] = examples
     return results
 
@@ -284,6 +289,20 @@ def control_curve(results: dict[str, float], name: str = "control_acc") -> tuple
         (float(key.split("@", 1)[1]), value) for key, value in results.items() if key.startswith(name + "@")
     )
     return [s for s, _ in points], [v for _, v in points]
+
+
+def transfer_at_bleu(results: dict[str, float], bleu: float = 1.0) -> float:
+    """Transfer accuracy at equal content kept: `evaluate_control`'s curve of (BLEU to source, transfer accuracy) over
+    increasing strengths, interpolated linearly in BLEU at `bleu` where the curve first falls through it. NaN when the
+    reconstructions (strength 0) already keep less than `bleu`, or no strength lowers BLEU to it."""
+    strengths, accuracies = control_curve(results, "control_acc")
+    _, bleus = control_curve(results, "control_bleu")
+    if not strengths or bleus[0] < bleu:
+        return math.nan
+    for (b0, a0), (b1, a1) in zip(zip(bleus, accuracies), zip(bleus[1:], accuracies[1:])):
+        if b0 >= bleu >= b1:
+            return a0 if b0 == b1 else a0 + (a1 - a0) * (b0 - bleu) / (b0 - b1)
+    return math.nan
 
 
 def format_examples(examples: Sequence[Sequence[str]]) -> str:

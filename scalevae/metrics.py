@@ -174,8 +174,24 @@ METRICS: dict[str, MetricInfo] = {
     "control_bleu50": MetricInfo(
         "BLEU to source @50%", "BLEU to source at that strength", "BLEU of the edits to their sources there", ".1f"
     ),
+    "control_repetition": MetricInfo(
+        "edit rep.",
+        "repetition rate of the edits",
+        "share of edited sentences with one word three times in a row (lower is better)",
+        ".3f",
+    ),
+    "control_repetition50": MetricInfo(
+        "edit rep. @50%", "repetition rate of the edits at that strength", "repetition rate of the edits there", ".3f"
+    ),
     "control_ppl50": MetricInfo(
         "edit PPL @50%", "perplexity of the edits at that strength", "perplexity of the edits there", ".1f"
+    ),
+    "control_acc_at_bleu1": MetricInfo(
+        "transfer @ BLEU 1",
+        "transfer accuracy at BLEU 1 to the source",
+        "transfer at equal content kept: the transfer-accuracy curve over strengths interpolated where the edits' "
+        "BLEU to their sources falls through 1 (higher is better)",
+        ".3f",
     ),
     "control_separation": MetricInfo(
         "class separation",
@@ -224,9 +240,27 @@ METRICS |= {
     "gen_forward_ppl": MetricInfo(
         "fwd PPL",
         "forward perplexity of prior samples",
-        "perplexity of greedy decodings of prior samples under a GPT-2 of the decoder's size trained on the training "
-        "split (lower: more like the data)",
+        "perplexity of prior samples (nucleus-sampled, top-p 0.9) under a GPT-2 of the decoder's size trained on the "
+        "training split (lower: more like the data)",
         ".1f",
+    ),
+    "gen_repetition": MetricInfo(
+        "sample rep.",
+        "repetition rate of prior samples",
+        "share of prior samples with one word three times in a row (lower is better)",
+        ".3f",
+    ),
+    "recon_ppl": MetricInfo(
+        "recon. PPL",
+        "forward perplexity of reconstructions",
+        "perplexity of the greedy reconstructions of test sentences under the reference language model",
+        ".1f",
+    ),
+    "recon_repetition": MetricInfo(
+        "recon. rep.",
+        "repetition rate of reconstructions",
+        "share of greedy reconstructions of test sentences with one word three times in a row (lower is better)",
+        ".3f",
     ),
     "gen_reverse_ppl": MetricInfo(
         "rev. PPL",
@@ -248,7 +282,7 @@ METRICS |= {
         ".1f",
     ),
     "gen_mean_length": MetricInfo(
-        "sample length", "mean prior-sample length (tokens)", "decoder tokens per greedy prior sample", ".1f"
+        "sample length", "mean prior-sample length (tokens)", "decoder tokens per nucleus-sampled prior sample", ".1f"
     ),
     "data_mean_length": MetricInfo(
         "data length",
@@ -357,10 +391,15 @@ def _log_normal(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _priors_of(model, priors: Sequence[str]) -> dict:
-    """name -> the prior p(z) as a float64 `torch.distributions` object (`model.prior_distribution`); "" is the
-    config's."""
-    return {name: model.prior_distribution(name or None, dtype=torch.float64) for name in priors}
+def _priors_of(model, priors: Sequence[str] | Mapping) -> dict:
+    """name -> the prior p(z) as a float64 `torch.distributions` object; "" is the config's. Names resolve through
+    `model.prior_distribution`; a mapping's distributions (families the model does not hold, fitted apart by
+    `scalevae.training.fit_prior_families`) are used as given, so one pass scores every family."""
+    given = priors if isinstance(priors, Mapping) else {}
+    return {
+        name: given.get(name) if given.get(name) is not None else model.prior_distribution(name or None, torch.float64)
+        for name in priors
+    }
 
 
 def _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator, priors=("",)) -> dict:
@@ -672,12 +711,14 @@ def evaluate_model(
     max_batches: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
-    priors: Sequence[str] = (),
+    priors: Sequence[str] | Mapping = (),
 ) -> dict:
     """Every corpus-level metric in one pass over `dataloader` (at most `max_batches` batches); a flat dict of floats
     (ints for the counts). The density figures (`nll`, `ppl`, `elbo`, `decoder_kl`) are under the model's prior
     (`config.prior`); each name in `priors` (`"fitted"`, `"scaled"`) adds them under that prior as `nll_fitted`, ...,
-    computed from the same importance samples. N = `num_sentences`, T = `num_tokens` (counted tokens: labels != -100, i.e. each sentence's
+    computed from the same importance samples. `priors` may also map names to distributions the model does not hold
+    (`scalevae.training.fit_prior_families`): every family is scored in this one pass, and MI, AU, the shuffle gap and
+    the reconstruction are computed once. N = `num_sentences`, T = `num_tokens` (counted tokens: labels != -100, i.e. each sentence's
     tokens and its EOS; not BOS, not padding). All NLLs are in nats.
 
     - `nll`: −IW log p(x) (`iw_log_likelihood` with k = `num_importance_samples` samples from the decoder's posterior),
@@ -706,7 +747,10 @@ def evaluate_model(
 
     stochastic = model.collapse.stochastic
     use_iw = stochastic and bool(num_importance_samples)
-    prior_names = ["", *priors]
+    prior_distributions = _priors_of(
+        model, {"": None, **(priors if isinstance(priors, Mapping) else dict.fromkeys(priors))}
+    )
+    prior_names = list(prior_distributions)
     accumulated, decoder_batches = PosteriorAccumulator(), []
     try:
         total = len(dataloader)
@@ -730,16 +774,18 @@ def evaluate_model(
                 "kl": gaussian_kl(posterior.mu.double(), posterior.logvar.double()).sum(),
                 "correct_tokens": ((logits.argmax(-1) == labels) & (labels != -100)).sum(),
             }
-            for name, prior in _priors_of(model, prior_names).items():
-                sums[_with_prior("decoder_kl", name)] = _decoder_kl(posterior, prior, generator).sum()
             if use_iw:
                 iw = _iw_from_posterior(
-                    model, batch, posterior, num_importance_samples, chunk_size, generator, prior_names
+                    model, batch, posterior, num_importance_samples, chunk_size, generator, prior_distributions
                 )
                 sums |= {_with_prior("iw_nll", name): -iw[name].sum() for name in prior_names}
             if stochastic:
-                bound = _elbo_from_posterior(model, batch, posterior, generator, prior_names)
+                bound = _elbo_from_posterior(model, batch, posterior, generator, prior_distributions)
                 sums |= {_with_prior("elbo", name): bound[name].sum() for name in prior_names}
+            # Last: a mixture's Monte Carlo KL draws from `generator`, and the importance samples above must not
+            # depend on which families are scored beside the model's own.
+            for name, prior in prior_distributions.items():
+                sums[_with_prior("decoder_kl", name)] = _decoder_kl(posterior, prior, generator).sum()
             accumulated.add(posterior, labels, **sums)
             mask = None if decoder_attention_mask is None else decoder_attention_mask.cpu()
             decoder_batches.append((decoder_input_ids.cpu(), mask, labels.cpu()))

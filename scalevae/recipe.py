@@ -40,7 +40,7 @@ from transformers.utils import logging as hf_logging
 from configuration_scalevae import PAPER_ALIASES, PRIORS, ScaleVAEConfig
 
 from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-from .training import KL_SCHEDULES, KLSchedule, make_trainer, prior_fit_batches
+from .training import KL_SCHEDULES, KLSchedule, fit_prior_families, make_trainer, prior_fit_batches
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The spec
@@ -683,18 +683,6 @@ def train(spec: RunSpec, data: RunData, model, callbacks=(), desc: str = "train"
     return trainer, budget.elapsed
 
 
-def refitted_prior(model, family: str, data: RunData, spec: RunSpec, seed: int):
-    """A copy of `model` whose prior is `family` (`"full"`, `"mixture"`), fitted on the training sentences the model's
-    own prior was fitted on, so every remedy can be scored under every family of the same fit."""
-    import copy
-
-    other = copy.deepcopy(model)
-    other.set_prior(family)
-    batches = prior_fit_batches(data.dataset["train"], data.collator, spec.run.prior_fit_sentences)
-    other.fit_prior(batches, generator=torch.Generator().manual_seed(seed))
-    return other.eval()
-
-
 def evaluate(
     spec: RunSpec,
     data: RunData,
@@ -713,29 +701,26 @@ def evaluate(
 
     seed = spec.training.seed if seed is None else seed
     model.eval()
-    # Families the model does not hold: a copy refitted to each scores the same importance samples (an AE has no
-    # density to score).
+    # Families the model does not hold are fitted apart and scored in the same pass (an AE has no density to score).
     others = [family for family in spec.run.priors if family in ("full", "mixture") and family != model.config.prior]
-    refitted = {f: refitted_prior(model, f, data, spec, seed) for f in others if model.collapse.stochastic}
+    priors = dict.fromkeys(p for p in spec.run.priors if p not in others)
+    if others and model.collapse.stochastic:
+        batches = prior_fit_batches(data.dataset["train"], data.collator, spec.run.prior_fit_sentences)
+        priors |= fit_prior_families(model, batches, others, seed)
     results = {}
     for split in spec.run.eval_splits:
         if split not in data.dataset:
             continue
         loader = data.loader(split)
 
-        def density(model, priors):
-            return evaluate_model(
-                model,
-                loader,
-                num_importance_samples=spec.run.num_importance_samples,
-                generator=torch.Generator().manual_seed(seed),
-                progress=progress,
-                priors=priors,
-            )
-
-        metrics = density(model, tuple(p for p in spec.run.priors if p not in others))
-        for family, other in refitted.items():
-            metrics |= {k: v for k, v in density(other, (family,)).items() if k.endswith(f"_{family}")}
+        metrics = evaluate_model(
+            model,
+            loader,
+            num_importance_samples=spec.run.num_importance_samples,
+            generator=torch.Generator().manual_seed(seed),
+            progress=progress,
+            priors=priors,
+        )
         metrics["bleu"] = reconstruction_bleu_of(
             model,
             data.texts[split][: spec.run.bleu_sentences],

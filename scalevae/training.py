@@ -139,6 +139,35 @@ def prior_fit_batches(train_dataset, data_collator, num_sentences: int = 4000, b
     return DataLoader(sample, batch_size=batch_size, collate_fn=data_collator)
 
 
+@torch.no_grad()
+def fit_prior_families(model, batches, families, seed: int = 0) -> dict:
+    """family -> that prior (float64 `torch.distributions`) fitted to the model's aggregate posterior on `batches`
+    (`prior_fit_batches`: the sentences its own prior was fitted on), without changing the model: families it does not
+    hold ("full", "mixture") scored beside its own in one `evaluate_model` pass, instead of on refitted copies."""
+    from configuration_scalevae import ScaleVAEConfig
+    from modeling_scalevae import FittedPrior
+
+    was_training = model.training
+    model.eval()
+    try:
+        posteriors = [
+            model.encode(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+            for batch in batches
+        ]
+    finally:
+        model.train(was_training)
+    decoder_mu = torch.cat([p.decoder_mu for p in posteriors]).float()
+    logvar = torch.cat([p.logvar for p in posteriors]).float()
+    fitted = {}
+    for family in families:
+        config = ScaleVAEConfig.from_dict(model.config.to_dict())
+        config.prior = family
+        prior = FittedPrior(config).to(decoder_mu.device)
+        prior.fit(decoder_mu, logvar, torch.Generator().manual_seed(seed))  # the mixture's EM draws are seeded
+        fitted[family] = prior.distribution(family, dtype=torch.float64)
+    return fitted
+
+
 class LatentMonitorCallback(TrainerCallback):
     """At every logging step, measures the latent on a fixed probe set and adds it to the logged values:
     reconstruction loss and KL (paper's and bound's), mutual information and active units on the encoder's posterior

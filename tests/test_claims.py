@@ -15,8 +15,10 @@ from scalevae.claims import (
     evaluate_claims,
     few_label_probe,
     language_model_perplexity,
+    latent_codec,
     mean_token_length,
     prior_cycle,
+    repetition_rate,
     self_bleu,
     top1_retrieval,
     train_language_model,
@@ -144,6 +146,34 @@ def test_self_bleu_is_the_mean_sentence_bleu_against_all_other_texts():
     assert self_bleu(["a b c d", "e f g h"]) == pytest.approx(0.0)
 
 
+def test_repetition_rate_counts_texts_with_a_word_three_times_in_a_row():
+    stutter = ["Return the object object object.", "i was was was the the the was was it .", "The The the end"]
+    fluent = ["Return the object.", "so so good", "wait ... what ! ! !", "1 2 3", "a b a b a b", ""]
+    assert repetition_rate(stutter) == 1.0 and repetition_rate(fluent) == 0.0
+    assert repetition_rate(stutter + fluent) == pytest.approx(3 / 9)
+    assert repetition_rate(["so so good"], run=2) == 1.0
+    assert math.isnan(repetition_rate([]))
+    with pytest.raises(ValueError, match="run=1 must be a whole number >= 2"):
+        repetition_rate(stutter, run=1)
+
+
+def test_generation_samples_are_nucleus_decoded_and_seeded(tokenizers):
+    """`decode(z, seed=s)` samples (top-p 0.9) reproducibly, leaves the caller's random state alone, and differs from
+    the greedy decoding the consistency cycles use."""
+    model = tester.get_model_for_tokenizers(*tokenizers, latent_size=4, seed=0).eval()
+    _, decode = latent_codec(model, *tokenizers, max_length=12)
+    latents = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = decode(latents, seed=5)
+    assert torch.rand(1) == before  # the global generator is where the caller left it
+    assert decode(latents, seed=5) == first
+    assert decode(latents, seed=6) != first
+    greedy = decode(latents)
+    assert greedy == decode(latents) and greedy != first
+
+
 def test_mean_length_counts_decoder_tokens_cut_to_the_training_length(tokenizers):
     _, decoder_tokenizer = tokenizers
     lengths = [len(decoder_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
@@ -205,6 +235,8 @@ def test_evaluate_claims_returns_every_figure_with_a_name(tokenizers):
         "gen_distinct_1",
         "gen_distinct_2",
         "gen_self_bleu",
+        "gen_repetition",
+        "recon_repetition",
         "gen_mean_length",
         "data_mean_length",
         "gen_reverse_ppl",

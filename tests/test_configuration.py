@@ -46,6 +46,8 @@ def test_paper_names_are_aliases():
         ("scale_freeze_epochs", -2),
         ("free_bits", -0.5),
         ("bn_gamma", 0.0),
+        ("word_dropout", 0.95),
+        ("word_dropout", -0.1),
     ],
 )
 def test_bad_values_name_the_field(field, value):

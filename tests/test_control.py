@@ -23,6 +23,7 @@ from scalevae.control import (
     evaluate_control,
     format_examples,
     generate_label,
+    transfer_at_bleu,
 )
 from scalevae.data import DataCollatorForLatentLM, tokenize_texts
 from scalevae.factory import fit_decoder_tokenizer, prepare_decoder_tokenizer
@@ -268,6 +269,7 @@ def test_evaluate_control_measures_transfer_content_and_fluency(trained, tmp_pat
     assert results["control_acc50"] == results[f"control_acc@{at}"] >= 0.5
     assert results["control_bleu50"] == results[f"control_bleu@{at}"]
     assert results["control_ppl50"] == results[f"control_ppl@{at}"]
+    assert results["control_repetition@1.0"] == 0.0 and results["control_repetition50"] == 0.0  # one word swapped
     assert [len(edits) for edits in seen] == [40, 40, 40] and results["control_ppl@0.0"] == 11.0  # increasing strength
     assert seen[0] == texts[:40]
     figures = [key for key in results if key != "control_examples"]
@@ -292,6 +294,21 @@ def test_evaluate_control_measures_transfer_content_and_fluency(trained, tmp_pat
         text, texts, labels, classifier, strengths=(0.0,), direction=text.attribute_direction(texts, labels)
     )
     assert math.isnan(none["control_strength50"]) and math.isnan(none["control_acc50"]) and "control_ppl50" not in none
+
+
+def test_transfer_at_equal_bleu_is_interpolated_where_the_curve_falls_through_it():
+    def curve(points):
+        results = {}
+        for strength, bleu, accuracy in points:
+            results[f"control_bleu@{strength}"], results[f"control_acc@{strength}"] = bleu, accuracy
+        return results
+
+    falls = curve([(0.0, 4.0, 0.1), (1.0, 2.0, 0.5), (2.0, 0.0, 0.9)])
+    assert transfer_at_bleu(falls, 1.0) == pytest.approx(0.7)  # halfway from BLEU 2 to 0
+    assert transfer_at_bleu(falls, 2.0) == pytest.approx(0.5) and transfer_at_bleu(falls, 4.0) == pytest.approx(0.1)
+    assert math.isnan(transfer_at_bleu(falls, 5.0))  # the reconstructions keep less than that
+    assert math.isnan(transfer_at_bleu(curve([(0.0, 4.0, 0.1), (1.0, 3.0, 0.5)]), 1.0))  # never falls that low
+    assert math.isnan(transfer_at_bleu({}, 1.0))
 
 
 def test_the_measured_examples_print_as_source_and_edit(trained):

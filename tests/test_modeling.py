@@ -128,6 +128,30 @@ def test_each_strategy_trains_with_finite_loss(strategy):
     assert losses[-1] < losses[0]
 
 
+def test_word_dropout_zeroes_text_embeddings_in_training_only():
+    """Word dropout (Bowman et al. 2016): in training, a dropped token contributes nothing (its embedding is zeroed),
+    BOS never drops; evaluation and generation see every token."""
+    batch = tester.prepare_inputs(batch_size=8, seed=3)
+    model = tester.get_model(seed=0, latent_injection="memory", word_dropout=0.5, dropout=0.0)
+    plain = tester.get_model(seed=0, latent_injection="memory", dropout=0.0)
+    latents = torch.randn(8, tester.latent_size, generator=torch.Generator().manual_seed(0))
+    ids = batch["decoder_input_ids"]
+    with torch.no_grad():
+        assert torch.equal(
+            model.eval().decode(latents, ids).logits, plain.eval().decode(latents, ids).logits
+        )  # off at evaluation
+        model.train()
+        torch.manual_seed(1)
+        dropped = model.decode(latents, ids).logits
+        torch.manual_seed(1)
+        keep = torch.rand(ids.shape) >= 0.5
+        keep[:, 0] = True
+        embeds = model.decoder.transformer.wte(ids) * keep.unsqueeze(-1)
+        cache = model.injection.memory_cache(latents)
+        expected = model.decoder(inputs_embeds=embeds, cache=cache).logits
+    assert torch.allclose(dropped, expected, atol=1e-6) and not keep.all() and keep[:, 0].all()
+
+
 def test_ae_has_no_kl_in_the_loss_and_a_deterministic_latent():
     model = tiny_model(collapse_strategy="ae").train()
     batch = random_batch()

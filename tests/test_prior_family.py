@@ -12,6 +12,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 from modeling_scalevae import ScaleVAEForLatentLM, fit_gaussian_mixture, prior_kl
 from scalevae.metrics import elbo, evaluate_model, iw_log_likelihood
+from scalevae.training import fit_prior_families
 from tests.model_tester import tester
 
 FAMILIES = [("full", None), ("mixture", 3)]
@@ -163,6 +164,34 @@ def test_iw_nll_falls_as_the_prior_family_fits_a_clustered_aggregate():
         iw = iw_log_likelihood(scored, batch, num_samples=20, generator=torch.Generator().manual_seed(1))
         nll[prior] = -iw.mean().item()
     assert nll["fitted"] > nll["full"] + 0.3 > nll["mixture"] + 0.6, nll
+
+
+def test_one_pass_scores_every_family_as_refitted_copies_do():
+    """`fit_prior_families` + one `evaluate_model` pass give, for the families the model does not hold, the figures a
+    copy refitted to each family gives in a pass of its own (same fit, same importance samples)."""
+    model, batch = clustered_model_and_batch()
+    model.set_prior("fitted")
+    model.fit_prior([batch])
+    families = fit_prior_families(model, [batch], ("full", "mixture"), seed=3)
+    one_pass = evaluate_model(
+        model,
+        [batch],
+        num_importance_samples=20,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+        priors={"scaled": None, **families},
+    )
+    for family, components in (("full", None), ("mixture", 4)):
+        copy_of = copy.deepcopy(model)
+        copy_of.set_prior(family, components)
+        copy_of.fit_prior([batch], generator=torch.Generator().manual_seed(3))
+        alone = evaluate_model(
+            copy_of, [batch], num_importance_samples=20, generator=torch.Generator().manual_seed(0), progress=False
+        )
+        assert one_pass[f"nll_{family}"] == pytest.approx(alone["nll"], abs=1e-6), family
+        assert one_pass[f"ppl_{family}"] == pytest.approx(alone["ppl"], rel=1e-6), family
+    assert one_pass["nll_full"] < one_pass["nll"]  # the clustered aggregate: the full covariance fits it better
+    assert model.config.prior == "fitted" and one_pass["nll_scaled"] > 0  # the model itself is untouched
 
 
 @pytest.mark.parametrize(("prior", "components"), FAMILIES)
