@@ -204,7 +204,9 @@ def main(argv: list[str]) -> None:
             row["probe_seconds"] = time.time() - started
         path.write_text(json.dumps(row, indent=1, default=float))
         rows[name] = row
-        print(f"{name}: {result.steps} steps in {result.train_seconds:.0f} s, evaluated in {row['evaluate_seconds']:.0f} s")
+        print(
+            f"{name}: {result.steps} steps in {result.train_seconds:.0f} s, evaluated in {row['evaluate_seconds']:.0f} s"
+        )
     table = format_table(rows)
     (output / "results.md").write_text(table + "\n")
     print(table)
