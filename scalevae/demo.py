@@ -366,8 +366,18 @@ def _frame(rows: list[tuple], columns: list[str]):
     return pandas.DataFrame(rows, columns=columns)
 
 
-# The map's colours: the labels take the palette in order; typed sentences and paths stand out in red over grey.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+# The map's colours: the labels take the palette in order; typed sentences and paths stand out in red over grey. The
+# plots' own legends are off (Gradio draws them below the plot, where its frame cuts them): the labels name the colours.
+PALETTE = {
+    "blue": "#1f77b4",
+    "orange": "#ff7f0e",
+    "green": "#2ca02c",
+    "purple": "#9467bd",
+    "brown": "#8c564b",
+    "pink": "#e377c2",
+    "cyan": "#17becf",
+    "olive": "#bcbd22",
+}
 HIGHLIGHT, BACKGROUND = "#d62728", "#c8c8c8"
 
 
@@ -466,9 +476,10 @@ def build_app(demo: LatentDemo, max_queue: int = 32):
                 y="y",
                 color="kind",
                 color_map={"map": BACKGROUND, "path": HIGHLIGHT},
+                colors_in_legend=[],
                 tooltip=["text"],
                 height=300,
-                label="the path on the map",
+                label="the path (red) on the map (grey); hover for the texts",
             )
             int_go.click(guarded(interpolate), [int_a, int_b, int_steps], [int_out, int_plot], api_name="interpolate")
         with gr.Tab("Sample"):
@@ -522,16 +533,19 @@ def build_app(demo: LatentDemo, max_queue: int = 32):
             )
             map_go = gr.Button("Draw", elem_id="map-run")
             names = sorted(set(demo.labels or ["sentence"]))
-            colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)} | {"typed": HIGHLIGHT}
+            named = [(name, list(PALETTE)[i % len(PALETTE)]) for i, name in enumerate(names)]
+            colours = {name: PALETTE[colour] for name, colour in named} | {"typed": HIGHLIGHT}
+            key = "labels: " + ", ".join(f"{n} {c}" for n, c in named) if demo.labels else "sentences blue"
             map_plot = gr.ScatterPlot(
                 draw_map(demo.sentences[0]),
                 x="x",
                 y="y",
                 color="label",
                 color_map=colours,
+                colors_in_legend=[],
                 tooltip=["text"],
                 height=560,
-                label=f"{demo.projection} of the latents (hover for the text)",
+                label=f"{demo.projection} of the latents ({key}; typed red): hover for the text",
             )
             map_go.click(guarded(draw_map), map_typed, map_plot, api_name="map")
     page.queue(max_size=max_queue, default_concurrency_limit=1)
