@@ -21,6 +21,7 @@ from scalevae.demo import (
     DemoSetupError,
     LatentDemo,
     Limits,
+    _number,
     class_direction,
     class_log_probs,
     fit_projection,
@@ -233,6 +234,24 @@ def test_every_input_out_of_bounds_is_refused_naming_it(demo, handler, arguments
     with pytest.raises(DemoInputError) as refused:
         getattr(demo, handler)(*arguments)
     assert str(refused.value).startswith(message), str(refused.value)
+
+
+@pytest.mark.parametrize("low, high, whole", [(2, 12, True), (1, 16, True), (0.05, 2.0, False), (-4.0, 4.0, False)])
+def test_a_number_is_accepted_exactly_within_its_bounds(low, high, whole):
+    """The one rule every numeric input goes through, swept: inside [low, high] (and whole when asked) it comes back as
+    a number of the right type; anything else is refused with a message naming the input and its range."""
+    span = high - low
+    inside = [low, high, (low + high) // 2 if whole else low + span / 2, str(high), float(low)]
+    outside = [low - 1e-9, high + 1e-9, low - span, high + span, float("nan"), float("inf"), -float("inf"), "x", "",
+               None, True, [low], -(10**30)]  # fmt: skip
+    if whole:
+        outside += [low + 0.5, str(low + 0.5)]
+    for value in inside:
+        number = _number(value, "the input", low, high, whole)
+        assert low <= number <= high and isinstance(number, int if whole else float), value
+    for value in outside:
+        with pytest.raises(DemoInputError, match=rf"^the input must be a (whole )?number in \[{low:g}, {high:g}\]"):
+            _number(value, "the input", low, high, whole)
 
 
 def test_the_bounds_themselves_are_accepted(demo):

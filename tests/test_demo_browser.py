@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -227,6 +228,17 @@ def test_interpolate_and_edit_in_a_browser_match_latent_text(served, browser, tm
     page.driver.find_element(page.by.ID, "reconstruct-run").click()
     time.sleep(3)
     assert any("sentence is empty" in error for error in page.errors()), page.errors()
+
+
+def test_the_server_hands_out_no_file(served, yelp):
+    """Gradio's file route serves only what the page itself produced: not a system file, not the sentence files, not
+    the model folder's weights."""
+    url, folder, _ = served
+    for path in ("/etc/passwd", str(yelp[0]), str(folder / "model.safetensors"), str(REPO / "setup.py")):
+        for route in ("gradio_api/file=", "file="):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{url}{route}{path}", timeout=30)
+            assert refused.value.code in (403, 404), (route, path, refused.value.code)
 
 
 def test_a_folder_saved_as_a_space_serves_the_page_from_its_app(folder, yelp, tmp_path):
