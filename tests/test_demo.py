@@ -15,8 +15,11 @@ from scalevae import LatentText
 from scalevae import demo as demo_module
 from scalevae.demo import (
     DEFAULT_FOLDER,
+    EMBEDDED_SENTENCES,
     GREEDY,
     INSTALL_HINT,
+    LABELS_FILE,
+    SENTENCES_FILE,
     DemoInputError,
     DemoSetupError,
     LatentDemo,
@@ -164,6 +167,22 @@ def test_the_map_is_the_pca_of_the_latents_unless_umap_is_installed(demo, monkey
     assert torch.allclose(place(demo.latents[:3]), demo.latents[:3, :2] - demo.latents[:, :2].mean(0))
     with pytest.raises(DemoSetupError, match="--projection 'tsne' is not one of"):
         fit_projection(demo.latents, "tsne")
+
+
+def test_the_map_sentences_come_from_the_files_given_else_the_folder_else_the_embedded_corpus(folder, yelp, tmp_path):
+    embedded = LatentDemo.load(folder, max_sentences=50)
+    assert embedded.source == str(EMBEDDED_SENTENCES) and embedded.labels is None
+    lines = [line for line in EMBEDDED_SENTENCES.read_text().splitlines() if line.strip()]
+    assert embedded.sentences[0] == lines[0].strip() and embedded.sentences[-1] == lines[-1].strip()  # evenly spread
+    assert set(embedded.map_points()["labels"]) == {"sentence"}
+    own = tmp_path / "own"
+    shutil.copytree(folder, own)
+    (own / SENTENCES_FILE).write_text("the soup was cold .\n\nthe staff was kind .\n")
+    (own / LABELS_FILE).write_text("0\n\n1\n")
+    carried = LatentDemo.load(own)
+    assert (carried.sentences, carried.labels) == (["the soup was cold .", "the staff was kind ."], ["0", "1"])
+    given = LatentDemo.load(own, *yelp, max_sentences=30)  # the files given win over the folder's
+    assert len(given.sentences) == 30 and given.source == str(yelp[0])
 
 
 def test_concurrent_requests_each_get_their_single_user_answer(demo, reviews):
