@@ -232,6 +232,12 @@ class LatentDemo:
             labels_file = folder / LABELS_FILE if (folder / LABELS_FILE).is_file() else None
         sentences, labels = read_sentences(sentences_file or EMBEDDED_SENTENCES, labels_file, max_sentences)
         try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise DemoSetupError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1...).") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DemoSetupError(f"--device {device}: this machine or torch build has no CUDA GPU; use --device cpu.")
+        try:
             text = LatentText.from_pretrained(str(folder), local_files_only=True)
             text.model.to(device)
         except Exception as error:  # any failure to load is the folder's problem, and must stop the start-up
@@ -587,7 +593,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--projection", default="auto", choices=PROJECTIONS, help="the map's: UMAP when umap-learn is installed (auto)"
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where the model runs (default cpu; cuda, cuda:1...)")
     return parser.parse_args(argv)  # fmt: skip
 
 

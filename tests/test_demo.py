@@ -343,6 +343,7 @@ def test_folders_it_cannot_load_are_refused_naming_the_problem(folder, yelp, tmp
     assert "--labels goes with --sentences" in refusal([str(folder), "--labels", labels], no_launch)
     assert "--max_sentences 1 must be in [2, 5000]" in refusal([str(folder), "--max_sentences", "1"], no_launch)
     assert "--max_queue 0 must be in" in refusal([str(folder), "--max_queue", "0"], no_launch)
+    assert "--device 'gpu0' is not a device name" in refusal([str(folder), "--device", "gpu0"], no_launch)
 
 
 def test_the_server_binds_loopback_unless_told_and_bounds_its_queue(folder, yelp, no_launch):
