@@ -130,7 +130,7 @@ def read_sentences(
         raise DemoSetupError(f"{sentences_file} holds no sentence.")
     if len(kept) > max_sentences:
         kept = [kept[round(j * (len(kept) - 1) / (max_sentences - 1))] for j in range(max_sentences)]
-    sentences = [lines[i].strip()[: Limits.max_chars] for i in kept]
+    sentences = [lines[i].strip() for i in kept]
     return sentences, [labels[i].strip() for i in kept] if labels is not None else None
 
 
