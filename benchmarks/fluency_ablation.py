@@ -6,8 +6,8 @@ Every variant is a run of `scalevae compare --preset yelp-cpu` (same data, refer
 steps and seed) with one thing changed, evaluated on the test split as the comparison does (IW-NLL, consistency,
 nucleus-sampled generation, edits). The variants that change no weights (decoding, the prior the samples come from,
 decoding from the posterior mean or from a posterior sample) reuse the trained model of their base variant. Each
-finished variant is written to OUTPUT_DIR/variants/NAME.json, so a killed run resumes; the table goes to
-OUTPUT_DIR/results.md.
+finished variant is written to OUTPUT_DIR/variants/NAME.json and its model to OUTPUT_DIR/work/NAME/final, so a killed
+run resumes; the table goes to OUTPUT_DIR/results.md.
 """
 
 import argparse
@@ -32,6 +32,7 @@ VARIANTS = {
     "scale_1": ("scale_1", {}, {}),
     "bn": ("bn", {}, {}),
     "vae": ("vae", {}, {}),
+    "free_bits": ("free_bits", {}, {}),
     "scale_1-400steps": ("scale_1", {}, {"max_steps": 400}),
     "scale_1-1600steps": ("scale_1", {}, {"max_steps": 1600}),
     "bn-1600steps": ("bn", {}, {"max_steps": 1600}),
@@ -183,9 +184,11 @@ def main(argv: list[str]) -> None:
         fields, kl_schedule = run_settings(run_name)
         if args.max_steps and "max_steps" in training:
             training = {**training, "max_steps": args.max_steps}
+        # The model is kept (OUTPUT_DIR/work/NAME/final), so later analyses load it instead of training again.
         run_spec = spec.replace(
             {**fields, **config},
             model=dict(kl_schedule=kl_schedule),
+            run=dict(save=True),
             training=dict(seed=args.seed, output_dir=str(output / "work" / name), **training),
         )
         started = time.time()

@@ -252,7 +252,8 @@ def _yaml_metadata(model_name: str, known: dict, other: dict, settings: dict, tr
     measured = [*known.items(), *((key, value) for key, value in other.items() if key in EXTRA_METRICS)]
     if measured:  # model-index only for evaluation figures that were measured
         split = settings.get("split")
-        eval_dataset = str(dataset or "unspecified")
+        # A local training file is named by its description (the card never shows a local path).
+        eval_dataset = str(dataset or training.get("data") or "unspecified")
         names = {key: METRICS[key].name for key in CARD_METRICS}
         eval_results = [
             EvalResult(

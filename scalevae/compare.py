@@ -162,12 +162,13 @@ CLAIMS = {
     "consistency of the latent space": (
         "consistency_prior_r2", "consistency_prior_top1", "consistency_data_r2", "consistency_data_top1",
     ),
-    "generation": (
-        "gen_forward_ppl", "gen_reverse_ppl", "gen_distinct_1", "gen_distinct_2", "gen_self_bleu", "gen_mean_length",
-        "data_mean_length",
+    "generation (nucleus-sampled prior samples) and the fluency of reconstructions": (
+        "gen_forward_ppl", "gen_reverse_ppl", "gen_distinct_1", "gen_distinct_2", "gen_self_bleu", "gen_repetition",
+        "gen_mean_length", "data_mean_length", "recon_ppl", "recon_repetition",
     ),
     "control (flipping the sentiment through the latent)": (
-        "control_strength50", "control_acc50", "control_bleu50", "control_ppl50", "control_acc@1.0", "control_bleu@1.0",
+        "control_acc_at_bleu1", "control_strength50", "control_acc50", "control_bleu50", "control_ppl50",
+        "control_repetition50", "control_acc@1.0", "control_bleu@1.0", "control_ppl@1.0", "control_repetition@1.0",
     ),
     "use of the latent": (
         "reconstruction_nll", "kl", "decoder_kl_fitted", "mi", "mi_decoder", "au", "au_decoder", "token_accuracy",
@@ -334,9 +335,9 @@ def run_comparison(argv: list[str]) -> dict:
         if "control_acc50" in result.get("test", {}):
             control.setdefault(result["run"], []).append(result["test"])
     for name, runs in control.items():
-        plot_control(runs, output / f"control_{name}.png", title=f"{summary['preset']}: {name}")
+        plot_control(runs, output / f"control_{name}.png", title=f"{described(summary)}: {name}")
     if control:
-        plot_control_tradeoff(control, output / "control_tradeoff.png", title=summary["preset"])
+        plot_control_tradeoff(control, output / "control_tradeoff.png", title=described(summary))
         (output / "control_examples.md").write_text(format_control_examples(results))
     return summary
 
@@ -416,7 +417,14 @@ def summarize(results: list[dict], preset: str, settings: dict) -> dict:
         table[name] = row
     sweep = [n for n in table if n.startswith("scale_") and n != "scale_epoch"]
     chosen, lowest = choose_des_std(table, sweep)
-    return dict(preset=preset, settings=settings, runs=table, chosen_scale=chosen, lowest_nll_scale=lowest)
+    data = Path(settings["data"]["train_file"]).name if settings["data"].get("train_file") else "its dataset"
+    return dict(preset=preset, data=data, settings=settings, runs=table, chosen_scale=chosen, lowest_nll_scale=lowest)
+
+
+def described(summary: dict) -> str:
+    """What a figure's title says of a comparison: its preset and the training file actually used (`--train_file`
+    may replace the preset's)."""
+    return f"{summary['preset']} on {summary.get('data', 'its data')}"
 
 
 def choose_des_std(table: dict, sweep: list[str]) -> tuple[str | None, str | None]:
@@ -468,7 +476,8 @@ def format_markdown(summary: dict, keys: tuple[str, ...] | None = None) -> str:
         else "Scale-VAE's des_std: no des_std within 1% of the VAE's validation IW-NLL (or no VAE run), none chosen"
     )
     lines = [
-        f"Comparison `{summary['preset']}`: test split, mean ± sd over the seeds in the `seeds` column; "
+        f"Comparison `{summary['preset']}` on `{summary.get('data', 'its data')}`: test split, mean ± sd over the "
+        "seeds in the `seeds` column; "
         f"{settings['training']['max_steps']} steps of batch {settings['training']['batch_size']}, "
         f"k = {settings['run']['num_importance_samples']} importance samples. {rule}; lowest validation IW-NLL: "
         f"`{summary.get('lowest_nll_scale')}`.",

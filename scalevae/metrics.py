@@ -140,8 +140,11 @@ METRICS: dict[str, MetricInfo] = {
         "distinct bigrams, 20 prior samples",
         "distinct bigrams / all bigrams over texts sampled from the prior",
     ),
-    "longest_repeat": MetricInfo(
-        "longest run", "longest same-token run, printed text", "longest run of one repeated token", "d"
+    "printed_repetition": MetricInfo(
+        "printed rep.",
+        "repetition rate of the printed text",
+        "share of the printed reconstructions, samples and interpolation steps with one word three times in a row",
+        ".2f",
     ),
     "control_acc": MetricInfo(
         "transfer acc.",

@@ -108,24 +108,38 @@ def plot_control(results: dict | list[dict], path: str | Path, title: str = "") 
 
 
 def plot_control_tradeoff(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
-    """Transfer accuracy against BLEU to the source, one curve per remedy (`runs`: name -> its seeds' control
-    results), each point one strength (mean over seeds): the remedy whose curve lies higher transfers more at equal
-    content kept."""
+    """Two panels over the edit strengths, one curve per remedy (`runs`: name -> its seeds' control results), each
+    point one strength (mean over seeds), both against BLEU to the source: transfer accuracy (the remedy whose curve
+    lies higher transfers more at equal content kept) and the edits' fluency (perplexity under the reference language
+    model, the repetition rate as the marker's label where it is not 0). `title` names the data."""
     from .control import control_curve
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, (transfer, fluency) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, seeds in runs.items():
-        curves = [(control_curve(r, "control_bleu")[1], control_curve(r, "control_acc")[1]) for r in seeds]
-        bleu = torch.tensor([c[0] for c in curves], dtype=torch.float64).mean(0)
-        acc = torch.tensor([c[1] for c in curves], dtype=torch.float64).mean(0)
-        ax.plot(bleu, acc, marker="o", label=f"{name} ({len(seeds)} seeds)" if len(seeds) > 1 else name)
-    ax.axhline(0.5, color="grey", alpha=0.4, linestyle=":")
-    ax.set_xlabel(metric_info("control_bleu").label)
-    ax.set_ylabel(metric_info("control_acc").label)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{title or 'attribute control'}: transfer against content kept, over strengths")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+
+        def mean(figure):
+            return torch.tensor([control_curve(r, figure)[1] for r in seeds], dtype=torch.float64).mean(0)
+
+        label = f"{name} ({len(seeds)} seeds)" if len(seeds) > 1 else name
+        bleu = mean("control_bleu")
+        (line,) = transfer.plot(bleu, mean("control_acc"), marker="o", label=label)
+        if all(control_curve(r, "control_ppl")[1] for r in seeds):
+            fluency.plot(bleu, mean("control_ppl"), marker="o", color=line.get_color(), label=label)
+            if all(control_curve(r, "control_repetition")[1] for r in seeds):
+                for x, y, rate in zip(bleu, mean("control_ppl"), mean("control_repetition")):
+                    if rate > 0:
+                        fluency.annotate(f"{rate:.0%}", (x, y), fontsize=7, color=line.get_color())
+    transfer.axhline(0.5, color="grey", alpha=0.4, linestyle=":")
+    transfer.set_ylabel(metric_info("control_acc").label)
+    transfer.set_ylim(0, 1)
+    transfer.set_title(f"{title or 'attribute control'}: transfer against content kept")
+    fluency.set_yscale("log")
+    fluency.set_ylabel(metric_info("control_ppl").label + " (labels: repetition rate)")
+    fluency.set_title(f"{title or 'attribute control'}: fluency of the edits")
+    for ax in (transfer, fluency):
+        ax.set_xlabel(metric_info("control_bleu").label)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
 

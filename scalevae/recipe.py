@@ -39,6 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from configuration_scalevae import PAPER_ALIASES, PRIORS, ScaleVAEConfig
 
+from .corpus import CORPUS_NAME
 from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
 from .training import KL_SCHEDULES, KLSchedule, fit_prior_families, make_trainer, prior_fit_batches
 
@@ -833,7 +834,7 @@ def training_record(spec: RunSpec, data: RunData, command: str | None = None) ->
     """The model card's record of how the model was trained (no credentials, no local paths: the card scrubs them)."""
     args = spec.training
     record = dict(
-        data=spec.data.train_file or spec.data.dataset_name or "embedded default corpus",
+        data=spec.data.train_file or spec.data.dataset_name or CORPUS_NAME,
         training_sentences=len(data.dataset["train"]),
         batch_size=args.per_device_train_batch_size,
         max_length=spec.data.max_length,

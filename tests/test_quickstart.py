@@ -11,7 +11,7 @@ import pytest
 
 from scalevae import LatentText, quickstart, recipe
 from scalevae.corpus import default_corpus_files
-from scalevae.quickstart import distinct_bigrams, longest_repeat
+from scalevae.quickstart import DEFAULT_STEPS, quickstart_spec
 from scalevae.recipe import TimeBudgetCallback
 from tests.model_tester import tester
 
@@ -63,10 +63,15 @@ def test_budget_stops_on_a_logging_step_within_the_budget(monkeypatch):
     assert budget_steps(seconds=60, step_seconds=0.07, stop_every=25, monkeypatch=monkeypatch) > 8 * steps
 
 
-def test_repetition_and_diversity_measures():
-    assert longest_repeat("return the the the value".split()) == 3 and longest_repeat([1, 2, 1, 2]) == 1
-    assert longest_repeat([]) == 0
-    assert distinct_bigrams(["a b c", "a b d"]) == 0.75 and distinct_bigrams(["one"]) == 0.0
+def test_the_main_job_trains_a_fixed_number_of_steps_by_default():
+    """Its quality must not follow the machine's load: a step count, not a clock, unless --train_minutes is given
+    (then whichever comes first stops it, as in every command)."""
+    spec, _ = quickstart_spec([])
+    assert spec.training.max_steps == DEFAULT_STEPS and spec.run.train_minutes is None
+    spec, _ = quickstart_spec(["--train_minutes", "3"])
+    assert spec.training.max_steps == DEFAULT_STEPS and spec.run.train_minutes == 3
+    spec, _ = quickstart_spec(["--max_steps", "40"])
+    assert spec.training.max_steps == 40 and spec.run.train_minutes is None
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +108,8 @@ def test_report_is_short_and_complete(runs):
     ):
         assert part in printed, part
     summary = json.loads((folder / "results.json").read_text())["scale"]
-    assert summary["steps"] == 4 and "longest_repeat" in summary and 0 <= summary["prior_distinct_2"] <= 1
+    assert summary["steps"] == 4 and 0 <= summary["printed_repetition"] <= 1 and 0 <= summary["prior_distinct_2"] <= 1
+    assert "repetition rate of the printed text" in printed
     assert (folder / "training_curves.png").stat().st_size and (folder / "latent_map.png").stat().st_size
 
 

@@ -14,6 +14,8 @@ CORPUS_DIR = Path(__file__).parent
 BUILT_WITH_PYTHON = "3.11.7"
 
 SPLITS = ("train", "validation", "test")
+#: How a model card names this corpus (its dataset field): what it is and its licence, not a local path.
+CORPUS_NAME = "scalevae embedded corpus: Python standard library docstrings (PSF License)"
 
 
 def default_corpus_files() -> dict[str, str]:
@@ -21,4 +23,4 @@ def default_corpus_files() -> dict[str, str]:
     return {split: str(CORPUS_DIR / f"stdlib.{split}.txt") for split in SPLITS}
 
 
-__all__ = ["BUILT_WITH_PYTHON", "CORPUS_DIR", "SPLITS", "default_corpus_files"]
+__all__ = ["BUILT_WITH_PYTHON", "CORPUS_DIR", "CORPUS_NAME", "SPLITS", "default_corpus_files"]
