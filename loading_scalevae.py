@@ -3,6 +3,8 @@ config.json. A sibling of `modeling_scalevae.py` that every saved folder carries
 copies the modules a remote-code file imports relatively), so remote-code users (`trust_remote_code=True`, no scalevae
 installed) get the same strict loading. It imports only torch, transformers and safetensors."""
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -21,7 +23,19 @@ logger = logging.get_logger(__name__)
 
 
 def load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
-    """`ScaleVAEForLatentLM.from_pretrained`, given `PreTrainedModel.from_pretrained` as `load`."""
+    """`ScaleVAEForLatentLM.from_pretrained`, given `PreTrainedModel.from_pretrained` as `load`: a local path that does
+    not exist is refused (`folder_or_hub_id`), and a folder re-saved meanwhile is read again (`read_snapshot`)."""
+    import os
+
+    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        pretrained_model_name_or_path = folder_or_hub_id(pretrained_model_name_or_path)
+    return read_snapshot(
+        pretrained_model_name_or_path,
+        lambda: _load_strictly(load, pretrained_model_name_or_path, *model_args, **dict(kwargs)),
+    )
+
+
+def _load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
     from safetensors import SafetensorError
 
     return_loading_info = kwargs.pop("output_loading_info", False)
@@ -96,7 +110,7 @@ def save_publicly(model, save, save_directory, *args, push_to_hub: bool = False,
         for config, name in zip(configs, names):
             config._name_or_path = name
     if kwargs.get("is_main_process", True):
-        record_weights_checksums(save_directory, part_types(model.config))
+        record_weights_checksums(save_directory, {**part_types(model.config), **recorded_tokenizer_entries()})
     if push_to_hub:  # after the checksums: push_to_hub saves a fresh copy and uploads that
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
         model.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
@@ -426,3 +440,245 @@ def public_name(name: str) -> str:
     if base in ("model", "models", "final") and os.path.basename(head):
         return f"{os.path.basename(head)}/{base}"
     return base
+
+
+# -- tokenizers tied to the weights -------------------------------------------------------------------------------------
+# A save that knows the model's tokenizers (`scalevae.hub.save_model`, the Trainer's checkpoints) records in the weights'
+# metadata each one's size and a hash of its vocabulary (token -> id). Another model's `decoder_tokenizer/` copied into
+# the folder then fails loading by name, instead of decoding the ids of one vocabulary with another's tokens.
+
+TOKENIZER_KEYS = {"encoder": "scalevae_encoder_tokenizer", "decoder": "scalevae_decoder_tokenizer"}
+_TOKENIZERS_BEING_SAVED = contextvars.ContextVar("scalevae_tokenizers_being_saved", default=None)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """`"<size>:<hash>"`: the number of tokens and a SHA-256 of the vocabulary's token -> id pairs, added tokens
+    included (what decides which id a text becomes, and which text an id becomes)."""
+    import hashlib
+    import json
+
+    pairs = sorted(tokenizer.get_vocab().items(), key=lambda pair: (pair[1], pair[0]))
+    digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    return f"{len(tokenizer)}:{digest[:32]}"
+
+
+@contextlib.contextmanager
+def recording_tokenizers(encoder_tokenizer, decoder_tokenizer):
+    """Inside, every `save_pretrained` of a ScaleVAE model records these two tokenizers' fingerprints with its weights
+    (the save that writes them beside the model)."""
+    token = _TOKENIZERS_BEING_SAVED.set({"encoder": encoder_tokenizer, "decoder": decoder_tokenizer})
+    try:
+        yield
+    finally:
+        _TOKENIZERS_BEING_SAVED.reset(token)
+
+
+def recorded_tokenizer_entries() -> dict[str, str]:
+    tokenizers = _TOKENIZERS_BEING_SAVED.get() or {}
+    return {TOKENIZER_KEYS[part]: tokenizer_fingerprint(tokenizer) for part, tokenizer in tokenizers.items()}
+
+
+def tokenizer_mismatches(files, tokenizers: dict, where: dict) -> list[str]:
+    """Each tokenizer (`tokenizers`: part -> tokenizer; `where`: part -> its file or folder, for the message) whose
+    fingerprint differs from the one recorded with the weights `files` (a folder saved without one says nothing)."""
+    problems = []
+    try:
+        metadata = (read_safetensors_header(files[0])[1].get("__metadata__") or {}) if files else {}
+    except OSError:  # damaged weights: loading the model names them
+        metadata = {}
+    for part, tokenizer in tokenizers.items():
+        recorded = metadata.get(TOKENIZER_KEYS[part])
+        if recorded is None:
+            continue
+        now = tokenizer_fingerprint(tokenizer)
+        if now != recorded:
+            size, _, digest = recorded.partition(":")
+            problems.append(
+                f"{where[part]} is not the {part} tokenizer this model was saved with: it has {len(tokenizer)} tokens "
+                f"(vocabulary hash {now.partition(':')[2][:12]}), the weights were saved with a {size}-token one "
+                f"(hash {digest[:12]})"
+            )
+    return problems
+
+
+# -- where a name points: a local folder or a Hub repository ----------------------------------------------------------
+# A missing path must never become a Hub lookup (a typo would download whatever model a stranger published under that
+# name). The rule: a name that exists is local; `hf://owner/name` is always a Hub id; a missing name is a Hub id only
+# if it is spelled as one (`name` or `owner/name`, valid for the Hub) and does not start in a local folder (`w/Fg`
+# with a folder `w` here is a missing local folder); everything else that is missing ("./x", "../x", "/x", "~/x",
+# "a/b/c", "a\\b") is refused as "no such folder".
+
+HUB_PREFIX = "hf://"
+
+
+def folder_or_hub_id(name, argument: str = "the model") -> str:
+    """The local folder or the Hub id that `name` points to (a `hf://` prefix removed), by the rule above; raises a
+    FileNotFoundError ("no such folder") for a missing local-looking path, a NotADirectoryError for a file."""
+    import os
+
+    text = os.fspath(name)
+    if text.startswith(HUB_PREFIX):
+        repo_id = text[len(HUB_PREFIX) :]
+        _check_hub_id(repo_id, argument, text)
+        return repo_id
+    if os.path.exists(text):
+        if not os.path.isdir(text):
+            raise NotADirectoryError(f"{argument} {text} is a file: give the folder of a saved model.")
+        return text
+    first = text.replace("\\", "/").split("/")[0]
+    looks_local = (
+        os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or "\\" in text
+        or text.endswith("/")
+        or text.count("/") > 1
+        or (text.count("/") == 1 and os.path.isdir(first))
+        or not _is_hub_id(text)
+    )
+    if looks_local:
+        hint = f" ({first}/ is a local folder)" if text.count("/") == 1 and os.path.isdir(first) else ""
+        raise FileNotFoundError(
+            f"no such folder: {argument} {text} does not exist{hint}. Give the folder of a saved model; a Hub "
+            f"repository is spelled owner/name (or {HUB_PREFIX}owner/name, which never means a local folder)."
+        )
+    return text
+
+
+def _is_hub_id(text: str) -> bool:
+    try:
+        _check_hub_id(text, "", text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_hub_id(repo_id: str, argument: str, given: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{argument} {given} is not a valid Hub repository id: {error}") from None
+
+
+# -- readers see one snapshot ------------------------------------------------------------------------------------------
+# A save replaces a folder by renaming a complete new one over it (`scalevae.hub._swap_in`), so the folder's identity
+# (device, inode, ctime) changes with every save and with every file added or removed inside it. A load compares it
+# before and after and starts again when it changed: it returns what one save wrote, never the config of one save with
+# the weights of the next. No lock file, so it works on read-only copies and the Hub cache alike.
+
+SNAPSHOT_ATTEMPTS = 30
+_IN_SNAPSHOT = contextvars.ContextVar("scalevae_in_snapshot", default=False)
+
+
+class FolderChangedError(OSError):
+    """A folder was re-saved during every one of a load's attempts."""
+
+
+def folder_identity(path) -> tuple | None:
+    import os
+
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_ctime_ns)
+
+
+def _complete_copies_beside(folder: str) -> list[str]:
+    """The folders a save of `folder` writes or sets aside (`.NAME.tmp-*`, `.NAME.old-*`) that hold a config and
+    weights, newest first."""
+    import os
+
+    parent, name = os.path.split(os.path.abspath(folder))
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return []
+    copies = [
+        os.path.join(parent, entry)
+        for entry in entries
+        if entry.startswith((f".{name}.tmp-", f".{name}.old-"))
+        and os.path.isfile(os.path.join(parent, entry, "config.json"))
+        and weights_files_in(os.path.join(parent, entry))
+    ]
+    return sorted(copies, key=lambda copy: os.stat(copy).st_mtime_ns, reverse=True)
+
+
+def _wait_for_folder(folder: str, patience_s: float = 2.0) -> tuple | None:
+    """The folder's identity; a folder missing while a save's leftovers lie beside it (a save between its two renames)
+    is waited for, and if it stays missing, the complete copy beside it is named with the way to restore it."""
+    import os
+    import time
+
+    identity = folder_identity(folder)
+    if identity is not None:
+        return identity
+    parent, name = os.path.split(os.path.abspath(folder))
+    try:
+        saving = any(entry.startswith(f".{name}.") for entry in os.listdir(parent or "."))
+    except OSError:
+        saving = False
+    if not saving:
+        return None
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        identity = folder_identity(folder)
+        if identity is not None:
+            return identity
+    copies = _complete_copies_beside(folder)
+    if copies:
+        raise FileNotFoundError(
+            f"{folder} does not exist, but {copies[0]} beside it holds a complete save: a save was interrupted "
+            f"between its two renames. Restore the newest complete copy with "
+            f"scalevae.hub.recover_interrupted_save({folder!r}) (the next save_model into it does the same)."
+        )
+    return None
+
+
+def read_snapshot(folder, load):
+    """`load()`, repeated until `folder` is the same before and after it (see above); a load that fails while the
+    folder changed is tried again. Raises a FolderChangedError ("changed while loading") when every attempt saw a new
+    save. A Hub id or a load inside another `read_snapshot` runs `load()` once."""
+    import os
+    import random
+    import time
+
+    if _IN_SNAPSHOT.get() or not isinstance(folder, (str, os.PathLike)):
+        return load()
+    folder = os.fspath(folder)
+    parent, name = os.path.split(os.path.abspath(folder))
+    if not os.path.isdir(folder) and not any(entry.startswith(f".{name}.") for entry in _listdir(parent)):
+        return load()  # a Hub id, or a missing path with no save under way: the loader says what is wrong
+    token, failure = _IN_SNAPSHOT.set(True), None
+    try:
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            before = _wait_for_folder(folder)
+            if before is None:  # missing with no complete copy beside it: the loader says so
+                return load()
+            try:
+                result = load()
+            except Exception as error:
+                if before is not None and folder_identity(folder) == before:
+                    raise  # the folder held still: the error is the folder's own
+                failure = error
+            else:
+                if folder_identity(folder) == before:
+                    return result
+            time.sleep(random.uniform(0.005, 0.05) * (1 + attempt))
+    finally:
+        _IN_SNAPSHOT.reset(token)
+    raise FolderChangedError(
+        f"{folder} changed while loading, {SNAPSHOT_ATTEMPTS} times in a row: another process keeps re-saving it. "
+        "Load it when the saves stop, or load a copy."
+    ) from failure
+
+
+def _listdir(folder: str) -> list[str]:
+    import os
+
+    try:
+        return os.listdir(folder or ".")
+    except OSError:
+        return []

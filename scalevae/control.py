@@ -429,9 +429,10 @@ def generate_label(
             except NotADirectoryError:
                 raise SystemExit(f"--save_classes: {model} is not a local folder to write into.") from None
     elif text.classes is None:
+        has = f"{model}'s latent_classes.safetensors was not loaded ({text.classes_not_loaded})"
         raise SystemExit(
-            f"{model} has no latent_classes.safetensors: give --labelled_file and --label_file to fit the classes "
-            "(and --save_classes to keep them with the model)."
+            f"{has if text.classes_not_loaded else f'{model} has no latent_classes.safetensors'}: give "
+            "--labelled_file and --label_file to fit the classes (and --save_classes to keep them with the model)."
         )
     elif str(label).strip() not in text.classes.labels:
         raise SystemExit(

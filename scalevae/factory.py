@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from configuration_scalevae import ScaleVAEConfig
+from loading_scalevae import folder_or_hub_id, read_snapshot, resolved_weights_files, tokenizer_mismatches
 from modeling_scalevae import ScaleVAEForLatentLM, default_decoder_config
 
 DECODER_TOKENIZER_SUBFOLDER = "decoder_tokenizer"
@@ -226,19 +227,13 @@ def save_tokenizers(path: str | os.PathLike, encoder_tokenizer, decoder_tokenize
     decoder_tokenizer.save_pretrained(Path(path) / DECODER_TOKENIZER_SUBFOLDER)
 
 
-def _check_saved_folder(path: str | os.PathLike) -> None:
-    """Refuse, before loading anything, a local path that does not exist or a folder without both tokenizers, with
-    what to do about it (AutoTokenizer would say that sentencepiece or tiktoken is missing)."""
-    name = str(path)
+def _check_saved_folder(path: str | os.PathLike) -> str:
+    """Refuse, before loading anything, a local path that does not exist (`folder_or_hub_id`: a missing path never
+    becomes a Hub lookup) or a folder without both tokenizers, with what to do about it (AutoTokenizer would say that
+    sentencepiece or tiktoken is missing). Returns the local folder or the Hub id to load."""
+    name = folder_or_hub_id(path)
     if not os.path.isdir(name):
-        looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
-        if os.path.exists(name):
-            raise NotADirectoryError(f"{name} is a file: give the folder of a saved model.")
-        if looks_local:
-            raise FileNotFoundError(
-                f"{name} does not exist: give the folder of a saved model (or a Hub repository id)."
-            )
-        return  # a Hub id: the Hub says whether it exists
+        return name  # a Hub id: the Hub says whether it exists
     fix = (
         "A folder written by `model.save_pretrained` (or a Trainer checkpoint of scalevae before 0.2) holds the model "
         "but not its tokenizers: add them with `scalevae.save_tokenizers(folder, encoder_tokenizer, "
@@ -254,6 +249,88 @@ def _check_saved_folder(path: str | os.PathLike) -> None:
             f"{name} has no decoder tokenizer (no {DECODER_TOKENIZER_SUBFOLDER}/ folder with a "
             f"tokenizer_config.json). {fix}"
         )
+    return name
+
+
+# -- a folder's tokenizer is untrusted input -----------------------------------------------------------------------------
+# tokenizer.json describes a pipeline that runs on every input: 26 chained Replace(" " -> "  ") steps turn one space
+# into 67 million. Before a tokenizer is built, its vocabulary is bounded (as config sizes are) and so is how much its
+# normalizer and decoder can lengthen a text: each step's worst growth per character, multiplied along the chain.
+
+MAX_TOKENIZER_TOKENS = 1 << 21  # as config.json's vocab_size
+MAX_TEXT_GROWTH = 128  # real pipelines stay far below: BERT's ≤ 24 (chinese chars spaced, NFD, lowercase), T5's ≤ 36
+# The most characters one character becomes, per step type (Unicode 15: NFKC/NFKD ≤ 18, NFD ≤ 4, NFC ≤ 3, lowercase
+# ≤ 2; ByteLevel maps each byte of a character, ≤ 4, to one character; BertNormalizer spaces a CJK character and runs
+# NFD and lowercase). Replace and Prepend depend on their strings (`_step_growth`).
+_STEP_GROWTH = {
+    "NFC": 3, "NFD": 4, "NFKC": 18, "NFKD": 18, "Lowercase": 2, "Strip": 1, "StripAccents": 1, "Nmt": 1,
+    "BertNormalizer": 24, "Precompiled": 18, "ByteLevel": 4, "ByteFallback": 1, "Fuse": 1, "Metaspace": 1,
+    "WordPiece": 1, "BPEDecoder": 1, "CTC": 1,
+}  # fmt: skip
+
+
+def _step_growth(step: dict, where: str) -> float:
+    kind = step.get("type")
+    if kind == "Sequence":
+        growth = 1.0
+        for inner in step.get("normalizers", step.get("decoders", step.get("steps", []))) or []:
+            growth *= _step_growth(inner, where)
+        return growth
+    if kind == "Replace":
+        pattern, content = step.get("pattern") or {}, step.get("content") or ""
+        text = pattern.get("String") if isinstance(pattern, dict) else None
+        if isinstance(text, str) and text:
+            return max(1.0, len(content) / len(text))
+        return 1.0 + len(content)  # a regex (or an empty string) may match between every two characters
+    if kind == "Prepend":
+        return 1.0 + len(step.get("prepend") or "")
+    if kind in _STEP_GROWTH:
+        return float(_STEP_GROWTH[kind])
+    raise ValueError(
+        f"{where}: unknown step type {kind!r}; a folder's tokenizer may only use the tokenizers library's."
+    )
+
+
+def check_tokenizer_file(path: str | os.PathLike) -> None:
+    """Refuse a tokenizer.json whose vocabulary holds more than `MAX_TOKENIZER_TOKENS` tokens, or whose normalizer or
+    decoder can lengthen a text more than `MAX_TEXT_GROWTH` times, naming the file, before anything is built."""
+    with open(path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} holds a JSON {type(spec).__name__}, not a tokenizer.")
+    vocab = (spec.get("model") or {}).get("vocab") or ()
+    size = len(vocab) + len(spec.get("added_tokens") or ())
+    if size > MAX_TOKENIZER_TOKENS:
+        raise ValueError(f"{path} holds {size} tokens, more than the {MAX_TOKENIZER_TOKENS} a tokenizer may have.")
+    for part in ("normalizer", "decoder"):
+        step = spec.get(part)
+        if not step:
+            continue
+        growth = _step_growth(step, f"{path} ({part})")
+        if growth > MAX_TEXT_GROWTH:
+            raise ValueError(
+                f"{path}: its {part} can make a text {growth:.3g} times longer (more than {MAX_TEXT_GROWTH}), which "
+                "would take memory without bound on ordinary input; this is no tokenizer a model was trained with."
+            )
+
+
+def _checked_tokenizer_file(path: str, subfolder: str = "") -> None:
+    """`check_tokenizer_file` on a local folder's tokenizer.json, or on the Hub repository's (fetched alone first)."""
+    if os.path.isdir(path):
+        file = os.path.join(path, subfolder, "tokenizer.json")
+        file = file if os.path.isfile(file) else None
+    else:
+        from transformers.utils import cached_file
+
+        file = cached_file(
+            path,
+            "tokenizer.json",
+            subfolder=subfolder,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    if file is not None:
+        check_tokenizer_file(file)
 
 
 def check_json_files(folder: str | os.PathLike) -> None:
@@ -275,14 +352,22 @@ def check_json_files(folder: str | os.PathLike) -> None:
 
 
 def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
-    """The encoder's tokenizer (the folder's root) and the decoder's (`decoder_tokenizer/`) of a saved folder.
+    """The encoder's tokenizer (the folder's root) and the decoder's (`decoder_tokenizer/`) of a saved folder, each
+    checked (`check_tokenizer_file`) before it is built and, where the save recorded them, against the fingerprints
+    kept with the weights (`loading_scalevae.tokenizer_fingerprint`).
 
     Raises:
         FileNotFoundError: the local path does not exist, or it lacks one of the tokenizers (the message says how
             to add them).
+        ValueError: a tokenizer is not the one the model was saved with, or is unbounded; the message names it.
     """
-    _check_saved_folder(path)
+    return read_snapshot(path, lambda: _load_tokenizers(path))
+
+
+def _load_tokenizers(path):
+    path = _check_saved_folder(path)
     try:
+        _checked_tokenizer_file(path)
         encoder_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         if os.path.isdir(str(path)):
@@ -291,23 +376,47 @@ def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, P
             f"{path} does not exist as a local folder, and loading it from the Hub failed: {error}"
         ) from error
     try:
+        _checked_tokenizer_file(path, DECODER_TOKENIZER_SUBFOLDER)
         decoder_tokenizer = AutoTokenizer.from_pretrained(
             path, subfolder=DECODER_TOKENIZER_SUBFOLDER, trust_remote_code=False
         )
     except (OSError, ValueError) as error:  # a Hub repository without the subfolder
+        if os.path.isdir(str(path)) and not isinstance(error, OSError):
+            raise
         raise FileNotFoundError(
             f"{path} has no loadable decoder tokenizer in {DECODER_TOKENIZER_SUBFOLDER}/ ({error}). Save the model "
             "with scalevae.hub.save_model, which writes both tokenizers."
         ) from error
+    where = {"encoder": f"{path} (its root tokenizer)", "decoder": os.path.join(path, DECODER_TOKENIZER_SUBFOLDER)}
+    problems = tokenizer_mismatches(
+        resolved_weights_files(path, {}), {"encoder": encoder_tokenizer, "decoder": decoder_tokenizer}, where
+    )
+    if problems:
+        raise ValueError(
+            "; ".join(problems) + ". Put back the folder's own tokenizer, or save the model again with this one."
+        )
     return encoder_tokenizer, decoder_tokenizer
 
 
 def load_pretrained(path: str | os.PathLike, **kwargs):
-    """A saved folder's model (in eval mode) and both tokenizers; `kwargs` go to `ScaleVAEForLatentLM.from_pretrained`
-    (e.g. `verify_weights=False`). A folder without its tokenizers is refused before the model is loaded."""
-    _check_saved_folder(path)
+    """A saved folder's model (in eval mode) and both tokenizers, all from one save even while another process
+    re-saves the folder (`read_snapshot`); `kwargs` go to `ScaleVAEForLatentLM.from_pretrained` (e.g.
+    `verify_weights=False`). A folder without its tokenizers, or with another model's, is refused."""
+    return read_snapshot(path, lambda: _load_pretrained(path, **kwargs))
+
+
+def _load_pretrained(path, **kwargs):
+    path = _check_saved_folder(path)
     tokenizers = load_tokenizers(path)
     model = ScaleVAEForLatentLM.from_pretrained(path, **kwargs).eval()
+    for part, tokenizer in zip(("encoder", "decoder"), tokenizers):
+        size = getattr(model.config, part).vocab_size
+        if len(tokenizer) > size:  # folders saved before tokenizers were recorded: at least the sizes must fit
+            where = path if part == "encoder" else os.path.join(str(path), DECODER_TOKENIZER_SUBFOLDER)
+            raise ValueError(
+                f"{where}: the {part} tokenizer has {len(tokenizer)} tokens, but the model's {part} only "
+                f"{size} (config.{part}.vocab_size): it is another model's tokenizer."
+            )
     _complete_generation_config(model, tokenizers[1], path)
     return (model, *tokenizers)
 

@@ -27,7 +27,13 @@ import uuid
 from pathlib import Path
 
 from configuration_scalevae import ScaleVAEConfig
-from loading_scalevae import WEIGHTS_SAVED_AT_KEY, read_safetensors_header, verify_weights_checksums, weights_files_in
+from loading_scalevae import (
+    WEIGHTS_SAVED_AT_KEY,
+    read_safetensors_header,
+    recording_tokenizers,
+    verify_weights_checksums,
+    weights_files_in,
+)
 from modeling_scalevae import ScaleVAEForLatentLM
 
 from . import __version__
@@ -280,7 +286,8 @@ def _save_model_locked(
     new = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     new.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would end up on the saved folder
     try:
-        model.save_pretrained(new, state_dict=state_dict)
+        with recording_tokenizers(encoder_tokenizer, decoder_tokenizer):
+            model.save_pretrained(new, state_dict=state_dict)
         save_tokenizers(new, encoder_tokenizer, decoder_tokenizer)
         write_model_card(new, model, metrics, training, model_name=(training or {}).get("model_name") or folder.name)
         if space:

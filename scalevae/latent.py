@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from loading_scalevae import WEIGHTS_DIGEST_KEY, read_safetensors_header, weights_files_in
+from loading_scalevae import WEIGHTS_DIGEST_KEY, read_safetensors_header, read_snapshot, weights_files_in
 from modeling_scalevae import ScaleVAEForLatentLM
 
-from .factory import load_pretrained
+from .factory import decoder_special_token_ids, load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -236,13 +236,29 @@ class LatentClasses:
         noise = torch.randn(num_samples, self.latent_size, generator=generator, device=device, dtype=torch.float64)
         return self.means[i] + noise.cpu() @ torch.linalg.cholesky(self.covariances[i]).T
 
+    def checksum(self) -> str:
+        """A SHA-256 of everything the file holds: labels in their order, covariance kind and every tensor's dtype,
+        shape and bytes (a flipped bit or reordered labels change it)."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([list(self.labels), self.covariance]).encode())
+        for tensor in (self.means, self.covariances, self.counts):
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().cpu().numpy().tobytes())
+        return f"sha256:{digest.hexdigest()}"
+
     def save(self, path: str | os.PathLike, weights_checksum: str | None = None) -> Path:
-        """Write the statistics to one safetensors file (labels and settings in its metadata), atomically: a
-        temporary file beside it is renamed over it."""
+        """Write the statistics to one safetensors file (labels, settings and their own checksum in its metadata),
+        atomically: a temporary file beside it is renamed over it."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        metadata = {"format": CLASSES_FORMAT, "labels": json.dumps(list(self.labels)), "covariance": self.covariance}
+        metadata = {
+            "format": CLASSES_FORMAT,
+            "labels": json.dumps(list(self.labels)),
+            "covariance": self.covariance,
+            "checksum": self.checksum(),
+        }
         if weights_checksum:
             metadata["weights_checksum"] = weights_checksum
         tensors = {"means": self.means, "covariances": self.covariances, "counts": self.counts}
@@ -255,17 +271,66 @@ class LatentClasses:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> tuple["LatentClasses", dict]:
-        """The statistics `save` wrote, bit for bit, and the file's metadata."""
-        from safetensors import safe_open
+    def load(cls, path: str | os.PathLike, latent_size: int | None = None) -> tuple["LatentClasses", dict]:
+        """The statistics `save` wrote, bit for bit, and the file's metadata, validated: format, checksum, labels,
+        shapes (`latent_size`: the model's), finite values, counts, symmetric positive-definite covariances. Raises a
+        ValueError naming the file and what is wrong."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != CLASSES_FORMAT:
-                raise ValueError(f"{path} is not a {CLASSES_FORMAT} file (format {metadata.get('format')!r}).")
-            tensors = {key: handle.get_tensor(key) for key in ("means", "covariances", "counts")}
-        labels = tuple(json.loads(metadata["labels"]))
-        return cls(labels, **tensors, covariance=metadata.get("covariance", "full")), metadata
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != CLASSES_FORMAT:
+                    raise ValueError(f"it is not a {CLASSES_FORMAT} file (format {metadata.get('format')!r})")
+                missing = sorted({"means", "covariances", "counts"} - set(handle.keys()))
+                if missing:
+                    raise ValueError(f"it lacks the tensor(s) {', '.join(missing)}")
+                tensors = {key: handle.get_tensor(key) for key in ("means", "covariances", "counts")}
+            labels = json.loads(metadata.get("labels", "null"))
+            if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+                raise ValueError("its labels are not a list of strings")
+            covariance = metadata.get("covariance", "full")
+            if covariance not in COVARIANCES:
+                raise ValueError(f"covariance={covariance!r} is not one of {COVARIANCES}")
+            classes = cls(tuple(labels), **tensors, covariance=covariance)
+            recorded = metadata.get("checksum")
+            if recorded is not None and recorded != classes.checksum():
+                raise ValueError("its contents do not match the checksum recorded when it was saved (corrupted)")
+            classes._validate(latent_size)
+        except (SafetensorError, OSError, ValueError, TypeError) as error:
+            reason = "truncated or not a safetensors file" if isinstance(error, SafetensorError) else str(error)
+            raise ValueError(f"{path}: {reason}.") from None
+        return classes, metadata
+
+    def _validate(self, latent_size: int | None) -> None:
+        k = len(self.labels)
+        if len(set(self.labels)) != k or k == 0:
+            raise ValueError(f"its {k} labels are empty or repeat one")
+        d = self.means.shape[-1] if self.means.dim() == 2 else -1
+        shapes = {"means": (k, d), "covariances": (k, d, d), "counts": (k,)}
+        for name, shape in shapes.items():
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)}, but {k} labels need {shape} (means {tuple(self.means.shape)})"
+                )
+        if latent_size is not None and d != latent_size:
+            raise ValueError(
+                f"its classes have {d} dimensions, the model's latent {latent_size} (fitted on another model)"
+            )
+        if not self.means.is_floating_point() or not self.covariances.is_floating_point():
+            raise ValueError("its means and covariances are not floating point")
+        if not (torch.isfinite(self.means).all() and torch.isfinite(self.covariances).all()):
+            raise ValueError("its means or covariances hold NaN or infinite values")
+        if self.counts.is_floating_point() or bool((self.counts < 2).any()):
+            raise ValueError(f"its counts {self.counts.tolist()} are not whole numbers >= 2")
+        covariances = self.covariances.double()
+        if not torch.allclose(covariances, covariances.transpose(1, 2), rtol=1e-6, atol=0):
+            raise ValueError("a covariance is not symmetric")
+        failed = torch.linalg.cholesky_ex(covariances).info
+        if bool((failed != 0).any()):
+            bad = [self.labels[i] for i in (failed != 0).nonzero().flatten().tolist()]
+            raise ValueError(f"the covariance of class(es) {bad} is not positive definite")
 
 
 def folder_weights_checksum(folder: str | os.PathLike) -> str | None:
@@ -276,10 +341,11 @@ def folder_weights_checksum(folder: str | os.PathLike) -> str | None:
     return ",".join(digests) if digests and all(digests) else None
 
 
-def _classes_of(path, model: ScaleVAEForLatentLM, hub_kwargs: dict) -> "LatentClasses | None":
-    """The class statistics saved beside the model at `path` (a local folder or a Hub id), or None. Statistics fitted
-    on other weights (the folder's weights checksum changed since) or another latent size are left out, with a
-    warning: they would sample latents of another model."""
+def _classes_of(path, model: ScaleVAEForLatentLM, hub_kwargs: dict) -> tuple["LatentClasses | None", str | None]:
+    """The class statistics saved beside the model at `path` (a local folder or a Hub id), or None, and why they were
+    not loaded. An optional file never blocks loading the model: statistics fitted on other weights (the folder's
+    weights checksum changed since), or a file that fails its checks (`LatentClasses.load`), are left out with a
+    warning naming the file; `sample(label=...)` then says why it has no classes."""
     if os.path.isdir(str(path)):
         file = Path(path) / CLASSES_FILE
         file = str(file) if file.is_file() else None
@@ -294,22 +360,42 @@ def _classes_of(path, model: ScaleVAEForLatentLM, hub_kwargs: dict) -> "LatentCl
             **{k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")},
         )
     if file is None:
-        return None
-    classes, metadata = LatentClasses.load(file)
+        return None, None
+    try:
+        classes, metadata = LatentClasses.load(file, latent_size=model.config.latent_size)
+    except ValueError as error:
+        reason = f"{error} Not loaded: refit the classes (fit_classes) and save them again (save_classes)."
+        logger.warning("%s", reason)
+        return None, reason
     recorded = metadata.get("weights_checksum")
     current = folder_weights_checksum(path) if os.path.isdir(str(path)) else None
     if recorded and current and recorded != current:
-        logger.warning("%s was fitted on other weights than this folder's: not loaded; refit it.", file)
-        return None
-    if classes.latent_size != model.config.latent_size:
-        logger.warning(
-            "%s has %d dimensions, the model's latent %d: not loaded; refit it.",
-            file,
-            classes.latent_size,
-            model.config.latent_size,
-        )
-        return None
-    return classes
+        reason = f"{file} was fitted on other weights than this folder's: not loaded; refit it."
+        logger.warning("%s", reason)
+        return None, reason
+    return classes, None
+
+
+def decoding_defaults(model: ScaleVAEForLatentLM, decoder_tokenizer):
+    """LatentText's own complete decoding settings: greedy, one text per latent, plain ids returned (every other
+    setting at transformers' defaults), and the special ids of the decoder's tokenizer, falling back to the model's
+    decoder config for a tokenizer without a pad token."""
+    from transformers import GenerationConfig
+
+    bos_id, eos_id = decoder_special_token_ids(decoder_tokenizer)
+    pad_id = decoder_tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = model.config.decoder.pad_token_id if model.config.decoder.pad_token_id is not None else eos_id
+    return GenerationConfig(
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        decoder_start_token_id=bos_id,
+        do_sample=False,
+        num_beams=1,
+        num_return_sequences=1,
+        return_dict_in_generate=False,
+    )
 
 
 class LatentText:
@@ -330,14 +416,24 @@ class LatentText:
         self.model, self.encoder_tokenizer, self.decoder_tokenizer = model, encoder_tokenizer, decoder_tokenizer
         self.max_length = max_length
         self.classes = classes
+        self.classes_not_loaded: str | None = None  # why a folder's latent_classes.safetensors was left out
+        # LatentText decodes with its own defaults (greedy, one text per latent, ids returned): a folder's
+        # generation_config.json must not turn the documented-greedy reconstruct random or multiply sample's texts.
+        # It is kept here, and applies where the caller passes it: decode(z, generation_config=text.folder_generation_config).
+        self.folder_generation_config = model.generation_config
+        model.generation_config = decoding_defaults(model, decoder_tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "LatentText":
         """A saved folder's model and tokenizers, and its per-class Gaussians when it has a `latent_classes.safetensors`
         (`save_classes`)."""
-        text = cls(*load_pretrained(path, **kwargs))
-        text.classes = _classes_of(path, text.model, kwargs)
-        return text
+
+        def load():
+            text = cls(*load_pretrained(path, **kwargs))
+            text.classes, text.classes_not_loaded = _classes_of(path, text.model, kwargs)
+            return text
+
+        return read_snapshot(path, load)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -423,9 +519,10 @@ class LatentText:
                 raise ValueError(f"num_samples={num_samples!r} must be a whole number >= 1.")
             return self.decode(self.model.sample_prior(num_samples, generator=generator), **generation_kwargs)
         if self.classes is None:
+            why = f" (the folder's were not loaded: {self.classes_not_loaded})" if self.classes_not_loaded else ""
             raise ValueError(
-                f"sample(label={label!r}) needs per-class Gaussians: fit them with fit_classes(texts, labels), and "
-                "save_classes(folder) to keep them with the model."
+                f"sample(label={label!r}) needs per-class Gaussians{why}: fit them with fit_classes(texts, labels), "
+                "and save_classes(folder) to keep them with the model."
             )
         return self.decode(self.classes.sample(label, num_samples, generator), **generation_kwargs)
 

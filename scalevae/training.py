@@ -17,6 +17,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
+from loading_scalevae import recording_tokenizers
+
 from .metrics import PosteriorAccumulator
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
@@ -354,7 +356,12 @@ class ScaleVAETrainer(LatentLMTrainer):
             os.makedirs(output_dir, exist_ok=True)
             os.close(os.open(args_file, os.O_WRONLY | os.O_CREAT, 0o600))
             _owner_only(args_file)
-        super()._save(output_dir, state_dict)
+        collator = self.data_collator
+        tokenizers = [getattr(collator, f"{part}_tokenizer", None) for part in ("encoder", "decoder")]
+        # the checkpoint's tokenizers (CompleteCheckpointCallback) are tied to its weights, as in a save_model folder
+        recording = recording_tokenizers(*tokenizers) if None not in tokenizers else contextlib.nullcontext()
+        with recording:
+            super()._save(output_dir, state_dict)
         _owner_only(args_file)
 
 

@@ -3,6 +3,9 @@ anything is allocated, a folder's own code never run, and folders without tokeni
 
 import json
 import logging
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from scalevae.cli import main
 from tests.model_tester import (
     edit_json,
     flip_bit,
+    tester,
 )
 
 # -- verified weights ---------------------------------------------------------------------------------------------
@@ -171,3 +175,256 @@ def test_folders_without_tokenizers_say_which_and_how_to_fix(tmp_path, tiny_part
         LatentText.from_pretrained(tmp_path / "no_such_model")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["generate", "outputs/no/such/model", "--sample", "1"])
+
+
+# -- side files tied to the weights (issue 28) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted_pair(tmp_path_factory, tiny_encoder_path):
+    """Two saved models whose decoders have byte-level BPEs fitted to the same corpus: 300 and 270 tokens."""
+    from scalevae.data import load_text_dataset
+
+    texts = load_text_dataset()["train"]["text"][:400]
+    root = tmp_path_factory.mktemp("fitted")
+    folders = {}
+    for size in (300, 270):
+        parts = tester.build(tiny_encoder_path, train_texts=texts, decoder_vocab_size=size)
+        folders[size] = hub.save_model(root / f"bpe{size}", *parts)
+    return folders
+
+
+def swap_two_token_ids(tokenizer_json: Path) -> None:
+    """The same vocabulary size, but two tokens trade ids (a vocabulary that only a hash tells apart)."""
+    spec = json.loads(tokenizer_json.read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[300:302] if len(vocab) > 400 else list(vocab)[260:262]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    tokenizer_json.write_text(json.dumps(spec))
+
+
+@pytest.mark.parametrize("change", ["another model's", "two ids swapped"])
+def test_a_decoder_tokenizer_not_saved_with_the_weights_is_refused_by_name(fitted_pair, tmp_path, change):
+    """Another model's decoder_tokenizer/ (270 instead of 300 tokens) loaded silently and `sample` decoded garbage."""
+    folder = Path(shutil.copytree(fitted_pair[300], tmp_path / "model"))
+    if change == "another model's":
+        shutil.rmtree(folder / "decoder_tokenizer")
+        shutil.copytree(fitted_pair[270] / "decoder_tokenizer", folder / "decoder_tokenizer")
+    else:
+        swap_two_token_ids(folder / "decoder_tokenizer" / "tokenizer.json")
+    for load in (scalevae.load_pretrained, LatentText.from_pretrained, scalevae.load_tokenizers):
+        with pytest.raises(ValueError, match=r"decoder_tokenizer is not the decoder tokenizer this model was saved"):
+            load(folder)
+    assert len(LatentText.from_pretrained(fitted_pair[300]).sample(1, max_new_tokens=2)) == 1  # the original loads
+
+
+def test_an_encoder_tokenizer_not_saved_with_the_weights_is_refused_by_name(tiny_folder_copy):
+    swap_two_token_ids(tiny_folder_copy / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"\(its root tokenizer\) is not the encoder tokenizer this model was saved"):
+        scalevae.load_pretrained(tiny_folder_copy)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_without_a_record(fitted_pair, tmp_path):
+    """A folder saved before tokenizers were recorded (a Trainer's save_pretrained, older scalevae): the sizes still
+    have to fit."""
+    folder = Path(shutil.copytree(fitted_pair[270], tmp_path / "model"))
+    model = scalevae.ScaleVAEForLatentLM.from_pretrained(folder)
+    model.save_pretrained(folder)  # no tokenizers recorded
+    shutil.rmtree(folder / "decoder_tokenizer")
+    shutil.copytree(fitted_pair[300] / "decoder_tokenizer", folder / "decoder_tokenizer")
+    with pytest.raises(ValueError, match=r"decoder_tokenizer: the decoder tokenizer has 300 tokens, but the model's"):
+        scalevae.load_pretrained(folder)
+
+
+GENERATION_OVERRIDES = [
+    {"do_sample": True, "temperature": 5.0},
+    {"do_sample": True, "num_return_sequences": 50},
+    {"return_dict_in_generate": True, "output_scores": True},
+    {"num_beams": 3, "length_penalty": -5.0},
+    {"no_repeat_ngram_size": 1, "repetition_penalty": 100.0},
+    {"min_new_tokens": 3, "bad_words_ids": [[5], [6], [7]], "suppress_tokens": [8, 9]},
+]
+
+
+@pytest.mark.parametrize("override", GENERATION_OVERRIDES, ids=lambda o: "+".join(o))
+def test_a_folders_generation_config_applies_only_where_the_caller_asks(tiny_folder, tiny_folder_copy, override):
+    """do_sample made the documented-greedy reconstruct random, num_return_sequences=50 made sample(2) return 100
+    texts, return_dict_in_generate made reconstruct fail with a KeyError."""
+    edit_json(tiny_folder_copy / "generation_config.json", lambda config: config.update(override))
+    plain, edited = LatentText.from_pretrained(tiny_folder), LatentText.from_pretrained(tiny_folder_copy)
+    texts = ["the cat sat on the mat", "a dog ran"]
+    for text in (plain, edited):
+        text.outputs = (
+            text.reconstruct(texts, max_new_tokens=4),
+            text.sample(2, generator=torch.Generator().manual_seed(0), max_new_tokens=4),
+        )
+    assert edited.outputs == plain.outputs
+    assert edited.reconstruct(texts, max_new_tokens=4) == edited.outputs[0]  # greedy: the same every time
+    assert edited.folder_generation_config.to_diff_dict().items() >= override.items()
+
+
+def test_the_folders_generation_config_applies_when_passed(tiny_folder_copy):
+    edit_json(tiny_folder_copy / "generation_config.json", lambda g: g.update(do_sample=True, num_return_sequences=3))
+    text = LatentText.from_pretrained(tiny_folder_copy)
+    outputs = text.sample(2, max_new_tokens=3, generation_config=text.folder_generation_config)
+    assert len(outputs) == 6
+
+
+@pytest.fixture(scope="module")
+def classes_folder(tmp_path_factory, tiny_folder):
+    """The tiny folder with two classes fitted and saved, and the class statistics themselves."""
+    folder = Path(shutil.copytree(tiny_folder, tmp_path_factory.mktemp("classes") / "model"))
+    text = LatentText.from_pretrained(folder)
+    texts = [f"{word} is here {i}" for i, word in enumerate(["cat", "dog", "sun", "moon"] * 3)]
+    text.fit_classes(texts, ["0", "1"] * 6)
+    text.save_classes(folder)
+    return folder, text.classes
+
+
+def rewritten(classes, **changes):
+    from scalevae.latent import LatentClasses
+
+    fields = dict(classes.__dict__)
+    fields.update(changes)
+    return LatentClasses(**fields)
+
+
+def damage_classes(folder: Path, classes, damage: str) -> None:
+    file = folder / "latent_classes.safetensors"
+    d = classes.latent_size
+    if damage == "flipped bit":
+        flip_bit(file, "means")
+    elif damage == "reordered labels":
+        tensors, metadata = load_file(file), safe_open(str(file), framework="pt").metadata()
+        metadata["labels"] = json.dumps(list(reversed(json.loads(metadata["labels"]))))
+        save_file(tensors, str(file), metadata=metadata)
+    elif damage == "truncated":
+        file.write_bytes(file.read_bytes()[:-40])
+    else:  # saved with a valid checksum of their own, but not statistics any model can sample from
+        bad = {
+            "NaN": dict(means=classes.means.clone().fill_(float("nan"))),
+            "not positive definite": dict(covariances=-classes.covariances),
+            "wrong shapes": dict(covariances=classes.covariances[:, :, :-1]),
+            "wrong label count": dict(labels=(*classes.labels, "2")),
+            "another latent size": dict(
+                means=torch.zeros(2, d + 1, dtype=torch.float64),
+                covariances=torch.eye(d + 1, dtype=torch.float64).expand(2, d + 1, d + 1).clone(),
+            ),
+        }[damage]
+        rewritten(classes, **bad).save(file)
+
+
+CLASS_DAMAGES = [
+    "flipped bit",
+    "reordered labels",
+    "truncated",
+    "NaN",
+    "not positive definite",
+    "wrong shapes",
+    "wrong label count",
+    "another latent size",
+]
+
+
+@pytest.mark.parametrize("damage", CLASS_DAMAGES)
+def test_damaged_class_statistics_never_block_the_model_and_are_named(classes_folder, tmp_path, damage, caplog):
+    """A flipped bit or reordered labels loaded silently; NaN, a covariance that is not positive definite, wrong
+    shapes or a truncated file gave deep errors (cholesky, IndexError, SafetensorError) and blocked loading."""
+    folder = Path(shutil.copytree(classes_folder[0], tmp_path / "model"))
+    damage_classes(folder, classes_folder[1], damage)
+    with caplog.at_level(logging.WARNING, logger="scalevae.latent"):
+        text = LatentText.from_pretrained(folder)
+    assert text.classes is None
+    assert any("latent_classes.safetensors" in r.getMessage() for r in caplog.records)
+    assert len(text.reconstruct(["the cat sat"], max_new_tokens=2)) == 1  # the model itself works
+    with pytest.raises(ValueError, match=r"latent_classes\.safetensors.*refit the classes"):
+        text.sample(1, label="0")
+
+
+def test_intact_class_statistics_load_bit_for_bit(classes_folder):
+    text = LatentText.from_pretrained(classes_folder[0])
+    assert text.classes.labels == classes_folder[1].labels
+    assert torch.equal(text.classes.covariances, classes_folder[1].covariances)
+    assert len(text.sample(2, label="1", max_new_tokens=2)) == 2
+
+
+# -- a folder is untrusted input (issue 28) -----------------------------------------------------------------------------
+
+
+def doubling_normalizer(steps: int) -> dict:
+    return {
+        "type": "Sequence",
+        "normalizers": [{"type": "Replace", "pattern": {"String": " "}, "content": "  "}] * steps,
+    }
+
+
+@pytest.mark.parametrize(
+    ("where", "part", "value", "message"),
+    [
+        ("decoder_tokenizer", "normalizer", doubling_normalizer(26), r"normalizer can make a text 6\.71e\+07 times"),
+        ("", "normalizer", doubling_normalizer(8), r"normalizer can make a text 256 times longer"),
+        ("", "decoder", {"type": "Replace", "pattern": {"Regex": "."}, "content": "x" * 500}, r"decoder can make"),
+        ("decoder_tokenizer", "normalizer", {"type": "Exotic"}, r"unknown step type 'Exotic'"),
+    ],
+)
+def test_an_unbounded_tokenizer_pipeline_is_refused_before_it_runs(tiny_folder_copy, where, part, value, message):
+    """26 chained Replace(" " -> "  ") made `generate --reconstruct` take 10 GB of memory."""
+    file = tiny_folder_copy / where / "tokenizer.json"
+    edit_json(file, lambda spec: spec.update({part: value}))
+    with pytest.raises(ValueError, match=rf"{file}.*{message}" if where else message):
+        LatentText.from_pretrained(tiny_folder_copy)
+
+
+def test_real_tokenizer_pipelines_stay_within_the_bound():
+    """BERT's (MiniLM's), the fitted byte-level BPE's and a doubling chain that stays short all pass."""
+    from scalevae.factory import MAX_TEXT_GROWTH, _step_growth
+
+    assert _step_growth(json.loads(tester.get_tokenizers()[0].backend_tokenizer.to_str())["normalizer"], "") <= 24
+    assert _step_growth(doubling_normalizer(7), "") == 128 <= MAX_TEXT_GROWTH
+
+
+def test_a_vocabulary_beyond_the_bound_is_refused(tiny_folder_copy, monkeypatch):
+    monkeypatch.setattr(scalevae.factory, "MAX_TOKENIZER_TOKENS", 1000)
+    with pytest.raises(ValueError, match=r"model/tokenizer\.json holds \d+ tokens, more than the 1000"):
+        scalevae.load_tokenizers(tiny_folder_copy)
+
+
+MISSING_LOCAL = ["w/Fg", "./Fg", "../Fg", "w/a/b", "/nonexistent/Fg", "w\\Fg", "~/nonexistent-Fg", "Fg/"]
+
+
+@pytest.mark.parametrize("name", MISSING_LOCAL)
+def test_a_missing_local_path_never_reaches_the_hub(tmp_path, monkeypatch, name, capsys):
+    """`scalevae generate w/Fg` (a missing folder inside the folder w) was looked up as a Hub repository."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    asked = []
+    for function in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, function, lambda *a, **k: asked.append(a) or 1 / 0)
+    loads = [
+        scalevae.load_pretrained,
+        scalevae.load_tokenizers,
+        LatentText.from_pretrained,
+        scalevae.ScaleVAEForLatentLM.from_pretrained,
+    ]
+    for load in loads:
+        with pytest.raises(FileNotFoundError, match=rf"no such folder: the model {re.escape(name)} does not exist"):
+            load(name)
+    with pytest.raises((SystemExit, FileNotFoundError), match="no such folder"):
+        main(["generate", name, "--sample", "1"])
+    assert asked == []
+
+
+def test_hub_ids_stay_hub_ids(tmp_path, monkeypatch):
+    """`owner/name` with no local folder `owner`, and `hf://` spelled out, are Hub ids (offline here: the Hub says
+    so, not "no such folder")."""
+    from loading_scalevae import folder_or_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    assert folder_or_hub_id("someone/model") == "someone/model"
+    assert folder_or_hub_id("hf://w/Fg") == "w/Fg"
+    assert folder_or_hub_id("gpt2") == "gpt2"
+    with pytest.raises(ValueError, match="not a valid Hub repository id"):
+        folder_or_hub_id("hf://w/../x")
