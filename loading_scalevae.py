@@ -25,10 +25,6 @@ logger = logging.get_logger(__name__)
 def load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
     """`ScaleVAEForLatentLM.from_pretrained`, given `PreTrainedModel.from_pretrained` as `load`: a local path that does
     not exist is refused (`folder_or_hub_id`), and a folder re-saved meanwhile is read again (`read_snapshot`)."""
-    import os
-
-    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-        pretrained_model_name_or_path = folder_or_hub_id(pretrained_model_name_or_path)
     return read_snapshot(
         pretrained_model_name_or_path,
         lambda: _load_strictly(load, pretrained_model_name_or_path, *model_args, **dict(kwargs)),
@@ -36,7 +32,12 @@ def load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
 
 
 def _load_strictly(load, pretrained_model_name_or_path, *model_args, **kwargs):
+    import os
+
     from safetensors import SafetensorError
+
+    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        pretrained_model_name_or_path = folder_or_hub_id(pretrained_model_name_or_path)
 
     return_loading_info = kwargs.pop("output_loading_info", False)
     verify_weights = kwargs.pop("verify_weights", True)
@@ -457,7 +458,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     import hashlib
     import json
 
-    pairs = sorted(tokenizer.get_vocab().items(), key=lambda pair: (pair[1], pair[0]))
+    pairs = sorted((index, token) for token, index in tokenizer.get_vocab().items())
     digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
     return f"{len(tokenizer)}:{digest[:32]}"
 
@@ -562,10 +563,13 @@ def _check_hub_id(repo_id: str, argument: str, given: str) -> None:
 
 
 # -- readers see one snapshot ------------------------------------------------------------------------------------------
-# A save replaces a folder by renaming a complete new one over it (`scalevae.hub._swap_in`), so the folder's identity
-# (device, inode, ctime) changes with every save and with every file added or removed inside it. A load compares it
-# before and after and starts again when it changed: it returns what one save wrote, never the config of one save with
-# the weights of the next. No lock file, so it works on read-only copies and the Hub cache alike.
+# A save replaces a folder by renaming a complete new one over it (`scalevae.hub._swap_in`). A reader holds a shared
+# `flock` on the folder itself (the directory, so no lock file is needed and read-only copies work) while it loads;
+# the save takes the exclusive lock of the folder it replaces before the renames, so it waits for the readers of the
+# old folder, and a reader that opened the old folder sees, once it has the lock, that the path now names another
+# folder and starts again on the new one. Where flock is missing (Windows, some network file systems), the folder's
+# identity (device, inode, ctime: it changes with every save and with every file added or removed inside) compared
+# before and after the load catches a save in between, and the load is tried again.
 
 SNAPSHOT_ATTEMPTS = 30
 _IN_SNAPSHOT = contextvars.ContextVar("scalevae_in_snapshot", default=False)
@@ -657,15 +661,19 @@ def read_snapshot(folder, load):
             before = _wait_for_folder(folder)
             if before is None:  # missing with no complete copy beside it: the loader says so
                 return load()
-            try:
-                result = load()
-            except Exception as error:
-                if before is not None and folder_identity(folder) == before:
-                    raise  # the folder held still: the error is the folder's own
-                failure = error
-            else:
-                if folder_identity(folder) == before:
-                    return result
+            with _shared_lock(folder) as locked:
+                if locked is not None and locked != folder_identity(folder):
+                    continue  # replaced between open and lock: read the new folder
+                before = locked or before
+                try:
+                    result = load()
+                except Exception as error:
+                    if folder_identity(folder) == before:
+                        raise  # the folder held still: the error is the folder's own
+                    failure = error
+                else:
+                    if folder_identity(folder) == before:
+                        return result
             time.sleep(random.uniform(0.005, 0.05) * (1 + attempt))
     finally:
         _IN_SNAPSHOT.reset(token)
@@ -673,6 +681,59 @@ def read_snapshot(folder, load):
         f"{folder} changed while loading, {SNAPSHOT_ATTEMPTS} times in a row: another process keeps re-saving it. "
         "Load it when the saves stop, or load a copy."
     ) from failure
+
+
+@contextlib.contextmanager
+def _shared_lock(folder: str):
+    """A shared flock on the folder for the duration, yielding the identity of the folder it locked (None where the
+    platform has no flock or the folder cannot be opened)."""
+    import os
+
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        yield None
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        stat = os.fstat(fd)
+        yield (stat.st_dev, stat.st_ino, stat.st_ctime_ns)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing_folder(folder, patience_s: float = 600.0):
+    """Hold the exclusive flock of `folder` (a save about to rename it away): wait for the loads reading it to finish,
+    and keep new ones out until the renames are done. After `patience_s` of readers holding it, a TimeoutError."""
+    import os
+    import time
+
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{folder} has been read by other loads for {patience_s:.0f} s: the save waited for them to "
+                        "finish and gave up; nothing was replaced."
+                    ) from None
+                time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _listdir(folder: str) -> list[str]:

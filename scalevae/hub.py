@@ -31,6 +31,7 @@ from loading_scalevae import (
     WEIGHTS_SAVED_AT_KEY,
     read_safetensors_header,
     recording_tokenizers,
+    replacing_folder,
     verify_weights_checksums,
     weights_files_in,
 )
@@ -90,12 +91,13 @@ def _swap_in(new: Path, folder: Path) -> None:
         os.rename(new, folder)
         return
     old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(folder, old)
-    try:
-        os.rename(new, folder)
-    except BaseException:
-        os.rename(old, folder)
-        raise
+    with replacing_folder(folder):  # the loads reading the old folder finish first (`read_snapshot`)
+        os.rename(folder, old)
+        try:
+            os.rename(new, folder)
+        except BaseException:
+            os.rename(old, folder)
+            raise
     shutil.rmtree(old, ignore_errors=True)
 
 

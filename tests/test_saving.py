@@ -321,3 +321,75 @@ def test_push_refuses_a_folder_whose_weights_are_a_link(tiny_folder_copy, tmp_pa
     os.symlink(tmp_path / "outside.safetensors", folder / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors would not be uploaded \(a link"):
         hub.push_to_hub(folder, "someone/model")  # refused before any Hub call
+
+
+# -- readers see one snapshot (issue 28) --------------------------------------------------------------------------------
+
+
+def resave_forever(folder, encoder_path, saves, ready, stop):
+    """A second process: save two models of different latent sizes (scale factors 4 x 1.0 and 6 x 2.0) into one
+    folder in turn, as fast as it can, until `stop`; `saves` counts them."""
+    torch.set_num_threads(1)
+    models = []
+    for size, factor in ((4, 1.0), (6, 2.0)):
+        model, *tokenizers = tester.build(encoder_path, latent_size=size)
+        with torch.no_grad():
+            model.collapse.scale_factors.fill_(factor)
+        models.append(model)
+    while not stop.is_set():
+        hub.save_model(folder, models[saves.value % 2], *tokenizers)
+        saves.value += 1
+        ready.set()
+
+
+def test_loads_during_saves_read_one_save(tmp_path, tiny_encoder_path, capsys):
+    """One process re-saving a folder while another loaded it: 31 of 212 loads succeeded, the rest mixed one save's
+    config with the next one's weights, or found no folder; `scalevae generate` failed every time."""
+    import multiprocessing
+
+    from scalevae.cli import main
+
+    context = multiprocessing.get_context("spawn")
+    folder = tmp_path / "model"
+    saves, ready, stop = context.Value("i", 0), context.Event(), context.Event()
+    writer = context.Process(target=resave_forever, args=(folder, tiny_encoder_path, saves, ready, stop), daemon=True)
+    writer.start()
+    try:
+        assert ready.wait(120), "the writer never saved"
+        first, failures = saves.value, []
+        for attempt in range(16):
+            try:
+                if attempt % 4 == 3:
+                    main(["generate", str(folder), "--sample", "1", "--max_new_tokens", "2", "--device", "cpu"])
+                    continue
+                text = scalevae.LatentText.from_pretrained(folder)
+                factors = text.model.collapse.scale_factors.tolist()
+                assert factors == [{4: 1.0, 6: 2.0}[text.model.config.latent_size]] * text.model.config.latent_size
+                assert text.model.encoder.config.vocab_size == len(text.encoder_tokenizer)
+            except Exception as error:  # noqa: BLE001 - every failure is counted and shown
+                failures.append(f"{type(error).__name__}: {error}")
+        during = saves.value - first
+    finally:
+        stop.set()
+        writer.join(60)
+        if writer.is_alive():
+            writer.kill()
+    assert failures == []
+    assert during >= 8, f"only {during} saves during the loads: the test did not exercise concurrency"
+    capsys.readouterr()
+
+
+def test_a_folder_missing_between_the_two_renames_names_the_copy_and_the_recovery(tmp_path, tiny_parts):
+    """A kill between the save's two renames left "does not exist", with no word of the complete copy beside it."""
+    folder = hub.save_model(tmp_path / "model", *tiny_parts)
+    aside = tmp_path / ".model.old-0123abcd"
+    folder.rename(aside)
+    for load in (
+        scalevae.load_pretrained,
+        scalevae.LatentText.from_pretrained,
+        scalevae.ScaleVAEForLatentLM.from_pretrained,
+    ):
+        with pytest.raises(FileNotFoundError, match=rf"{aside}.*recover_interrupted_save\('{folder}'\)"):
+            load(folder)
+    assert hub.recover_interrupted_save(folder) == folder
+    scalevae.load_pretrained(folder)
