@@ -207,7 +207,7 @@ class LatentDemo:
         folder: str | os.PathLike,
         sentences_file: str | os.PathLike | None = None,
         labels_file: str | os.PathLike | None = None,
-        max_sentences: int = 2000,
+        max_sentences: int = 1000,
         device: str = "cpu",
         projection: str = "auto",
     ) -> "LatentDemo":
@@ -587,7 +587,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--labels", default=None, help="one label per line of --sentences (colours the map)")
     parser.add_argument(
-        "--max_sentences", type=int, default=2000, help=f"sentences on the map (at most {MAX_MAP_SENTENCES})"
+        "--max_sentences",
+        type=int,
+        default=1000,
+        help=f"sentences on the map (default 1000, at most {MAX_MAP_SENTENCES})",
     )
     parser.add_argument("--max_queue", type=int, default=32, help="requests waiting at most; more are refused")
     parser.add_argument(
@@ -602,6 +605,9 @@ def serve(args: argparse.Namespace, host: str | None = "127.0.0.1", block: bool 
     require_gradio()
     if not 1 <= args.max_queue <= 1000:
         raise SystemExit(f"--max_queue {args.max_queue} must be in [1, 1000].")
+    # The map's latents are computed once, before the page starts: a minute or more for a thousand sentences with a
+    # BERT-size encoder on a small CPU, so say what is happening.
+    print(f"scalevae demo: loading {args.folder}, encoding the map's sentences...", file=sys.stderr, flush=True)
     try:
         demo = LatentDemo.load(
             args.folder, args.sentences, args.labels, args.max_sentences, args.device, args.projection
@@ -609,7 +615,7 @@ def serve(args: argparse.Namespace, host: str | None = "127.0.0.1", block: bool 
     except DemoSetupError as error:
         raise SystemExit(f"scalevae demo: {error}") from None
     page = build_app(demo, args.max_queue)
-    page.launch(server_name=host, server_port=args.port, share=False, prevent_thread_lock=not block, quiet=True)
+    page.launch(server_name=host, server_port=args.port, share=False, prevent_thread_lock=not block)
     return page
 
 
