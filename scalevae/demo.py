@@ -307,13 +307,13 @@ class LatentDemo:
             generator = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)  # generate() samples tokens from torch's global generator
             if around is None:
-                latents = self.text.model.sample_prior(n, generator=generator)
+                texts = self.text.sample(n, generator=generator, **decoding)
             else:
                 z = self.text.encode([around]).double().cpu()
                 spread = self.text.model.prior_parameters()[1].detach().double().cpu()
-                latents = z + radius * spread * torch.randn(n, z.shape[1], generator=generator, dtype=torch.float64)
-            texts = self.text.decode(latents, **decoding)
-        return dict(texts=texts, duplicate_of=_duplicates(texts), xy=self.project(latents).tolist())
+                noise = torch.randn(n, z.shape[1], generator=generator, dtype=torch.float64)
+                texts = self.text.decode(z + radius * spread * noise, **decoding)
+        return dict(texts=texts, duplicate_of=_duplicates(texts))
 
     @property
     def classes(self) -> LatentClasses | None:

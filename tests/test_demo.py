@@ -115,8 +115,12 @@ def test_class_log_probs_is_bayes_rule_over_the_class_gaussians(demo):
     assert torch.allclose(log_probs, torch.stack(densities) - torch.stack(densities).logsumexp(0))
 
 
-def test_samples_are_seeded_bounded_and_mark_duplicates(demo, reviews):
+def test_samples_are_seeded_bounded_and_mark_duplicates(demo, folder, reviews):
     first = demo.sample(8, 1.0, 0.9, seed=3)
+    text = LatentText.from_pretrained(folder)
+    torch.manual_seed(3)
+    alone = text.sample(8, generator=torch.Generator().manual_seed(3), **decoding(do_sample=True, top_p=0.9))
+    assert first["texts"] == alone
     assert first == demo.sample(8, 1.0, 0.9, seed=3)
     assert first["texts"] != demo.sample(8, 1.0, 0.9, seed=4)["texts"]
     for i, mark in enumerate(first["duplicate_of"]):
