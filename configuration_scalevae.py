@@ -3,6 +3,9 @@
 This file travels inside every saved model folder (``trust_remote_code=True``): it imports only transformers.
 """
 
+import copy
+import difflib
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -238,6 +241,19 @@ class ScaleVAEConfig(PreTrainedConfig):
             return super().from_dict(config_dict, **kwargs)
         except ValueError as error:
             raise ValueError(f"{error} ({versions})") from error
+
+    def validated_copy(self, **changes) -> "ScaleVAEConfig":
+        """A copy of this config with `changes` applied, validated: setters build what they need from it and only then
+        assign, so a refused value leaves the config (and the next save) as it was."""
+        candidate = copy.deepcopy(self)
+        for field, value in changes.items():
+            if not hasattr(self, field):
+                close = difflib.get_close_matches(field, list(self.to_dict()), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{field!r} is not a ScaleVAEConfig field.{hint}")
+            setattr(candidate, field, value)
+        candidate.validate_scalevae()
+        return candidate
 
     def validate_scalevae(self):
         """Raise a `ValueError` naming the field and its allowed values for every setting this code cannot honour."""

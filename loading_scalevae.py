@@ -97,6 +97,7 @@ def save_publicly(model, save, save_directory, *args, push_to_hub: bool = False,
     """`ScaleVAEForLatentLM.save_pretrained`, given `PreTrainedModel.save_pretrained` (bound to `model`) as `save`."""
     import os
 
+    check_saveable(model, kwargs.get("state_dict"))
     model.config.scalevae_format_version = SCALEVAE_FORMAT_VERSION  # a loaded older folder is saved in today's format
     configs = [model.config, model.config.encoder, model.config.decoder]
     names = [getattr(config, "_name_or_path", "") for config in configs]
@@ -115,6 +116,43 @@ def save_publicly(model, save, save_directory, *args, push_to_hub: bool = False,
     if push_to_hub:  # after the checksums: push_to_hub saves a fresh copy and uploads that
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
         model.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+
+def check_saveable(model, state_dict=None) -> None:
+    """Refuse, before anything is written, a model whose folder would not load: its config must validate (a field set
+    by hand, or by a setter that failed halfway, is not checked when it is assigned), and a model built from that config
+    must hold the tensors it is about to save, in their shapes (a config edited after the model was built describes
+    another model). The reference is built on the meta device: no memory, no initialisation. Tensors that are not
+    plain local tensors here (sharded by FSDP, emptied by ZeRO-3) are not compared."""
+    import copy
+
+    try:
+        model.config.validate_scalevae()
+    except ValueError as error:
+        raise ValueError(f"Not saved: the model's config would not load ({error}).") from error
+    with torch.device("meta"):
+        reference = type(model)(copy.deepcopy(model.config)).state_dict()
+    saved = state_dict if state_dict is not None else model.state_dict()
+    own = ("latent_head.", "collapse.", "fitted_prior.", "injection.")  # the composite's layers; the parts keep theirs
+    problems = [
+        f"{key}: {'missing' if key not in saved else 'not in the config'}"
+        for key in sorted(set(reference) ^ set(saved))
+        if key.startswith(own)
+    ]
+    for key in sorted(set(reference) & set(saved)):
+        tensor = saved[key]
+        if (
+            type(tensor) in (torch.Tensor, torch.nn.Parameter)
+            and tensor.numel()
+            and tensor.shape != reference[key].shape
+        ):
+            problems.append(f"{key}: {tuple(tensor.shape)}, the config gives {tuple(reference[key].shape)}")
+    if problems:
+        raise ValueError(
+            "Not saved: the model's config no longer describes its tensors, so the folder would not load:\n - "
+            + "\n - ".join(problems)
+            + "\nChange settings through the model (set_prior, resize_token_embeddings), not by editing model.config."
+        )
 
 
 def describe_weights_files(path, subfolder: str = "") -> str:

@@ -1063,15 +1063,14 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         """Switch the generative prior to `prior` (with `components` for `"mixture"`), keeping the diagonal running
         estimate; `fit_prior` then fits it. Training never uses the prior (its KL is the original posterior's to
         N(0, I)), so a trained model can be scored under each family in turn."""
-        self.config.prior = prior
-        if components is not None:
-            self.config.prior_components = components
-        self.config.validate_scalevae()
-        old = self.fitted_prior
-        self.fitted_prior = FittedPrior(self.config).to(old.loc.device)
-        self.fitted_prior.loc.copy_(old.loc)
-        self.fitted_prior.scale.copy_(old.scale)
-        self.fitted_prior._mirror_diagonal()
+        changes = {"prior": prior} if components is None else {"prior": prior, "prior_components": components}
+        fitted_prior = FittedPrior(self.config.validated_copy(**changes)).to(self.fitted_prior.loc.device)
+        fitted_prior.loc.copy_(self.fitted_prior.loc)
+        fitted_prior.scale.copy_(self.fitted_prior.scale)
+        fitted_prior._mirror_diagonal()
+        for field, value in changes.items():
+            setattr(self.config, field, value)
+        self.fitted_prior = fitted_prior
 
     @torch.no_grad()
     def fit_prior(self, batches, generator: torch.Generator | None = None) -> None:

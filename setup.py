@@ -59,7 +59,7 @@ setup(
         # `scalevae demo` and the Space a saved folder can carry (pandas feeds Gradio's plots); selenium drives the
         # page's browser test.
         "demo": ["gradio>=6.31", "pandas>=2.2", "selenium>=4.30"],
-        "test": ["pytest>=8", "scikit-learn>=1.5", "ruff==0.16.9", "deepspeed>=0.15"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.5", "ruff==0.16.9", "deepspeed>=0.15"],
     },
     entry_points={"console_scripts": ["scalevae=scalevae.cli:main"]},
 )

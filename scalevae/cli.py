@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -35,8 +34,11 @@ def evaluate(args) -> None:
     from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
     from .factory import load_pretrained
     from .metrics import evaluate_model, reconstruction_bleu_of
-    from .options import check_max_length
+    from .options import check_max_length, check_output_file
+    from .outputs import write_atomically
 
+    if args.output is not None:  # before an evaluation that may take an hour
+        check_output_file(args.output, args.model, args.data)
     model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model)
     check_max_length(args.max_length, model.config)
     model.to(resolve_device(args.device))
@@ -54,10 +56,10 @@ def evaluate(args) -> None:
     )
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
-    output = Path(args.output or Path(args.model) / "eval_results.json")
-    # NaN marks a figure not computed (e.g. NLL with --num_samples 0): JSON has no NaN, null says the same.
-    output.write_text(json.dumps({k: None if v != v else v for k, v in metrics.items()}, indent=2, allow_nan=False))
-    print(f"wrote {output}")
+    if args.output is not None:
+        # NaN marks a figure not computed (e.g. NLL with --num_samples 0): JSON has no NaN, null says the same.
+        figures = {k: None if v != v else v for k, v in metrics.items()}
+        print(f"wrote {write_atomically(args.output, json.dumps(figures, indent=2, allow_nan=False))}")
 
 
 def generate(args) -> None:
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--batch_size", type=int, default=16)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
-    ev.add_argument("--output", default=None, help="JSON file (default: MODEL/eval_results.json)")
+    ev.add_argument(
+        "--output", default=None, help="JSON file for the figures (default: printed only; never inside a model folder)"
+    )
 
     gen = commands.add_parser("generate", help="sample, reconstruct, interpolate or do latent arithmetic")
     gen.add_argument("model")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .metrics import metric_info
+from .outputs import write_atomically
 from .recipe import (
     SMALL_RUN_DEFAULTS,
     RunSpec,
@@ -292,7 +293,7 @@ def run_comparison(argv: list[str]) -> dict:
             f"{output} holds a comparison with other settings ({settings_file}); resume it with the same preset and "
             "options, or choose another --output_dir."
         )
-    settings_file.write_text(json.dumps(settings, indent=2))
+    write_atomically(settings_file, json.dumps(settings, indent=2))
 
     names = run_names(options, bool(spec.data.label_suffix))
     todo = [(name, seed) for seed in options.seeds for name in names]
@@ -312,9 +313,7 @@ def run_comparison(argv: list[str]) -> dict:
                 reference_lm = reference_language_model(spec, data, output / "reference_lm") if claims else None
                 classifier = text_classifier(data, output / "text_classifier.npz") if control else None
         result = train_and_evaluate(name, seed, spec, data, reference_lm, classifier)
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(_to_json(result, indent=1))
-        temporary.replace(path)  # a killed run leaves no half-written result behind
+        write_atomically(path, _to_json(result, indent=1))  # a killed run leaves no half-written result behind
     # The table covers every finished run in the folder, so seeds added later for a subset of runs join it.
     results = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*-seed*.json"))]
     results.sort(
@@ -325,8 +324,8 @@ def run_comparison(argv: list[str]) -> dict:
         )
     )
     summary = summarize(results, options.preset, settings)
-    (output / "results.json").write_text(_to_json(summary, indent=2))
-    (output / "results.md").write_text(format_markdown(summary))
+    write_atomically(output / "results.json", _to_json(summary, indent=2))
+    write_atomically(output / "results.md", format_markdown(summary))
     from .plots import plot_comparison, plot_control, plot_control_tradeoff
 
     plot_comparison(results, summary, output)
@@ -338,7 +337,7 @@ def run_comparison(argv: list[str]) -> dict:
         plot_control(runs, output / f"control_{name}.png", title=f"{described(summary)}: {name}")
     if control:
         plot_control_tradeoff(control, output / "control_tradeoff.png", title=described(summary))
-        (output / "control_examples.md").write_text(format_control_examples(results))
+        write_atomically(output / "control_examples.md", format_control_examples(results))
     return summary
 
 

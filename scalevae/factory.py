@@ -333,15 +333,31 @@ def _checked_tokenizer_file(path: str, subfolder: str = "") -> None:
         check_tokenizer_file(file)
 
 
+# The JSON files that loading a folder reads (the model's and the tokenizers'). Any other JSON file in a folder
+# (eval_results.json, trainer_state.json, a user's notes) is derived or optional: it never blocks loading.
+LOADED_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "chat_template.json",
+)
+
+
 def check_json_files(folder: str | os.PathLike) -> None:
-    """Raise a ValueError naming the first JSON file of a saved folder (its root and `decoder_tokenizer/`) that does
-    not parse as a JSON object, and where; transformers would raise a bare JSONDecodeError, or skip a broken
-    generation_config.json and carry on with defaults."""
+    """Raise a ValueError naming the first JSON file that loading reads (`LOADED_JSON_FILES`, at a saved folder's root
+    and in `decoder_tokenizer/`) that does not parse as a JSON object, and where; transformers would raise a bare
+    JSONDecodeError, or skip a broken generation_config.json and carry on with defaults."""
     for sub in ("", DECODER_TOKENIZER_SUBFOLDER):
         base = Path(folder) / sub
         if not base.is_dir():
             continue
-        for path in sorted(base.glob("*.json")):
+        for path in (base / name for name in LOADED_JSON_FILES):
+            if not path.is_file():
+                continue
             try:
                 with open(path, encoding="utf-8") as handle:
                     value = json.load(handle)

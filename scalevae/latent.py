@@ -6,6 +6,8 @@ Labels are compared as strings (`1` and `"1"` are the same class, as in a label 
 """
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import math
@@ -72,6 +74,24 @@ def evaluating(model):
         yield
     finally:
         model.train(was_training)
+
+
+def every_method_in_eval_mode(cls):
+    """Class decorator: every public method of `cls` runs its model in eval mode (`evaluating`), so that no method,
+    including one added later, decodes with dropout or writes a running statistic of a model left in training mode."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(member):
+            setattr(cls, name, _in_eval_mode(member))
+    return cls
+
+
+def _in_eval_mode(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with evaluating(self.model):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _finite(value, name: str) -> float:
@@ -398,12 +418,14 @@ def decoding_defaults(model: ScaleVAEForLatentLM, decoder_tokenizer):
     )
 
 
+@every_method_in_eval_mode
 class LatentText:
     """Text-level operations on a trained model: one object holding the model, its two tokenizers and, once fitted or
     loaded, the per-class Gaussians of label-conditional sampling (`classes`).
 
-    Methods that take lists of texts encode and decode them `batch_size` at a time, on the model's device; those that
-    fit statistics or edit (`attribute_direction`, `fit_classes`, `edit`) run the model in eval mode."""
+    Methods that take lists of texts encode and decode them `batch_size` at a time, on the model's device. Every method
+    runs the model in eval mode (and restores its mode after): a model left in training mode would decode with dropout
+    and update its running statistics."""
 
     def __init__(
         self,
@@ -561,8 +583,7 @@ class LatentText:
         if method not in DIRECTION_METHODS:
             raise ValueError(f"method={method!r} is not one of {DIRECTION_METHODS}.")
         keep = [i for i, label in enumerate(labels) if label in (source, target)]
-        with evaluating(self.model):
-            latents = self.encode_in_batches([texts[i] for i in keep], batch_size)
+        latents = self.encode_in_batches([texts[i] for i in keep], batch_size)
         return fit_direction(latents, [labels[i] for i in keep], source, target, method)
 
     def direction_between(
@@ -604,10 +625,9 @@ class LatentText:
         texts = _text_list(texts)
         if isinstance(strength, (int, float)):  # refused before any encoding
             _finite(strength, "strength")
-        with evaluating(self.model):
-            latents = self.encode_in_batches(texts, batch_size)
-            moved = self.edit_latents(latents, direction, strength)
-            return self.decode_in_batches(moved, batch_size, **generation_kwargs)
+        latents = self.encode_in_batches(texts, batch_size)
+        moved = self.edit_latents(latents, direction, strength)
+        return self.decode_in_batches(moved, batch_size, **generation_kwargs)
 
     def fit_classes(
         self, texts: Sequence[str], labels: Sequence, covariance: str = "full", batch_size: int = 64
@@ -618,8 +638,7 @@ class LatentText:
         labels = _label_list(labels, texts)
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance={covariance!r} is not one of {COVARIANCES}.")
-        with evaluating(self.model):
-            decoder_mu, logvar = self._posteriors(texts, batch_size)
+        decoder_mu, logvar = self._posteriors(texts, batch_size)
         variance = logvar.exp() if self.model.collapse.stochastic else None
         self.classes = LatentClasses.fit(decoder_mu, variance, labels, covariance)
         return self.classes

@@ -7,8 +7,8 @@ before anything runs. The rules behind it:
   what it says, or is refused;
 - an option that does nothing in the chosen mode (`--top_p` without `--do_sample`) warns, once per option;
 - an option needed by the chosen mode (`--kl_warmup_steps` with `--kl_schedule linear`) is required;
-- an output folder must not be the input model's folder, nor hold it or lie inside it (`check_output_folder`), and a
-  sequence length must fit the encoder's and the decoder's positions (`check_max_length`).
+- a sequence length must fit the encoder's and the decoder's positions (`check_max_length`); output paths follow the
+  rules of `scalevae.outputs` (`check_output_folder`, `check_output_file`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .outputs import is_model_folder
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "OptionError",
     "Range",
     "check_max_length",
+    "check_output_file",
     "check_output_folder",
     "max_length_limit",
     "merged_options",
@@ -314,25 +317,6 @@ def _default_of(item: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def check_output_folder(
-    output_dir: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "--output_dir"
-):
-    """Refuse an output folder that is an input model's folder, lies inside it, or holds it: a run writes its
-    checkpoints, `final/` and rotates old checkpoints in its output folder, which would overwrite or delete the model
-    it reads. Hub ids and absent paths are no local folder and pass. Links are resolved first."""
-    out = Path(os.path.realpath(os.path.expanduser(str(output_dir))))
-    for source in inputs:
-        if source is None or not os.path.exists(os.path.expanduser(str(source))):
-            continue
-        model = Path(os.path.realpath(os.path.expanduser(str(source))))
-        if out == model or model in out.parents or out in model.parents:
-            relation = "is" if out == model else "lies inside" if model in out.parents else "holds"
-            raise OptionError(
-                f"{option} {output_dir} {relation} the input model folder {source}: the run would write its "
-                "checkpoints and final/ over the model it reads (or rotate it away). Choose another output folder."
-            )
-
-
 def max_length_limit(config) -> tuple[int, str]:
     """The longest `max_length` (tokens per sentence, special tokens included) a ScaleVAE config can take, and why:
     the encoder's positions (RoBERTa-style encoders start counting after the pad id) and the decoder's (the latent's
@@ -355,3 +339,75 @@ def check_max_length(max_length: int, config, option: str = "--max_length") -> N
     limit, why = max_length_limit(config)
     if not Range(2, limit, integer=True).accepts(max_length):
         raise OptionError(f"{option} {max_length!r}: must be a whole number in [2, {limit}] ({why}).")
+
+
+# -- output paths: the rules of `scalevae.outputs` ------------------------------------------------------------------
+
+
+class OutputPathError(OptionError):
+    """An output path a command refuses before it starts; the message names the option and the reason."""
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def _local(path: str | os.PathLike | None) -> Path | None:
+    """An input that exists on this machine, resolved; None for None, a Hub id or a missing path."""
+    if path is None or not os.path.exists(os.path.expanduser(str(path))):
+        return None
+    return _resolved(path)
+
+
+def _check(path: str | os.PathLike, inputs, option: str, folder: bool) -> Path:
+    if path is None or not str(path).strip():
+        raise OutputPathError(f"{option} is empty: give a path.")
+    out = _resolved(path)
+    kind = "folder" if folder else "file"
+    for source in inputs:
+        model = _local(source)
+        if model is None:
+            continue
+        if not model.is_dir():
+            if out == model:
+                raise OutputPathError(
+                    f"{option} {path} is the input file {source}: the command would overwrite what it reads. Choose "
+                    f"another output {kind}."
+                )
+            continue
+        if out == model or model in out.parents or (folder and out in model.parents):
+            relation = "is" if out == model else "lies inside" if model in out.parents else "holds"
+            raise OutputPathError(
+                f"{option} {path} {relation} the input model folder {source}: the command would write over (or rotate "
+                f"away) what it reads. Choose an output {kind} outside it."
+            )
+    for parent in ([out] if folder else []) + list(out.parents):
+        if is_model_folder(parent):
+            where = "is" if parent == out else "lies inside"
+            raise OutputPathError(
+                f"{option} {path} {where} the model folder {parent}: a model folder holds only what a save writes "
+                f"(its files are checked together when it loads). Choose an output {kind} outside it."
+            )
+    if not folder and out.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder: give a file name.")
+    if folder and out.exists() and not out.is_dir():
+        raise OutputPathError(f"{option} {path} is a file: give a folder.")
+    existing = next(p for p in ([out] if folder else []) + [out.parent, *out.parent.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: {existing} is not a folder this user can write into.")
+    return out
+
+
+def check_output_file(path: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "--output") -> Path:
+    """Refuse, before the work, an output file the command must not write (see the module's rules); `inputs` are the
+    command's input models and files (Hub ids and absent paths are skipped). Returns the resolved path."""
+    return _check(path, inputs, option, folder=False)
+
+
+def check_output_folder(
+    output_dir: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "--output_dir"
+) -> Path:
+    """Refuse, before the work, an output folder that is, holds or lies inside an input model folder, or is or lies
+    inside any model folder: a run writes its checkpoints and `final/` there and rotates old checkpoints. Links are
+    resolved first; Hub ids and absent inputs are skipped. Returns the resolved path."""
+    return _check(output_dir, inputs, option, folder=True)

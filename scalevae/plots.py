@@ -145,11 +145,12 @@ def plot_control_tradeoff(runs: dict[str, list[dict]], path: str | Path, title: 
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from .outputs import atomic_target
+
+    with atomic_target(path) as temporary:
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_comparison(results: list[dict], summary: dict, output_dir: str | Path) -> list[Path]:

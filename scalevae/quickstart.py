@@ -17,6 +17,7 @@ import torch
 from .claims import distinct_n, repetition_rate
 from .latent import LatentText
 from .metrics import METRICS, PRIOR_NAMES
+from .outputs import write_atomically
 from .plots import plot_latent_map, plot_training_curves
 from .recipe import SMALL_RUN_DEFAULTS, RunSpec, describe_device, posterior_means, run
 
@@ -211,8 +212,8 @@ def main(argv: list[str]) -> dict[str, dict]:
         color_label="sentence length (tokens)",
     )
     summary = {s: {**r["metrics"], **r["timing"]} for s, r in results.items()}
-    (output / "results.json").write_text(json.dumps(summary, indent=2))
-    (output / "results.md").write_text(f"```\n{report}\n```\n")
+    write_atomically(output / "results.json", json.dumps(summary, indent=2))
+    write_atomically(output / "results.md", f"```\n{report}\n```\n")
     steps = ", ".join(
         f"{NAMES.get(s, s)} {r['timing']['steps']} steps in {r['timing']['train_seconds']:.0f} s"
         for s, r in results.items()

@@ -221,7 +221,7 @@ class RunSpec:
         values but for those), and the command's `extra` dataclasses, parsed. Every numeric option given is checked
         against its range (`scalevae.options.COMMAND_OPTIONS[command]`): 0 or a negative number never means "the
         default"; an option that does nothing in the chosen mode warns once."""
-        from .options import COMMAND_OPTIONS, merged_options, validate_options
+        from .options import COMMAND_OPTIONS, check_output_folder, merged_options, validate_options
 
         parser = cls.parser(defaults, extra, **parser_kwargs)
         config_args, model, data, run, training, *extras = parser.parse_args_into_dataclasses(argv)
@@ -229,6 +229,7 @@ class RunSpec:
         validate_options(
             merged_options(model, data, run, training, *extras), given, command, specs=COMMAND_OPTIONS[command]
         )
+        check_output_folder(training.output_dir, model.model_name_or_path)
         config = config_kwargs_from(config_args)
         if model.model_name_or_path:
             rebuilt = [name for name in ModelArguments.new_model_options if name in given]
