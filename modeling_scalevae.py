@@ -1343,10 +1343,12 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             input_ids = generation_kwargs.pop("inputs", None)
+        refuse_assisted_decoding(generation_kwargs)
         encoder_outputs = generation_kwargs.pop("encoder_outputs", None)
         if latents is None and encoder_outputs is not None:  # what an earlier call passed: z as a one-position output
             latents = encoder_outputs.last_hidden_state[:, 0]
         check_generation_length(self, decoder_input_ids, generation_kwargs)
+        encoder_fields = {}
         if latents is None:
             if input_ids is None:
                 raise ValueError("generate() needs latents= or encoder input_ids= to know what to decode.")
@@ -1355,7 +1357,19 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
                     "generate()'s first argument is the encoder's input_ids (the encoder-decoder convention); "
                     "pass a latent as generate(latents=z)."
                 )
-            latents = self.draw_latents(self.encode(input_ids, attention_mask), sample_posterior, generator)
+            check_encoder_inputs(self.config, input_ids, attention_mask, self.training)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            # The encoder's attentions and hidden states, when asked for, are returned as transformers returns an
+            # encoder-decoder model's (`GenerateEncoderDecoderOutput.encoder_attentions`, `encoder_hidden_states`).
+            requested = {
+                flag: bool(generation_kwargs.get(flag, getattr(self.generation_config, flag, False)))
+                for flag in ("output_attentions", "output_hidden_states")
+            }
+            encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **requested)
+            posterior = self._posterior(encoded.last_hidden_state, attention_mask)
+            latents = self.draw_latents(posterior, sample_posterior, generator)
+            encoder_fields = dict(hidden_states=encoded.hidden_states, attentions=encoded.attentions)
         latents = as_model_latents(latents, self.dtype, self.device)
         if decoder_input_ids is not None:
             generation_kwargs["decoder_input_ids"] = decoder_input_ids
@@ -1364,14 +1378,34 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         # decoder reads z from `latents`, drawn once here, so that every step decodes the same z.
         return super().generate(
             latents=latents,
-            encoder_outputs=BaseModelOutput(last_hidden_state=latents.unsqueeze(1)),
+            encoder_outputs=BaseModelOutput(last_hidden_state=latents.unsqueeze(1), **encoder_fields),
             **generation_kwargs,
         )
 
-    def prepare_inputs_for_generation(self, input_ids, *args, encoder_outputs=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, *args, encoder_outputs=None, next_sequence_length=None, **kwargs
+    ):
         """GenerationMixin's (the generated ids as `decoder_input_ids`, every other keyword argument passed through to
-        `forward`), less `encoder_outputs`: `latents` carry all the decoder takes from the encoder side."""
-        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        `forward`), less `encoder_outputs` (`latents` carry all the decoder takes from the encoder side), and with the
+        decoder's inputs cut where its cache ends. GenerationMixin counts every cached position as a text position, but
+        with memory injection the cache also holds the latent's slot: continuing from a returned cache, it would feed
+        the whole sequence again. The decoder's ids always start with BOS (`generate` prepends it), so they are the
+        whole sequence, and the cache holds its first `cached - slot` positions."""
+        cache = kwargs.get("cache")
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        cached = cached_length(cache)
+        if cached:  # None: a static cache's length under torch.compile, where GenerationMixin's own count holds
+            text = cached - int(self.injection.to_memory is not None)
+            if text >= input_ids.shape[1]:
+                raise ValueError(
+                    f"The cache holds {text} decoder positions but decoder_input_ids has {input_ids.shape[1]}: to "
+                    "continue from a returned cache, pass the sequences it was returned with (they start with BOS)."
+                )
+            next_sequence_length = input_ids.shape[1] - text
+        return super().prepare_inputs_for_generation(
+            input_ids, *args, next_sequence_length=next_sequence_length, **kwargs
+        )
 
     def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
         """`generate(..., cache_implementation="static")`: the static cache `GenerationMixin` sizes for the text, plus
@@ -1383,6 +1417,29 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         """The decoder's 2D mask as it is: `GenerationMixin` would expand it to 4D for a static cache before the
         latent's slot is in the cache, one position off; `decode` adds the slot to the 2D mask and GPT-2 expands it."""
         return attention_mask
+
+
+# The arguments that switch `generate` to assisted decoding (a draft model, prompt lookup, early exit).
+ASSISTED_DECODING_ARGUMENTS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def refuse_assisted_decoding(generation_kwargs: dict) -> None:
+    """Assisted decoding cannot run on this model: its candidates are verified by cropping the decoder's cache to a
+    number of text positions, which cuts the wrong position when the cache also holds the latent's slot, and the draft
+    model would decode without the sentence's latent. Refused with the reason instead of an IndexError."""
+    config = generation_kwargs.get("generation_config")
+    asked = [
+        name
+        for name in ASSISTED_DECODING_ARGUMENTS
+        if generation_kwargs.get(name) is not None or getattr(config, name, None) is not None
+    ]
+    if asked:
+        raise ValueError(
+            f"generate({', '.join(asked)}=...): assisted decoding is not supported by Scale-VAE. Each sentence is "
+            "decoded from its own latent z, which a draft model does not see, and verifying its candidates crops the "
+            "decoder's cache by text positions while the cache also holds z's key/value slot. Decode without it "
+            "(greedy, sampling and beam search are supported)."
+        )
 
 
 def shift_labels_right(
