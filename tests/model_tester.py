@@ -340,3 +340,8 @@ def checkpointing_trainer(output_dir, encoder_path, **overrides):
     checkpointing = dict(max_steps=4, logging_steps=2, save_strategy="steps", save_steps=2)
     args = tester.training_args(output_dir, **{**checkpointing, **overrides})
     return make_trainer(model, args, data["train"], collator, probe_size=8)
+
+
+def folder_bytes(folder) -> dict:
+    """Every file under `folder` (relative path -> bytes): what a refused command must leave exactly as it was."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}

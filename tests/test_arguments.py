@@ -2,12 +2,13 @@
 with an error that names the argument, before anything is allocated or generated."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 import scalevae
-from scalevae import LatentText
+from scalevae import LatentText, hub
 from scalevae.cli import main
 from tests.model_tester import (
     corpus_file,
@@ -135,3 +136,60 @@ def test_a_new_model_is_validated_before_anything_is_allocated(
         scalevae.build_model(tiny_encoder_path, decoder_config_overrides=dict(n_embd=0))
     with pytest.raises(ValueError, match=r"latent_size=100000000 must be an integer in \[1, 65536\]"):
         tester.build(tiny_encoder_path, latent_size=10**8)
+
+
+# -- every LatentText method runs in eval mode and writes no buffer -----------------------------------------
+
+
+def method_calls(text: LatentText, folder: Path) -> dict:
+    """One valid call of every public LatentText method (the test fails when a method has none here)."""
+    texts = ["the cat sat on the mat", "a dog ran far away", "stocks fell sharply today", "prices rose again"]
+    labels = ["0", "0", "1", "1"]
+    direction = text.direction_between(texts[:2], texts[2:])
+    short = dict(max_new_tokens=3)
+    return {
+        "encode": lambda: text.encode(texts),
+        "decode": lambda: text.decode(torch.zeros(2, tester.latent_size), **short),
+        "reconstruct": lambda: text.reconstruct(texts[:2], **short),
+        "encode_in_batches": lambda: text.encode_in_batches(texts, batch_size=3),
+        "decode_in_batches": lambda: text.decode_in_batches(torch.zeros(3, tester.latent_size), batch_size=2, **short),
+        "sample": lambda: text.sample(2, generator=torch.Generator().manual_seed(0), **short),
+        "attribute_direction": lambda: text.attribute_direction(texts, labels),
+        "direction_between": lambda: text.direction_between(texts[:2], texts[2:]),
+        "edit_latents": lambda: text.edit_latents(text.encode(texts), direction, 1.0),
+        "edit": lambda: text.edit(texts[:2], direction, 1.0, **short),
+        "fit_classes": lambda: text.fit_classes(texts, labels),
+        "save_classes": lambda: text.save_classes(folder),
+        "interpolate": lambda: text.interpolate(texts[0], texts[1], steps=3, **short),
+        "analogy": lambda: text.analogy(texts[0], texts[1], texts[2], **short),
+        "traverse": lambda: text.traverse(texts[0], 0, [-1.0, 1.0], **short),
+    }
+
+
+def public_methods(cls) -> set[str]:
+    return {
+        name
+        for name, member in vars(cls).items()
+        if not name.startswith("_") and callable(member) and not isinstance(member, (classmethod, staticmethod))
+    }
+
+
+@pytest.mark.parametrize("strategy", ["scale", "bn"])
+def test_every_latent_text_method_runs_in_eval_mode_and_writes_no_buffer(tiny_encoder_path, tmp_path, strategy):
+    """A model left in training mode (by a Trainer, say): Scale-VAE's running factors, BN-VAE's running statistics and
+    the fitted prior's running moments would move with every encoded batch, and dropout would make outputs random."""
+    model, *tokenizers = tester.build(tiny_encoder_path, collapse_strategy=strategy, seed=1)
+    folder = hub.save_model(tmp_path / "model", model, *tokenizers)
+    text = LatentText(model.train(), *tokenizers)
+    calls = method_calls(text, folder)
+    assert public_methods(LatentText) - {"from_pretrained"} == set(calls)
+    for name, call in calls.items():
+        buffers = {key: value.clone() for key, value in model.named_buffers()}
+        first = call()
+        model.train()
+        for key, value in model.named_buffers():
+            assert torch.equal(value, buffers[key]), f"{name} wrote {key}"
+        assert model.training, f"{name} left the model in eval mode"
+        if name in ("encode", "reconstruct", "decode"):  # no dropout: the same call gives the same result
+            second = call()
+            assert torch.equal(first, second) if isinstance(first, torch.Tensor) else first == second, name

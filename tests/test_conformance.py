@@ -408,3 +408,85 @@ def test_hidden_states_and_attentions_of_both_parts(injection):
         return_dict_in_generate=True,
     )
     assert len(generated.decoder_attentions) == 3 and len(generated.decoder_hidden_states) == 3
+
+
+# -- generation (issue 28): from a returned cache, assisted decoding, the encoder's outputs ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def generation_models():
+    return {
+        injection: tester.get_model(dropout=0.0, latent_injection=injection).eval()
+        for injection in ("memory", "embedding", "both")
+    }
+
+
+NO_EOS = dict(eos_token_id=-1, pad_token_id=0, do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.mark.parametrize("injection", ["memory", "embedding", "both"])
+def test_generation_continued_from_a_returned_cache_equals_teacher_forcing(generation_models, injection):
+    model = generation_models[injection]
+    batch = tester.prepare_inputs()
+    encoder = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    first = model.generate(**encoder, max_new_tokens=3, **NO_EOS)
+    assert first.cache is not None
+    more = model.generate(**encoder, decoder_input_ids=first.sequences, cache=first.cache, max_new_tokens=3, **NO_EOS)
+    teacher_forced = model(**encoder, decoder_input_ids=more.sequences[:, :-1]).logits
+    start = first.sequences.shape[1] - 1
+    for step, logits in enumerate(more.logits):
+        torch.testing.assert_close(logits, teacher_forced[:, start + step], atol=1e-4, rtol=0)
+    uncached = model.generate(**encoder, decoder_input_ids=first.sequences, max_new_tokens=3, **NO_EOS)
+    assert torch.equal(more.sequences, uncached.sequences)
+
+
+def test_a_cache_longer_than_the_decoder_inputs_is_named(generation_models):
+    model = generation_models["both"]
+    batch = tester.prepare_inputs()
+    first = model.generate(input_ids=batch["input_ids"], max_new_tokens=3, **NO_EOS)
+    with pytest.raises(ValueError, match=r"The cache holds 3 decoder positions but decoder_input_ids has 1"):
+        model.generate(input_ids=batch["input_ids"], cache=first.cache, max_new_tokens=2, **NO_EOS)
+
+
+@pytest.mark.parametrize(
+    "assisted",
+    [
+        lambda model: dict(assistant_model=model),
+        lambda model: dict(prompt_lookup_num_tokens=2),
+        lambda model: dict(assistant_early_exit=1),
+    ],
+)
+def test_assisted_decoding_is_refused_with_the_reason(generation_models, assisted):
+    model = generation_models["both"]
+    batch = tester.prepare_inputs()
+    with pytest.raises(
+        ValueError, match=r"assisted decoding is not supported by Scale-VAE\. Each sentence is decoded"
+    ):
+        model.generate(input_ids=batch["input_ids"], max_new_tokens=2, **assisted(model))
+
+
+def test_generate_returns_the_encoders_attentions_and_hidden_states():
+    model = tester.get_model(dropout=0.0).eval()
+    model.set_attn_implementation("eager")  # SDPA computes no attention weights to return (transformers warns)
+    batch = tester.prepare_inputs()
+    out = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=2,
+        output_attentions=True,
+        output_hidden_states=True,
+        **NO_EOS,
+    )
+    reference = model.encoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_attentions=True,
+        output_hidden_states=True,
+    )
+    assert len(out.encoder_attentions) == tester.encoder_layers
+    assert len(out.encoder_hidden_states) == tester.encoder_layers + 1
+    for got, expected in zip(
+        out.encoder_attentions + out.encoder_hidden_states, reference.attentions + reference.hidden_states
+    ):
+        torch.testing.assert_close(got, expected)
+    assert out.decoder_attentions is not None and out.decoder_hidden_states is not None

@@ -428,3 +428,11 @@ def test_hub_ids_stay_hub_ids(tmp_path, monkeypatch):
     assert folder_or_hub_id("gpt2") == "gpt2"
     with pytest.raises(ValueError, match="not a valid Hub repository id"):
         folder_or_hub_id("hf://w/../x")
+
+
+@pytest.mark.parametrize("name", ["eval_results.json", "all_results.json", "notes.json", "decoder_tokenizer/x.json"])
+def test_a_broken_optional_json_file_never_blocks_loading(tiny_folder, tmp_path, name):
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "model"))
+    (folder / name).write_text('{"nll": 3')  # truncated
+    model = scalevae.load_pretrained(folder)[0]
+    assert model.config.latent_size == tester.latent_size

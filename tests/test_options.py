@@ -1,9 +1,12 @@
 """Command-line options: one validation for every command, each numeric option checked with its range, options that do
 nothing in the mode warned about once, and usage errors that name the option."""
 
+import json
 import logging
 import os
+import shutil
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,7 @@ from scalevae.options import (
 )
 from tests.model_tester import (
     corpus_file,
+    folder_bytes,
     tester,
 )
 
@@ -183,3 +187,66 @@ def test_fine_tuning_never_writes_into_the_model_folder_it_reads(tiny_folder, tm
         ):
             main([*argv, "--max_steps", "1", "--report_to", "none", "--use_cpu", "--max_length", "16"])
     assert {p.name: p.stat().st_mtime_ns for p in tiny_folder.iterdir()} == before
+
+
+# -- outputs: checked before the work, never inside a model folder nor an input (issue 28) ---------------------------------------
+
+
+@pytest.fixture
+def test_file(tmp_path):
+    path = tmp_path / "test.txt"
+    path.write_text("the cat sat\na dog ran far\nthree words here\n")
+    return path
+
+
+def evaluate_args(folder, data, *extra):
+    return ["evaluate", str(folder), "--data", str(data), "--num_samples", "0", "--max_length", "16", *extra]
+
+
+@pytest.mark.parametrize(
+    "output, match",
+    [
+        ("model/model.safetensors", r"--output .*model.safetensors lies inside the input model folder"),
+        ("model/config.json", r"--output .*config.json lies inside the input model folder"),
+        ("model/eval_results.json", r"lies inside the input model folder"),
+        ("model/decoder_tokenizer/new.json", r"lies inside the input model folder"),
+        ("model", r"lies inside|is the input model folder|is a folder"),
+        ("test.txt", r"--output .*test.txt is the input file"),
+        ("other/config.json", r"--output .*config.json lies inside the model folder .*other"),
+        ("subdir", r"--output .*subdir is a folder: give a file name"),
+    ],
+)
+def test_evaluate_refuses_an_output_inside_a_model_folder_before_any_work(
+    tiny_folder, tmp_path, test_file, output, match, monkeypatch
+):
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "model"))
+    shutil.copytree(tiny_folder, tmp_path / "other")  # another model folder, not an input of the command
+    (tmp_path / "subdir").mkdir()
+    before = folder_bytes(folder), test_file.read_bytes()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output was checked after the work started")
+
+    monkeypatch.setattr(scalevae.factory, "load_pretrained", no_work)
+    with pytest.raises(OptionError, match=match):
+        main(evaluate_args(folder, test_file, "--output", str(tmp_path / output)))
+    assert (folder_bytes(folder), test_file.read_bytes()) == before
+
+
+def test_evaluate_writes_only_where_asked_and_atomically(tiny_folder, tmp_path, test_file, capsys):
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "model"))
+    before = folder_bytes(folder)
+    main(evaluate_args(folder, test_file))
+    assert folder_bytes(folder) == before  # without --output: printed, nothing written
+    assert "kl" in capsys.readouterr().out
+    output = tmp_path / "figures" / "metrics.json"
+    main(evaluate_args(folder, test_file, "--output", str(output)))
+    assert json.loads(output.read_text())["kl"] is not None
+    assert sorted(p.name for p in output.parent.iterdir()) == ["metrics.json"]
+
+
+@pytest.mark.parametrize("command", ["train", "quickstart", "compare"])
+def test_run_commands_refuse_an_output_folder_inside_a_model_folder_at_parse_time(tiny_folder, tmp_path, command):
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "model"))
+    with pytest.raises(OptionError, match=r"--output_dir .*runs lies inside the model folder"):
+        main([command, "--output_dir", str(folder / "runs"), "--max_steps", "1"])

@@ -5,6 +5,7 @@ import getpass
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ import torch
 import scalevae
 from scalevae import hub
 from scalevae.card import public_command
+from scalevae.outputs import write_atomically
 from tests.model_tester import (
     TOKEN,
     assert_same_tensors,
     checkpointing_trainer,
+    folder_bytes,
     saved_tensors,
     strategies_and_injections,
     tester,
@@ -393,3 +396,99 @@ def test_a_folder_missing_between_the_two_renames_names_the_copy_and_the_recover
             load(folder)
     assert hub.recover_interrupted_save(folder) == folder
     scalevae.load_pretrained(folder)
+
+
+# -- validate, then change; validate before every save (issue 28) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("mixture", 0), r"prior_components=0 must be an integer in \[1, 65536\]"),
+        (("mixture", -3), r"prior_components=-3"),
+        (("mixture", 2.5), r"prior_components=2.5"),
+        (("mixture", True), r"prior_components=True"),
+        (("gaussian", None), r"prior='gaussian' is not one of"),
+        ((None, None), r"prior=None is not one of"),
+    ],
+)
+def test_a_refused_setter_changes_nothing_and_the_next_save_loads(own_parts, tmp_path, args, match):
+    model, *tokenizers = own_parts
+    config_before = model.config.to_dict()
+    prior_before = {k: v.clone() for k, v in model.fitted_prior.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        model.set_prior(*args)
+    assert model.config.to_dict() == config_before
+    assert prior_before.keys() == model.fitted_prior.state_dict().keys()
+    for key, value in model.fitted_prior.state_dict().items():
+        assert torch.equal(value, prior_before[key]), key
+    folder = hub.save_model(tmp_path / "model", model, *tokenizers)
+    assert scalevae.load_pretrained(folder)[0].config.to_dict()["prior"] == config_before["prior"]
+
+
+def test_an_accepted_setter_saves_a_folder_that_loads(own_parts, tmp_path):
+    model, *tokenizers = own_parts
+    model.set_prior("mixture", components=3)
+    loaded = scalevae.load_pretrained(hub.save_model(tmp_path / "model", model, *tokenizers))[0]
+    assert (loaded.config.prior, loaded.config.prior_components) == ("mixture", 3)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("prior_components", 0, r"Not saved: the model's config would not load \(prior_components=0"),
+        ("kl_weight", float("nan"), r"Not saved.*kl_weight=nan"),
+        ("latent_injection", "everywhere", r"Not saved.*latent_injection='everywhere'"),
+        # Valid values that describe another model than the one whose tensors are saved.
+        (
+            "latent_size",
+            8,
+            r"(?s)Not saved: the model.s config no longer describes its tensors.*latent_head.proj.weight",
+        ),
+        ("prior", "mixture", r"fitted_prior.component_loc: \(1, 4\), the config gives \(4, 4\)"),
+        ("prior", "fitted", r"fitted_prior.component_loc: not in the config"),
+        ("latent_injection", "embedding", r"injection.to_memory.weight: not in the config"),
+    ],
+)
+def test_no_save_writes_a_folder_that_would_not_load(own_parts, tiny_folder, tmp_path, field, value, match):
+    """A config changed by hand is checked by every save (save_model, save_pretrained, Trainer checkpoints): refused
+    before anything is written, the folder saved before left as it was."""
+    model, *tokenizers = own_parts
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "model"))
+    before = folder_bytes(folder)
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=match):
+        hub.save_model(folder, model, *tokenizers)
+    with pytest.raises(ValueError, match=match):
+        model.save_pretrained(tmp_path / "plain")
+    assert folder_bytes(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial folder, no leftover
+
+
+def test_validated_copy_names_unknown_fields_with_a_suggestion(tiny_parts):
+    model = tiny_parts[0]
+    with pytest.raises(
+        ValueError, match=r"'prior_component' is not a ScaleVAEConfig field\. Did you mean 'prior_components'"
+    ):
+        model.config.validated_copy(prior_component=3)
+
+
+@pytest.fixture
+def own_parts(tiny_encoder_path):
+    """A model (and its tokenizers) this test may change."""
+    return tester.build(tiny_encoder_path)
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    path.write_text('{"old": 1}')
+
+    def fail(self, *args, **kwargs):
+        Path.write_bytes(self, b'{"ne')  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, '{"new": 2}')
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert path.read_text() == '{"old": 1}'
