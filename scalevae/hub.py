@@ -331,6 +331,7 @@ TRAINER_STATE_FILES = (
     "rng_state.pth",
     "training_args.bin",
     "trainer_state.json",
+    "checkpoint_complete.json",  # scalevae.training.COMPLETE_MARKER
 )
 
 

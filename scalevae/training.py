@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from loading_scalevae import recording_tokenizers
@@ -246,6 +246,85 @@ class CompleteCheckpointCallback(TrainerCallback):
             save_tokenizers(folder, self.encoder_tokenizer, self.decoder_tokenizer)
             if model is not None:
                 write_model_card(folder, _unwrap(model), training={**self.training, "steps": state.global_step})
+            mark_complete(folder, state.global_step)
+
+
+# -- a checkpoint is complete or invisible ------------------------------------------------------------------------------
+# The Trainer writes a checkpoint file by file (weights, optimizer, scheduler, RNG state, trainer_state.json, then our
+# tokenizers and card): a kill in between leaves a folder with the name of a checkpoint and half its contents. The last
+# file written is a marker; a checkpoint without it is incomplete, and resuming skips it (naming it) or refuses it.
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def mark_complete(folder: str, step: int) -> None:
+    """Write the marker, atomically, as the checkpoint's last file."""
+    import json
+
+    partial = os.path.join(folder, f".{COMPLETE_MARKER}.partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump({"global_step": step}, handle)
+    os.replace(partial, os.path.join(folder, COMPLETE_MARKER))
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, COMPLETE_MARKER)) and os.path.isfile(
+        os.path.join(folder, "trainer_state.json")
+    )
+
+
+def checkpoints_in(output_dir: str) -> list[str]:
+    """The `checkpoint-N` folders of a run, by step."""
+    import re
+
+    if not os.path.isdir(output_dir):
+        return []
+    steps = {
+        int(match.group(1)): os.path.join(output_dir, name)
+        for name in os.listdir(output_dir)
+        if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
+        and os.path.isdir(os.path.join(output_dir, name))
+    }
+    return [steps[step] for step in sorted(steps)]
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The run's newest complete checkpoint; newer incomplete ones are named in a warning. None: no checkpoint at all
+    (a ValueError naming them when every checkpoint is incomplete)."""
+    checkpoints = checkpoints_in(output_dir)
+    complete = [folder for folder in checkpoints if is_complete_checkpoint(folder)]
+    skipped = [folder for folder in checkpoints if folder not in complete and (not complete or folder > complete[-1])]
+    if checkpoints and not complete:
+        raise ValueError(
+            f"no complete checkpoint in {output_dir} to resume from: {', '.join(checkpoints)} lack {COMPLETE_MARKER} "
+            "(the run was killed while writing them). Start the run again without --resume_from_checkpoint."
+        )
+    if skipped:
+        logger.warning(
+            "Skipping incomplete checkpoint(s) %s (no %s: killed while being written); resuming from %s.",
+            ", ".join(skipped),
+            COMPLETE_MARKER,
+            complete[-1],
+        )
+    return complete[-1] if complete else None
+
+
+def check_checkpoint_complete(checkpoint: str) -> None:
+    """Refuse to resume from an incomplete checkpoint, naming what it lacks and the newest complete one."""
+    if not os.path.isdir(checkpoint) or is_complete_checkpoint(checkpoint):
+        return
+    lacks = [
+        name for name in ("trainer_state.json", COMPLETE_MARKER) if not os.path.isfile(os.path.join(checkpoint, name))
+    ]
+    try:
+        newest = newest_complete_checkpoint(os.path.dirname(os.path.abspath(checkpoint)))
+    except ValueError:
+        newest = None
+    instead = f" Resume from {newest}, the newest complete one." if newest else ""
+    raise ValueError(
+        f"resume_from_checkpoint {checkpoint} is incomplete: it lacks {' and '.join(lacks)} (the run was killed while "
+        f"writing it).{instead}"
+    )
 
 
 @contextlib.contextmanager
@@ -336,18 +415,53 @@ class ScaleVAETrainer(LatentLMTrainer):
         check_output_folder(self.args.output_dir, getattr(_unwrap(self.model), "name_or_path", None) or None)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises its own error
+            checkpoint = newest_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = checkpoint or True  # None: the Trainer raises its own error
         if isinstance(checkpoint, (str, os.PathLike)):
-            check_resume_checkpoint(str(checkpoint), self.args)
+            checkpoint = str(checkpoint)
+            check_checkpoint_complete(checkpoint)
+            check_resume_checkpoint(checkpoint, self.args)
         lock = writer_lock(self.args.output_dir, "train") if self.args.should_save else contextlib.nullcontext()
         with lock:
+            if isinstance(checkpoint, str) and self._finished_at(checkpoint):
+                return self._finish_from(checkpoint)
             return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _finished_at(self, checkpoint: str) -> bool:
+        """Whether the checkpoint holds the run's last step (the run was killed after it, during the prior fit,
+        the evaluation or the final save)."""
+        from transformers import TrainerState
+
+        state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        target = self.args.max_steps if self.args.max_steps > 0 else state.max_steps
+        return target > 0 and state.global_step >= target
+
+    def _finish_from(self, checkpoint: str):
+        """A run whose last checkpoint is at max_steps: no step runs (the Trainer would run one more); the checkpoint's
+        weights and state are loaded and training ends there, with what ends every run (the epoch's end, the prior
+        fit): the weights are those of the uninterrupted run."""
+        from transformers import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        # what the Trainer's loop does after its last step: the epoch ends (Scale-VAE's end_epoch; a checkpoint saved
+        # per epoch was saved after it), then training
+        if self.args.save_strategy != "epoch":
+            self.control = self.callback_handler.on_epoch_end(self.args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        losses = [entry["train_loss"] for entry in self.state.log_history if "train_loss" in entry]
+        losses = losses or [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+        return TrainOutput(self.state.global_step, losses[-1] if losses else float("nan"), {})
 
     def _save_checkpoint(self, model, trial) -> None:
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         with _removed_if_incomplete(folder) if self.args.should_save else contextlib.nullcontext():
             super()._save_checkpoint(model, trial)
             _owner_only(os.path.join(folder, "training_args.bin"))
+            completes = any(isinstance(cb, CompleteCheckpointCallback) for cb in self.callback_handler.callbacks)
+            if self.args.should_save and not completes:  # else its on_save writes the marker after the tokenizers
+                mark_complete(folder, self.state.global_step)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -144,3 +144,62 @@ def test_training_args_bin_is_readable_by_its_owner_only(checkpointed, tmp_path,
     trainer = checkpointing_trainer(tmp_path / "out", tiny_encoder_path)
     trainer.save_model(str(tmp_path / "saved"))  # the Trainer's own save writes it too
     assert (tmp_path / "saved" / "training_args.bin").stat().st_mode & 0o777 == 0o600
+
+
+# -- a checkpoint is complete or invisible; a finished run resumes to its end (issue 28) ------------------------------
+
+
+def test_resuming_from_the_last_checkpoint_finishes_the_run_identically(tiny_run, tmp_path, train_command, train_data):
+    """A run killed during its final evaluation or save: resuming from checkpoint-N at max_steps ended in a TypeError
+    (or, with the bar off, ran step N+1, and the weights differed from the uninterrupted run)."""
+    shutil.copytree(tiny_run / "checkpoint-6", tmp_path / "checkpoint-6")
+    command = train_command(tmp_path, train_data, "--max_steps", "6", "--save_steps", "3")
+    main([*command, "--resume_from_checkpoint", str(tmp_path / "checkpoint-6")])
+    assert_same_tensors(saved_tensors(tmp_path / "final"), saved_tensors(tiny_run / "final"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]  # no step 7
+
+
+@pytest.mark.parametrize("killed_after", ["weights", "optimizer", "trainer_state.json", "tokenizers"])
+def test_an_incomplete_checkpoint_is_named_with_the_one_to_resume_from(
+    tiny_run, tmp_path, train_command, train_data, killed_after
+):
+    """3 of 8 random kills of `train --save_steps 1` left a newest checkpoint without trainer_state.json; resuming
+    warned "the run continues", then raised a raw FileNotFoundError."""
+    for step in (3, 6):
+        shutil.copytree(tiny_run / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    newest = tmp_path / "checkpoint-6"
+    written_after = {
+        "weights": ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "decoder_tokenizer"],
+        "optimizer": ["scheduler.pt", "rng_state.pth", "trainer_state.json", "decoder_tokenizer"],
+        "trainer_state.json": ["decoder_tokenizer", "README.md"],
+        "tokenizers": ["README.md"],
+    }[killed_after]
+    for name in [*written_after, "checkpoint_complete.json"]:
+        path = newest / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    command = train_command(tmp_path, train_data, "--max_steps", "6", "--save_steps", "3")
+    with pytest.raises(ValueError, match=rf"{newest} is incomplete: it lacks .*Resume from {tmp_path}/checkpoint-3"):
+        main([*command, "--resume_from_checkpoint", str(newest)])
+    assert not (tmp_path / "final").exists()
+
+
+def test_resuming_the_newest_checkpoint_skips_incomplete_ones_by_name(
+    checkpointed, tmp_path, tiny_encoder_path, caplog
+):
+    for step in (2, 4):
+        shutil.copytree(checkpointed / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()
+    (tmp_path / "checkpoint-4" / "checkpoint_complete.json").unlink()
+    trainer = checkpointing_trainer(tmp_path, tiny_encoder_path)
+    with caplog.at_level(logging.WARNING, logger="scalevae.training"):
+        trainer.train(resume_from_checkpoint=True)
+    assert f"Skipping incomplete checkpoint(s) {tmp_path}/checkpoint-4" in caplog.text
+    assert f"resuming from {tmp_path}/checkpoint-2" in caplog.text
+    assert trainer.state.global_step == 4
+
+
+def test_every_checkpoint_ends_with_its_completion_marker(tiny_run, checkpointed):
+    for folder in [*tiny_run.glob("checkpoint-*"), *checkpointed.glob("checkpoint-*")]:
+        marker = folder / "checkpoint_complete.json"
+        newest = max(p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file())
+        assert marker.stat().st_mtime_ns == newest, folder
