@@ -332,6 +332,7 @@ TRAINER_STATE_FILES = (
     "training_args.bin",
     "trainer_state.json",
     "checkpoint_complete.json",  # scalevae.training.COMPLETE_MARKER
+    "data_fingerprint.json",  # scalevae.training.DATA_FINGERPRINT
 )
 
 

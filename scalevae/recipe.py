@@ -41,7 +41,16 @@ from configuration_scalevae import PAPER_ALIASES, PRIORS, ScaleVAEConfig
 
 from .corpus import CORPUS_NAME
 from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
-from .training import KL_SCHEDULES, KLSchedule, fit_prior_families, make_trainer, prior_fit_batches
+from .training import (
+    KL_SCHEDULES,
+    KLSchedule,
+    check_checkpoint_complete,
+    check_resume_data,
+    fit_prior_families,
+    make_trainer,
+    prior_fit_batches,
+    texts_fingerprint,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The spec
@@ -445,8 +454,13 @@ def prepare_data(spec: RunSpec) -> RunData:
 
     raw = load_raw(spec)
     encoder = spec.model.encoder
-    if spec.model.model_name_or_path:
-        encoder_tokenizer, decoder_tokenizer = load_tokenizers(spec.model.model_name_or_path)
+    resume = spec.training.resume_from_checkpoint
+    if resume:
+        check_checkpoint_complete(resume)
+    if spec.model.model_name_or_path or resume:  # a resume trains on its checkpoint's token ids, never refitted ones
+        encoder_tokenizer, decoder_tokenizer = load_tokenizers(resume or spec.model.model_name_or_path)
+        if resume and spec.model.new_encoder_layers and not encoder:
+            encoder = new_encoder(spec, encoder_tokenizer, spec.output_dir / "encoder")
     else:
         if spec.model.decoder:
             decoder_tokenizer = AutoTokenizer.from_pretrained(spec.model.decoder, trust_remote_code=False)
@@ -652,6 +666,7 @@ def train(spec: RunSpec, data: RunData, model, callbacks=(), desc: str = "train"
                 + "; ".join(differences)
                 + ". Resume with the options the checkpoint was trained with."
             )
+        check_resume_data(args.resume_from_checkpoint, data.texts["train"], training_record(spec, data)["data"])
     schedule = KLSchedule(
         spec.model.kl_schedule,
         model.config.kl_weight,  # a fine-tuned model's saved β unless --kl_weight is given
@@ -844,6 +859,7 @@ def training_record(spec: RunSpec, data: RunData, command: str | None = None) ->
         seed=args.seed,
         truncated=data.truncation.get("train", {}).get("truncated"),
         decoder_tokenizer=f"{type(data.decoder_tokenizer).__name__}, {len(data.decoder_tokenizer)} tokens",
+        data_sha256=texts_fingerprint(data.texts["train"]),
     )
     if command:
         record["command"] = command

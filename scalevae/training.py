@@ -8,6 +8,7 @@ does).
 """
 
 import contextlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -246,7 +247,48 @@ class CompleteCheckpointCallback(TrainerCallback):
             save_tokenizers(folder, self.encoder_tokenizer, self.decoder_tokenizer)
             if model is not None:
                 write_model_card(folder, _unwrap(model), training={**self.training, "steps": state.global_step})
+            if "data_sha256" in self.training:  # what a resume checks its data against (`check_resume_data`)
+                with open(os.path.join(folder, DATA_FINGERPRINT), "w", encoding="utf-8") as handle:
+                    json.dump(
+                        {key: self.training.get(key) for key in ("data", "data_sha256", "training_sentences")}, handle
+                    )
             mark_complete(folder, state.global_step)
+
+
+# -- a resume trains on the data of its checkpoint -----------------------------------------------------------------------
+
+DATA_FINGERPRINT = "data_fingerprint.json"
+
+
+def texts_fingerprint(texts) -> str:
+    """A SHA-256 of the training texts as the run reads them (file, dataset or embedded corpus alike)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()
+
+
+def check_resume_data(checkpoint: str, texts, source: str) -> None:
+    """Refuse to resume `checkpoint` on other training texts than those it was trained on (a checkpoint saved before
+    they were recorded says nothing), naming both."""
+    path = os.path.join(str(checkpoint), DATA_FINGERPRINT)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        try:
+            recorded = json.load(handle)
+        except ValueError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): the checkpoint is corrupted.") from None
+    now = texts_fingerprint(texts)
+    if recorded.get("data_sha256") != now:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was trained on other data than {source}: "
+            f"{recorded.get('training_sentences')} sentences of {recorded.get('data')} (sha256 "
+            f"{str(recorded.get('data_sha256'))[:12]}) then, {len(texts)} sentences (sha256 {now[:12]}) now. Resume "
+            f"with the data it was trained on, or fine-tune it on the new data: --model_name_or_path {checkpoint}."
+        )
 
 
 # -- a checkpoint is complete or invisible ------------------------------------------------------------------------------
@@ -259,8 +301,6 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 
 def mark_complete(folder: str, step: int) -> None:
     """Write the marker, atomically, as the checkpoint's last file."""
-    import json
-
     partial = os.path.join(folder, f".{COMPLETE_MARKER}.partial")
     with open(partial, "w", encoding="utf-8") as handle:
         json.dump({"global_step": step}, handle)

@@ -203,3 +203,21 @@ def test_every_checkpoint_ends_with_its_completion_marker(tiny_run, checkpointed
         marker = folder / "checkpoint_complete.json"
         newest = max(p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file())
         assert marker.stat().st_mtime_ns == newest, folder
+
+
+def test_a_resume_uses_the_checkpoints_tokenizers_and_refuses_other_data(
+    tiny_run, tmp_path, train_command, train_data, monkeypatch
+):
+    """Resuming with another --train_file refitted the decoder tokenizer (same size, so no check fired) and trained the
+    embeddings on other token ids."""
+    import scalevae.factory
+
+    shutil.copytree(tiny_run / "checkpoint-3", tmp_path / "checkpoint-3")
+    other = tmp_path / "other.txt"
+    other.write_text("".join(reversed(train_data.read_text().splitlines(keepends=True))))  # same words, other data
+    monkeypatch.setattr(scalevae.factory, "fit_decoder_tokenizer", lambda *a, **k: pytest.fail("refitted"))
+    resume = ["--max_steps", "6", "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")]
+    with pytest.raises(ValueError, match=rf"checkpoint-3 was trained on other data than {other}: 64 sentences"):
+        main([*train_command(tmp_path / "run", other, *resume)])
+    main([*train_command(tmp_path / "run", train_data, *resume, "--save_steps", "3")])  # its own data: no refit
+    assert_same_tensors(saved_tensors(tmp_path / "run" / "final"), saved_tensors(tiny_run / "final"))
