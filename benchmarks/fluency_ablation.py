@@ -72,6 +72,17 @@ def probe_decoding(result, data, reference_lm, classifier, spec, seed: int) -> d
         )
 
     figures = {}
+    # How large the injected latent is against what it is added to: the token embeddings (embedding injection).
+    if model.injection.to_embedding is not None:
+        with torch.no_grad():
+            ids = data.decoder_tokenizer(sources := data.texts["test"][:500], add_special_tokens=False).input_ids
+            tokens = torch.cat([model.decoder.transformer.wte(torch.tensor(row)) for row in ids if row])
+            batch = data.encoder_tokenizer(
+                sources, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            latents = model.encode(batch["input_ids"], batch["attention_mask"]).decoder_mu
+            injected = model.injection.to_embedding(latents)
+        figures["injected / token embedding norm"] = float(injected.norm(dim=1).mean() / tokens.norm(dim=1).mean())
     # Reconstructions from the posterior mean (what every command prints) against one posterior sample (what the
     # decoder was trained on), and the latents' norms in both cases.
     sources = data.texts["test"][:500]
