@@ -14,6 +14,7 @@ A preset is a set of defaults of the run recipe's options (`scalevae.recipe.RunS
 import json
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -241,6 +242,7 @@ def train_and_evaluate(name: str, seed: int, spec: RunSpec, data, reference_lm=N
         model=dict(kl_schedule=kl_schedule),
         training=dict(seed=seed, output_dir=str(spec.output_dir / "work" / f"{name}-seed{seed}")),
     )
+    started = time.perf_counter()
     result = run(
         run_spec, data, desc=f"{name} seed {seed}", progress=False, reference_lm=reference_lm, classifier=classifier
     )
@@ -249,6 +251,9 @@ def train_and_evaluate(name: str, seed: int, spec: RunSpec, data, reference_lm=N
         seed=seed,
         steps=result.steps,
         seconds_per_step=result.seconds_per_step,
+        train_seconds=result.train_seconds,
+        # Everything after training: the prior fit, every split's figures and the save; what a comparison costs.
+        evaluate_seconds=time.perf_counter() - started - result.train_seconds,
         history=[h for h in result.history if "loss" in h],
         **result.metrics,
     )
