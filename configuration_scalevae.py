@@ -4,8 +4,12 @@ This file travels inside every saved model folder (``trust_remote_code=True``): 
 """
 
 import copy
+import dataclasses
 import difflib
+import types
+import typing
 
+import torch
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -188,7 +192,10 @@ class ScaleVAEConfig(PreTrainedConfig):
                 setattr(self, field, kwargs.pop(alias))
         # transformers' own names, read by transformers (generation, exporters): not declared as ScaleVAE fields, so
         # that `scalevae train`, which offers every declared field as an option, does not offer them.
-        self.use_cache = bool(kwargs.pop("use_cache", True))
+        use_cache = kwargs.pop("use_cache", True)
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"use_cache={use_cache!r} must be True or False.")
+        self.use_cache = use_cache
         super().__post_init__(**kwargs)
         self.is_encoder_decoder = True  # PreTrainedConfig's field: the architecture's, whatever a caller passed
         self.validate_scalevae()
@@ -207,7 +214,8 @@ class ScaleVAEConfig(PreTrainedConfig):
         model_type = config_dict.setdefault("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(
-                f"{json_file} is the config of a {model_type!r} model, not of a Scale-VAE ({cls.model_type!r})."
+                f"{json_file} is the config of a {model_type!r} model, not of a Scale-VAE ({cls.model_type!r}): its "
+                "field model_type says so."
             )
         return config_dict
 
@@ -221,6 +229,7 @@ class ScaleVAEConfig(PreTrainedConfig):
             f"{_installed_scalevae_version()} (format {SCALEVAE_FORMAT_VERSION})"
         )
         if config_dict.get("model_type") == cls.model_type:
+            check_saved_fields(config_dict)
             saved_format = config_dict.get("scalevae_format_version", 1)
             required = FORMAT_1_FIELDS + (FORMAT_2_FIELDS if saved_format >= 2 else ())
             missing = [field for field in required if field not in config_dict]
@@ -341,6 +350,100 @@ class ScaleVAEConfig(PreTrainedConfig):
     def f_epo(self) -> int:
         """The paper-reimplementation name of `scale_freeze_epochs`."""
         return self.scale_freeze_epochs
+
+
+# Keys a saved config.json may hold besides the config's dataclass fields, with their JSON types: what transformers
+# writes about the file and the model class, and the fields set outside the dataclass (`use_cache`, the output flags).
+FILE_KEY_TYPES = {
+    "model_type": (str,),
+    "auto_map": (dict, type(None)),
+    "use_cache": (bool,),
+    "output_attentions": (bool,),
+    "torch_dtype": (str, type(None)),
+    "tie_encoder_decoder": (bool,),
+}
+# Sub-configs are JSON objects in a saved file: a null would silently stand in the default BERT or GPT-2.
+SAVED_SUB_CONFIGS = ("encoder", "decoder")
+
+
+def _json_types(annotation) -> tuple:
+    """The JSON value types a dataclass field's annotation accepts (a sub-config is an object, a dtype its name)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(annotation) for t in _json_types(arg))
+    if origin is typing.Literal:
+        return tuple({type(arg) for arg in typing.get_args(annotation)})
+    annotation = origin or annotation
+    if annotation is type(None):
+        return (type(None),)
+    if annotation is float:
+        return (int, float)
+    if annotation is torch.dtype:
+        return (str,)
+    if isinstance(annotation, type) and issubclass(annotation, PreTrainedConfig):
+        return (dict,)
+    return (annotation,) if isinstance(annotation, type) else (object,)
+
+
+def _list_element_type(annotation):
+    """The item type of a `list[X]` member of an annotation (None when it has none)."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is list and typing.get_args(arg):
+            return typing.get_args(arg)[0]
+    return None
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def check_saved_fields(config_dict: dict) -> None:
+    """Refuse a saved config whose keys are unknown (with the closest known name) or whose values have another JSON
+    type than the field takes, naming the field: each would otherwise fail deep in transformers, or load a config that
+    is not the one saved (a null sub-config becomes the default BERT)."""
+    # transformers writes some annotations as strings naming torch: resolved with it in scope.
+    hints = typing.get_type_hints(ScaleVAEConfig, localns={"torch": torch})
+    fields = {item.name: hints.get(item.name, object) for item in dataclasses.fields(ScaleVAEConfig)}
+    for key, value in config_dict.items():
+        if key.startswith("_"):  # transformers' bookkeeping (_name_or_path, _commit_hash, ...)
+            continue
+        if key in SAVED_SUB_CONFIGS:
+            allowed = (dict,)
+        elif key in fields:
+            allowed = _json_types(fields[key])
+        elif key in FILE_KEY_TYPES:
+            allowed = FILE_KEY_TYPES[key]
+        else:
+            known = sorted(set(fields) | set(FILE_KEY_TYPES) | set(PAPER_ALIASES))
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"config.json has the unknown field {key!r}.{hint} A Scale-VAE config has: {known}.")
+        # JSON booleans are Python ints: an integer field takes no boolean unless it names bool itself.
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            kinds = sorted({_json_kind(t()) if t is not type(None) else "null" for t in allowed if t is not object})
+            raise ValueError(
+                f"config.json field {key!r} is {value!r}, a JSON {_json_kind(value)}; it must be a JSON "
+                f"{' or '.join(kinds)}."
+            )
+        if key in SAVED_SUB_CONFIGS and not isinstance(value.get("model_type"), str):
+            raise ValueError(
+                f"config.json field {key!r} names no model_type: a saved sub-config always does, and without it the "
+                "default config of the part would silently stand in for the saved one."
+            )
+        element = _list_element_type(fields.get(key))
+        if isinstance(value, list) and element and not all(isinstance(item, element) for item in value):
+            raise ValueError(f"config.json field {key!r} is {value!r}: every item must be a JSON string.")
+        if (
+            key in ("dtype", "torch_dtype")
+            and isinstance(value, str)
+            and not isinstance(getattr(torch, value, None), torch.dtype)
+        ):
+            raise ValueError(f"config.json field {key!r} is {value!r}, not the name of a torch dtype (float32, ...).")
 
 
 def _installed_scalevae_version() -> str:

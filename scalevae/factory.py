@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from configuration_scalevae import ScaleVAEConfig
+from configuration_scalevae import ScaleVAEConfig, check_saved_fields
 from loading_scalevae import folder_or_hub_id, read_snapshot, resolved_weights_files, tokenizer_mismatches
 from modeling_scalevae import ScaleVAEForLatentLM, default_decoder_config
 
@@ -365,6 +365,12 @@ def check_json_files(folder: str | os.PathLike) -> None:
                 raise ValueError(f"{path} is not valid JSON ({error}): the file is truncated or corrupted.") from None
             if not isinstance(value, dict):
                 raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: the file is corrupted.")
+            if sub == "" and path.name == "config.json" and value.get("model_type", "scalevae") == "scalevae":
+                # Before AutoTokenizer reads it: it catches the config's own error and fails later naming no field.
+                try:
+                    check_saved_fields(value)
+                except ValueError as error:
+                    raise ValueError(f"{path}: {error}") from None
 
 
 def load_tokenizers(path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:

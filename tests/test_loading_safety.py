@@ -436,3 +436,70 @@ def test_a_broken_optional_json_file_never_blocks_loading(tiny_folder, tmp_path,
     (folder / name).write_text('{"nll": 3')  # truncated
     model = scalevae.load_pretrained(folder)[0]
     assert model.config.latent_size == tester.latent_size
+
+
+# -- every config.json field with a value of the wrong JSON type, and unknown fields (issue 28) -----------------------
+
+JSON_VALUES = {"string": "x", "integer": 7, "number": 2.5, "array": [1], "null": None, "object": {}}
+
+
+def accepted_json_kinds(annotation) -> set[str]:
+    """The JSON kinds a config field takes, read from its annotation independently of the code under test."""
+    text = str(annotation)
+    kinds = set()
+    if "float" in text:
+        kinds |= {"integer", "number"}
+    if "int" in text.replace("Literal", ""):
+        kinds.add("integer")
+    if "str" in text or "Literal" in text or "dtype" in text:
+        kinds.add("string")
+    if "None" in text or "Optional" in text:
+        kinds.add("null")
+    if "dict" in text:
+        kinds.add("object")
+    if "list" in text:
+        kinds.add("array")
+    return kinds
+
+
+def test_every_config_field_of_a_wrong_json_type_is_refused_naming_it(tiny_folder, tmp_path):
+    """Each field of a saved config.json, given each JSON kind it does not take: a ValueError that names the field, never
+    a deep TypeError/AttributeError nor a silently different config."""
+    import dataclasses
+    import typing
+
+    from configuration_scalevae import ScaleVAEConfig
+
+    hints = typing.get_type_hints(ScaleVAEConfig, localns={"torch": torch})
+    annotations = {item.name: hints[item.name] for item in dataclasses.fields(ScaleVAEConfig)}
+    annotations.update(encoder=dict, decoder=dict, model_type=str, auto_map=dict | None, use_cache=bool)
+    saved = json.loads((tiny_folder / "config.json").read_text())
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "model"))
+    tried = 0
+    for field in sorted(saved):
+        accepted = accepted_json_kinds(annotations[field])
+        for kind, value in JSON_VALUES.items():
+            if kind in accepted:
+                continue
+            (folder / "config.json").write_text(json.dumps({**saved, field: value}))
+            with pytest.raises(ValueError, match=rf"\b{field}\b"):
+                ScaleVAEConfig.from_pretrained(folder)
+            tried += 1
+    assert tried >= 53
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (dict(latent_sise=8), r"unknown field 'latent_sise'\. Did you mean 'latent_size'\?"),
+        (dict(colapse_strategy="vae"), r"Did you mean 'collapse_strategy'\?"),
+        (dict(encoder={}), r"field 'encoder' names no model_type"),
+        (dict(architectures=[1]), r"field 'architectures' is \[1\]: every item must be a JSON string"),
+        (dict(dtype="float99"), r"field 'dtype' is 'float99', not the name of a torch dtype"),
+        (dict(use_cache="no"), r"field 'use_cache' is 'no', a JSON string; it must be a JSON boolean"),
+    ],
+)
+def test_unknown_or_impossible_config_fields_are_refused_by_name(tiny_folder_copy, edit, match):
+    edit_json(tiny_folder_copy / "config.json", lambda config: config.update(edit))
+    with pytest.raises(ValueError, match=match):
+        scalevae.load_pretrained(tiny_folder_copy)
