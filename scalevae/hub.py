@@ -45,7 +45,13 @@ logger = logging.getLogger(__name__)
 
 # The model's code, which every saved folder carries for remote-code users: the modeling file and the siblings it
 # imports relatively (transformers' `custom_object_save` copies them).
-MODEL_CODE_FILES = ("configuration_scalevae.py", "modeling_scalevae.py", "checks_scalevae.py", "loading_scalevae.py")
+MODEL_CODE_FILES = (
+    "configuration_scalevae.py",
+    "modeling_scalevae.py",
+    "checks_scalevae.py",
+    "loading_scalevae.py",
+    "distributions_scalevae.py",
+)
 # What every saved folder holds besides its weights (model.safetensors, or shards and their index).
 REQUIRED_FILES = (
     "config.json",

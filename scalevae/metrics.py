@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling_scalevae import gaussian_kl, prior_kl, token_nll
+from distributions_scalevae import gaussian_kl, prior_kl
+from modeling_scalevae import token_nll
 
 from .latent import LatentText
 
@@ -358,7 +359,9 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
 def _decoder_inputs(model, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor | None]:
     if batch.get("decoder_input_ids") is not None:
         return batch["decoder_input_ids"], batch.get("decoder_attention_mask")
-    return model.shift_labels_right(batch["labels"])  # the model's own rule: BOS, then the labels shifted right
+    return model.decoder_inputs_from_labels(
+        batch["labels"]
+    )  # the model's own rule: BOS, then the labels shifted right
 
 
 def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -183,7 +183,7 @@ def test_relative_import_passes_transformers_checks_and_both_import_ways(remote_
     third_party = set(get_imports(modeling)) - set(sys.stdlib_module_names)
     assert third_party <= {"torch", "transformers", "safetensors"}
     # ... while the relative imports are found, so the sibling files travel with the modeling file
-    siblings = ["checks_scalevae", "configuration_scalevae", "loading_scalevae"]
+    siblings = ["checks_scalevae", "configuration_scalevae", "distributions_scalevae", "loading_scalevae"]
     assert sorted(get_relative_imports(modeling)) == siblings
     assert sorted(check_imports(modeling)) == siblings
     # way 1: installed as top-level modules
@@ -208,7 +208,8 @@ FRESH_SCRIPT = textwrap.dedent(
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     folder, reference, sentences, report = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
-    modules = ("scalevae", "configuration_scalevae", "modeling_scalevae", "checks_scalevae", "loading_scalevae")
+    modules = ("scalevae", "configuration_scalevae", "modeling_scalevae", "checks_scalevae", "loading_scalevae",
+               "distributions_scalevae")
     importable = [m for m in modules if importlib.util.find_spec(m)]
     assert not importable, f"{importable} importable: this check must run without the package"
     ref = load_file(reference)

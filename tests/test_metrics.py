@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modeling_scalevae import ScaleVAEEncoderOutput, gaussian_kl
+from distributions_scalevae import gaussian_kl
+from modeling_scalevae import ScaleVAEEncoderOutput
 from scalevae import metrics
 from tests.model_tester import ScaleVAEModelTester
 

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from modeling_scalevae import ScaleVAEForLatentLM, gaussian_kl
+from distributions_scalevae import gaussian_kl
+from modeling_scalevae import ScaleVAEForLatentLM
 from tests.model_tester import every_injection, every_strategy, strategies_and_injections, tester
 
 tiny_model, random_batch, train_steps = tester.get_model, tester.prepare_inputs, tester.train_steps

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from modeling_scalevae import ScaleVAEForLatentLM, fit_gaussian_mixture, prior_kl
+from distributions_scalevae import fit_gaussian_mixture, prior_kl
+from modeling_scalevae import ScaleVAEForLatentLM
 from scalevae.metrics import elbo, evaluate_model, iw_log_likelihood
 from scalevae.training import fit_prior_families
 from tests.model_tester import tester
