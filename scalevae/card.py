@@ -10,11 +10,14 @@ import shlex
 import string
 from pathlib import Path
 
+import torch
+
 from configuration_scalevae import SCALEVAE_FORMAT_VERSION, ScaleVAEConfig
 from loading_scalevae import public_name
 from modeling_scalevae import ScaleVAEForLatentLM
 
 from . import __version__
+from .corpus import CORPUS_NAME
 from .metrics import METRICS, metric_info
 
 CARD_TEMPLATE_NAME = "model_card.md"
@@ -451,3 +454,47 @@ __all__ = [
     "render_model_card",
     "write_model_card",
 ]
+
+
+def describe_device() -> str:
+    """The device a run trains on, as the card and the quickstart name it."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def training_record(
+    spec, data, command: str | None = None, steps: int | None = None, seconds: float | None = None, metrics=None
+) -> dict:
+    """The model card's record of how a run recipe's model (`scalevae.recipe.RunSpec`, `scalevae.data.RunData`) was
+    trained: for a checkpoint the settings; for the final model also `command`, the `steps` trained in `seconds` and
+    on what the figures of `metrics` (split -> figures) were measured. No credentials, no local paths: the card
+    scrubs them."""
+    from .training import texts_fingerprint  # training imports this module
+
+    args = spec.training
+    record = dict(
+        data=spec.data.train_file or spec.data.dataset_name or CORPUS_NAME,
+        training_sentences=len(data.dataset["train"]),
+        batch_size=args.per_device_train_batch_size,
+        max_length=spec.data.max_length,
+        learning_rate=args.learning_rate,
+        lr_schedule=f"{args.lr_scheduler_type}, {args.warmup_steps} warm-up steps",
+        seed=args.seed,
+        truncated=data.truncation.get("train", {}).get("truncated"),
+        decoder_tokenizer=f"{type(data.decoder_tokenizer).__name__}, {len(data.decoder_tokenizer)} tokens",
+        data_sha256=texts_fingerprint(data.texts["train"]),
+    )
+    if command:
+        record["command"] = command
+    if spec.model.model_name_or_path:
+        record["fine_tuned_from"] = spec.model.model_name_or_path  # the card shows a local folder by its name only
+    if steps is not None:
+        record["steps"] = steps
+        record["training_time"] = f"{seconds:.0f} s ({seconds / max(steps, 1):.2f} s/step) on {describe_device()}"
+    if metrics:
+        split = "test" if "test" in metrics else next(iter(metrics))
+        record["evaluation"] = (
+            f"{len(data.dataset[split])} {split} sentences, {spec.run.num_importance_samples} importance samples"
+        )
+    return record

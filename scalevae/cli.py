@@ -29,11 +29,11 @@ def train(argv: list[str]) -> None:
 
 
 def evaluate(args) -> None:
-    from torch.utils.data import DataLoader
-
-    from .data import DataCollatorForLatentLM, load_text_dataset, tokenize_dataset
+    """`scalevae evaluate`: the run recipe's evaluation of one split (`scalevae.evaluation.split_figures`) on a text
+    file, under the model's own prior."""
+    from .data import load_text_dataset, text_data
+    from .evaluation import split_figures
     from .factory import load_pretrained
-    from .metrics import evaluate_model, reconstruction_bleu_of
     from .options import check_max_length, check_output_file
     from .outputs import write_atomically
 
@@ -42,17 +42,18 @@ def evaluate(args) -> None:
     model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model)
     check_max_length(args.max_length, model.config)
     model.to(resolve_device(args.device))
-    texts = load_text_dataset({"test": args.data})["test"]
+    raw = load_text_dataset({"test": args.data})
     if args.max_sentences is not None:
-        texts = texts.select(range(min(args.max_sentences, len(texts))))
-    dataset, _ = tokenize_dataset(texts, encoder_tokenizer, decoder_tokenizer, args.max_length)
-    loader = DataLoader(
-        dataset, batch_size=args.batch_size, collate_fn=DataCollatorForLatentLM(encoder_tokenizer, decoder_tokenizer)
-    )
-    generator = torch.Generator().manual_seed(args.seed)
-    metrics = evaluate_model(model, loader, num_importance_samples=args.num_samples, generator=generator)
-    metrics["bleu"] = reconstruction_bleu_of(
-        model, texts["text"], encoder_tokenizer, decoder_tokenizer, args.max_length
+        raw["test"] = raw["test"].select(range(min(args.max_sentences, len(raw["test"]))))
+    data = text_data(raw, encoder_tokenizer, decoder_tokenizer, args.max_length)
+    metrics = split_figures(
+        model,
+        data,
+        "test",
+        num_importance_samples=args.num_samples,
+        seed=args.seed,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
     )
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")

@@ -18,17 +18,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .data import prepare_data
+from .evaluation import text_classifier
 from .metrics import metric_info
+from .options import SMALL_RUN_DEFAULTS
 from .outputs import write_atomically
-from .recipe import (
-    SMALL_RUN_DEFAULTS,
-    RunSpec,
-    prepare_data,
-    quiet,
-    reference_language_model,
-    run,
-    text_classifier,
-)
+from .recipe import RunSpec, quiet, run
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -514,3 +509,37 @@ def format_markdown(summary: dict, keys: tuple[str, ...] | None = None) -> str:
             seeds = ",".join(str(seed) for seed in row["seeds"])
             lines.append(f"| {name}{marker} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def reference_language_model(spec: RunSpec, data, folder: Path):
+    """The comparison's reference LM (a plain GPT-2 of the decoder's size trained on the same training split), trained
+    once and kept in `folder`: every run's samples are scored by the same model."""
+    from transformers import GPT2LMHeadModel
+
+    from modeling_scalevae import default_decoder_config
+
+    from .claims import train_language_model
+
+    if (folder / "config.json").is_file():
+        return GPT2LMHeadModel.from_pretrained(folder).eval()
+    tokenizer, model = data.decoder_tokenizer, spec.model
+    config = default_decoder_config(
+        len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        n_layer=model.decoder_layers,
+        n_embd=model.decoder_width,
+        n_head=model.decoder_heads,
+    )
+    return train_language_model(
+        data.dataset["train"],
+        data.decoder_tokenizer,
+        config,
+        max_length=spec.data.max_length,
+        max_steps=spec.training.max_steps,
+        batch_size=spec.training.per_device_train_batch_size,
+        learning_rate=spec.training.learning_rate,
+        seed=0,
+        output_dir=str(folder),
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .claims import repetition_rate
+from .data import read_labelled, read_texts
 from .latent import AttributeDirection, LatentText, evaluating
 from .metrics import reconstruction_bleu
 
@@ -31,20 +32,6 @@ TRANSFER_THRESHOLD = 0.5
 # ---------------------------------------------------------------------------------------------------------------------
 # Labelled text files
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def read_labelled(text_file: str | Path, label_file: str | Path) -> tuple[list[str], list[str]]:
-    """The lines of `text_file` and of its parallel `label_file` (one class per line), stripped; blank text lines are
-    refused, not skipped, since skipping would misalign the labels."""
-    texts = Path(text_file).read_text(encoding="utf-8").splitlines()
-    labels = [line.strip() for line in Path(label_file).read_text(encoding="utf-8").splitlines()]
-    if len(texts) != len(labels):
-        raise ValueError(f"{text_file} has {len(texts)} lines but {label_file} has {len(labels)}: one label per line.")
-    for i, (text, label) in enumerate(zip(texts, labels)):
-        if not text.strip() or not label:
-            which = text_file if not text.strip() else label_file
-            raise ValueError(f"{which} line {i + 1} is blank: every text needs a label.")
-    return [t.strip() for t in texts], labels
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,13 +350,9 @@ def edit_command(
         raise SystemExit(f"{label_file} holds {len(classes)} classes ({', '.join(classes)}): give --from CLASS too.")
     if input_file is not None:
         try:
-            inputs = [
-                line.strip() for line in Path(input_file).read_text(encoding="utf-8").splitlines() if line.strip()
-            ]
-        except OSError as error:
+            inputs = read_texts(input_file)
+        except (OSError, ValueError) as error:
             raise SystemExit(f"--input {input_file}: {error}") from None
-        if not inputs:
-            raise SystemExit(f"--input {input_file} has no text lines.")
     else:
         inputs = [t for t, y in zip(texts, labels) if y != str(to).strip()][:num_examples]
     text = _load(model, device)

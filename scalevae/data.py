@@ -12,18 +12,29 @@ from __future__ import annotations
 
 import codecs
 import logging
+import os
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
+from torch.utils.data import DataLoader
 
 from modeling_scalevae import shift_labels_right
 from scalevae.corpus import default_corpus_files
-from scalevae.factory import MAX_RUN_CHARS, decoder_special_token_ids, split_long_runs
+from scalevae.factory import (
+    MAX_RUN_CHARS,
+    decoder_special_token_ids,
+    fit_decoder_tokenizer,
+    load_tokenizers,
+    new_encoder,
+    offline_encoder_path,
+    prepare_decoder_tokenizer,
+    split_long_runs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +55,17 @@ __all__ = [
 
 
 def check_text_file(path: str | Path) -> None:
-    """Raise ``ValueError`` unless ``path`` is a UTF-8 text file with a non-blank line; warn (naming the line) if it
+    """Raise ``ValueError`` unless ``path`` is a regular UTF-8 text file with a non-blank line; warn (naming the line) if it
     holds NUL bytes, which `load_text_dataset` reads as spaces.
 
     ``datasets`` would otherwise fail deep inside a worker with an error that does not
     name the file, or silently build an empty split.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"text file not found: {path}")
+    if not path.is_file():  # a FIFO or a device would block or never end; a folder is no text
+        raise ValueError(f"{path} is not a regular file (a folder, FIFO, socket or device): give a text file.")
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     lines = 0
@@ -376,3 +389,178 @@ class DataCollatorForLatentLM:
             "decoder_attention_mask": decoder_attention_mask,
             "labels": label_tensor,
         }
+
+
+# ------------------------------------------------------------------------- a run's data
+
+
+@dataclass
+class RunData:
+    """What every run on the same data shares: the tokenizers, the tokenised splits, the raw texts and labels."""
+
+    encoder_tokenizer: object
+    decoder_tokenizer: object
+    dataset: datasets.DatasetDict  # tokenised: train, and validation / test when present
+    texts: dict[str, list[str]]
+    labels: dict[str, list[str]]  # split -> one class per sentence, for labelled data
+    encoder: str | None  # the encoder every new model starts from (a path or Hub id; None: the offline MiniLM)
+    truncation: dict = field(default_factory=dict)
+
+    @property
+    def collator(self) -> DataCollatorForLatentLM:
+        return DataCollatorForLatentLM(self.encoder_tokenizer, self.decoder_tokenizer)
+
+    def loader(self, split: str, batch_size: int = 32) -> DataLoader:
+        return DataLoader(self.dataset[split], batch_size=batch_size, collate_fn=self.collator)
+
+
+def read_labelled(text_file: str | Path, label_file: str | Path) -> tuple[list[str], list[str]]:
+    """The texts of `text_file` and their classes, one per line of the parallel `label_file`: the one reader of
+    labelled files, for training, evaluation, comparisons, `edit` and `generate --label` alike.
+
+    Both files are checked as text files (`check_text_file`: regular, UTF-8, not empty). Their lines are read as
+    `load_text_dataset` reads text (`clean_line`: the byte-order mark stripped, in the label file too, NUL bytes as
+    spaces, surrounding space stripped), and a line with no visible text is not a text: it is dropped with its class,
+    as `load_text_dataset` drops it, so texts and classes stay aligned. A text whose class line is blank is refused,
+    naming the line."""
+    check_text_file(text_file)
+    check_text_file(label_file)
+    lines = Path(text_file).read_text(encoding="utf-8").splitlines()
+    classes = Path(label_file).read_text(encoding="utf-8").splitlines()
+    if len(lines) != len(classes):
+        raise ValueError(
+            f"{text_file} has {len(lines)} lines but {label_file} has {len(classes)}: one class per line."
+        )
+    texts, labels = [], []
+    for number, (line, label) in enumerate(zip(lines, classes), 1):
+        text, _ = clean_line(line)
+        if not text:
+            continue
+        label, _ = clean_line(label)
+        if not label:
+            raise ValueError(f"{label_file} line {number} is blank: every text of {text_file} needs its class.")
+        texts.append(text)
+        labels.append(label)
+    return texts, labels
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The texts of a text file, one per line, read as `load_text_dataset` reads them (`check_text_file`, then
+    `clean_line`; lines with nothing visible dropped), without building a dataset."""
+    check_text_file(path)
+    lines = (clean_line(line)[0] for line in Path(path).read_text(encoding="utf-8").splitlines())
+    return [text for text in lines if text]
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (links and other spellings resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return str(a) == str(b)
+
+
+def labelled_dataset(files: dict[str, str], suffix: str) -> datasets.DatasetDict:
+    """Each split's `read_labelled` texts and classes (the class file: the text file with the suffix `suffix`), as
+    `text` and `label` columns."""
+    splits = {}
+    for split, path in files.items():
+        texts, labels = read_labelled(path, Path(path).with_suffix(f".{suffix}"))
+        splits[split] = datasets.Dataset.from_dict({"text": texts, "label": labels})
+    return datasets.DatasetDict(splits)
+
+
+def load_raw(spec) -> datasets.DatasetDict:
+    """The text splits a spec names (with a `label` column for labelled data), cut to its subsets."""
+    data = spec.data
+    files = {
+        split: path
+        for split, path in (("train", data.train_file), ("validation", data.validation_file), ("test", data.test_file))
+        if path
+    }
+    if files and "train" not in files:
+        raise ValueError("--validation_file/--test_file need a --train_file.")
+    # The training file also validating, with --eval_sentences: its last eval_sentences lines are held out.
+    validates_on_training = "validation" in files and same_file(files["validation"], files["train"])
+    held_out = validates_on_training and data.eval_sentences is not None
+    if validates_on_training and not held_out:
+        logger.warning(
+            "--validation_file %s is the training file: the validation figures measure sentences the model trained "
+            "on. Give another file, or --eval_sentences N to hold out its last N lines.",
+            files["validation"],
+        )
+    if held_out:
+        del files["validation"]
+    if data.label_suffix and not files:
+        raise ValueError("--label_suffix needs --train_file (the labelled text files).")
+    if files:
+        # Labels stay aligned with their lines: no line of a labelled file is dropped or reordered here.
+        raw = load_text_dataset(files) if not data.label_suffix else labelled_dataset(files, data.label_suffix)
+    else:
+        raw = load_text_dataset(dataset_name=data.dataset_name, text_column=data.text_column)
+    if held_out:
+        train = raw["train"]
+        raw["train"] = train.select(range(len(train) - data.eval_sentences))
+        raw["validation"] = train.select(range(len(train) - data.eval_sentences, len(train)))
+    if data.train_sentences is not None:
+        raw["train"] = raw["train"].select(range(min(data.train_sentences, len(raw["train"]))))
+    if data.eval_sentences is not None:
+        for split in ("validation", "test"):
+            if split in raw:
+                raw[split] = raw[split].select(range(min(data.eval_sentences, len(raw[split]))))
+    return raw
+
+
+def prepare_data(spec) -> RunData:
+    """Load the texts, make the two tokenizers (a saved model's own; else the encoder's and a BPE fitted to the
+    training text) and tokenise every split."""
+    from transformers import AutoTokenizer
+
+    raw = load_raw(spec)
+    encoder = spec.model.encoder
+    resume = spec.training.resume_from_checkpoint
+    if resume:
+        from .training import check_checkpoint_complete
+
+        check_checkpoint_complete(resume)
+    if spec.model.model_name_or_path or resume:  # a resume trains on its checkpoint's token ids, never refitted ones
+        encoder_tokenizer, decoder_tokenizer = load_tokenizers(resume or spec.model.model_name_or_path)
+        if resume and spec.model.new_encoder_layers and not encoder:
+            encoder = new_encoder(
+                encoder_tokenizer,
+                spec.output_dir / "encoder",
+                spec.model.new_encoder_layers,
+                spec.model.new_encoder_width,
+                spec.model.new_encoder_heads,
+                spec.data.max_length,
+            )
+    else:
+        if spec.model.decoder:
+            decoder_tokenizer = AutoTokenizer.from_pretrained(spec.model.decoder, trust_remote_code=False)
+        else:
+            decoder_tokenizer = fit_decoder_tokenizer(raw["train"]["text"], spec.model.decoder_vocab_size)
+        decoder_tokenizer = prepare_decoder_tokenizer(decoder_tokenizer)
+        if spec.model.new_encoder_layers and not encoder:
+            model = spec.model
+            encoder = new_encoder(
+                decoder_tokenizer,
+                spec.output_dir / "encoder",
+                model.new_encoder_layers,
+                model.new_encoder_width,
+                model.new_encoder_heads,
+                spec.data.max_length,
+            )
+        encoder_tokenizer = AutoTokenizer.from_pretrained(encoder or offline_encoder_path(), trust_remote_code=False)
+    return text_data(raw, encoder_tokenizer, decoder_tokenizer, spec.data.max_length, encoder)
+
+
+def text_data(
+    raw: datasets.DatasetDict, encoder_tokenizer, decoder_tokenizer, max_length: int, encoder: str | None = None
+) -> RunData:
+    """The `RunData` of text splits (a `label` column: labelled data), tokenised with the two tokenizers."""
+    texts = {split: list(raw[split]["text"]) for split in raw}
+    labels = {split: list(raw[split]["label"]) for split in raw if "label" in raw[split].column_names}
+    dataset, truncation = tokenize_dataset(
+        raw.select_columns(["text"]), encoder_tokenizer, decoder_tokenizer, max_length
+    )
+    return RunData(encoder_tokenizer, decoder_tokenizer, dataset, texts, labels, encoder, truncation)

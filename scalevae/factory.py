@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from configuration_scalevae import ScaleVAEConfig, check_saved_fields
@@ -465,3 +466,88 @@ def _complete_generation_config(model: ScaleVAEForLatentLM, decoder_tokenizer, p
             ", ".join(item.split("=")[0] for item in filled),
             ", ".join(filled),
         )
+
+
+def load_for_finetuning(model_name_or_path: str, overrides: dict):
+    """A saved model and its two tokenizers, its config updated by `overrides` (`ScaleVAEConfig` fields the user gave).
+
+    The model loads through `ScaleVAEForLatentLM.from_pretrained` (a folder or a Hub id), strictly: an override the
+    saved weights cannot follow (a latent size, an injection or a collapse strategy with other tensors) makes the load
+    fail, and the error names the override. The collapse strategy's buffers (Scale-VAE's running scale factors and
+    schedule counts, BN-VAE's statistics) and the fitted prior continue from their saved values.
+
+    Raises:
+        ValueError: an override is not a valid config value, or the saved weights cannot follow it.
+    """
+    import re
+    import sys
+
+    encoder_tokenizer, decoder_tokenizer = load_tokenizers(model_name_or_path)
+    saved = ScaleVAEConfig.from_pretrained(model_name_or_path)
+    changed = {name: value for name, value in overrides.items() if getattr(saved, name) != value}
+
+    def described(names) -> str:
+        return ", ".join(f"--{name} {changed[name]} (saved: {getattr(saved, name)})" for name in names)
+
+    def load(overrides: dict) -> ScaleVAEForLatentLM:
+        try:
+            config = ScaleVAEConfig.from_dict({**saved.to_dict(), **overrides})
+        except ValueError as error:
+            raise ValueError(f"--model_name_or_path {model_name_or_path}: {error}") from error
+        return ScaleVAEForLatentLM.from_pretrained(model_name_or_path, config=config)
+
+    try:
+        model = load(changed)
+    except ValueError as error:
+        if not changed or str(error).startswith("--model_name_or_path"):
+            raise
+        # The strict loader's message names the config fields the weights contradict (latent_size=8 in the
+        # config, ...). Where it names only tensors, each change is tried alone: this is the error path, and a
+        # message that blames a legal option along with the culprit sends the user the wrong way.
+        named = [name for name in changed if re.search(rf"(?<![\w.]){name}\b", str(error))]
+        if not named and len(changed) > 1:
+            named = [name for name in changed if not loads_with(load, {name: changed[name]})]
+        named = named or list(changed)
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path}: the saved weights cannot follow {described(named)}; "
+            f"fine-tuning keeps the saved model's architecture. Drop the option(s), or train a new model.\n{error}"
+        ) from error
+    collapse = model.collapse
+    schedule_changes = {"scale_schedule", "scale_freeze_steps", "scale_freeze_epochs"} & set(changed)
+    if schedule_changes and bool(getattr(collapse, "frozen", False)):
+        print(
+            f"note: the saved Scale-VAE factors are already frozen (after {int(collapse.steps)} optimizer steps, "
+            f"{int(collapse.epochs)} epochs): {described(sorted(schedule_changes))} does not unfreeze them.",
+            file=sys.stderr,
+        )
+    return model, encoder_tokenizer, decoder_tokenizer
+
+
+def loads_with(load, overrides: dict) -> bool:
+    """Whether `load(overrides)` succeeds: the strict loader accepts the saved weights under those overrides."""
+    try:
+        load(overrides)
+    except ValueError:
+        return False
+    return True
+
+
+def new_encoder(tokenizer, folder: Path, layers: int, width: int, heads: int, max_length: int) -> str:
+    """A randomly initialised BERT (seed 0) on `tokenizer`, saved once in `folder`: every run starts from it. Saved
+    whole, with the pooler every BERT checkpoint carries (the model drops it), so loading it reports no missing
+    weight."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=max(64, max_length),
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * width,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -276,6 +276,17 @@ def save_model(
         )
 
 
+def save_run(spec, data, model, metrics: dict, steps: int, seconds: float, command: str | None = None) -> Path:
+    """Save a run recipe's model (`scalevae.recipe.run`) to OUTPUT_DIR/final with its model card: the test split's
+    figures (else the first split's) and the record of how it was trained (`scalevae.card.training_record`)."""
+    from .card import training_record
+
+    record = training_record(spec, data, command, steps=steps, seconds=seconds, metrics=metrics)
+    figures = metrics.get("test") or next(iter(metrics.values()), None)
+    folder = spec.output_dir / "final"
+    return save_model(folder, model, data.encoder_tokenizer, data.decoder_tokenizer, metrics=figures, training=record)
+
+
 def _save_model_locked(
     folder: Path, model, encoder_tokenizer, decoder_tokenizer, metrics, training, state_dict=None, space=False
 ) -> Path:

@@ -13,19 +13,24 @@ before anything runs. The rules behind it:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
 import os
 from argparse import Namespace
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from configuration_scalevae import PAPER_ALIASES, PRIORS, ScaleVAEConfig
 
 from .outputs import is_model_folder
 
 logger = logging.getLogger(__name__)
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
 
 __all__ = [
     "COMMAND_OPTIONS",
@@ -411,3 +416,227 @@ def check_output_folder(
     inside any model folder: a run writes its checkpoints and `final/` there and rotates old checkpoints. Links are
     resolved first; Hub ids and absent inputs are skipped. Returns the resolved path."""
     return _check(output_dir, inputs, option, folder=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run recipe's options: the config's fields, and the sections of a `RunSpec`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# Config fields that are not hyperparameters a user sets on the command line.
+_NOT_OPTIONS = ("encoder", "decoder", "scalevae_format_version", "scalevae_version")
+
+
+def config_arguments(config_class=None) -> type:
+    """A dataclass with one field per `ScaleVAEConfig` field: the config's name, type, default and the help text of
+    its docstring, and its paper aliases (`--des_std`, `--f_epo`). A field added to the config becomes an option of
+    every command without touching this file."""
+    import inspect
+    import re
+
+    config_class = config_class or ScaleVAEConfig
+    # Google style, as transformers: "    name (`type`, ...):" then its text indented further (after cleandoc).
+    doc = "\n".join(
+        inspect.cleandoc(base.__doc__)
+        for base in config_class.__mro__
+        if isinstance(base, type) and issubclass(base, ScaleVAEConfig) and base.__doc__
+    )
+    aliases = {field_name: alias for alias, field_name in PAPER_ALIASES.items()}
+    # ScaleVAEConfig's own fields and those of its subclasses, not PreTrainedConfig's (return_dict, dtype, ...).
+    own = set().union(
+        *(
+            vars(base).get("__annotations__", {})
+            for base in config_class.__mro__
+            if isinstance(base, type) and issubclass(base, ScaleVAEConfig)
+        )
+    )
+    specs = []
+    for item in dataclasses.fields(config_class):
+        if item.name not in own or item.name in _NOT_OPTIONS:
+            continue
+        match = re.search(rf"^ {{4}}{item.name} \(.*?\):\n(.*?)(?=^ {{4}}\w+ \(|\Z)", doc, re.S | re.M)
+        metadata = {"help": (" ".join(match.group(1).split()) if match else "").replace("%", "%%")}
+        if item.name in aliases:
+            metadata["aliases"] = [f"--{aliases[item.name]}"]
+        kind, default = item.type, item.default
+        if kind == (bool | int):  # freeze_encoder: True, False or a number of layers
+            kind, default = str, str(item.default)
+        specs.append((item.name, kind, dataclasses.field(default=default, metadata=metadata)))
+    return dataclasses.make_dataclass("ScaleVAEConfigArguments", specs)
+
+
+def config_kwargs_from(arguments) -> dict:
+    """The parsed config options as `ScaleVAEConfig` keyword arguments."""
+    kwargs = dataclasses.asdict(arguments)
+    if isinstance(kwargs.get("freeze_encoder"), str):
+        value = kwargs["freeze_encoder"]
+        parsed = {"true": True, "false": False, "all": True, "none": False}.get(value.lower())
+        if parsed is None and not value.isdigit():
+            raise ValueError(f"--freeze_encoder {value!r}: give true, false or a number of lower encoder layers.")
+        kwargs["freeze_encoder"] = parsed if parsed is not None else int(value)
+    return kwargs
+
+
+class _GivenOnly(argparse.Namespace):
+    """A namespace on which every attribute seems present: argparse then fills in no default, so after parsing it
+    holds exactly the options the command line gave."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # argparse's own bookkeeping (unrecognised arguments) must read as absent
+            raise AttributeError(name)
+        return None
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options `argv` actually gives (also under an alias or a `--no_*` form), as opposed to
+    those holding their defaults: a default must not overwrite a value saved in a folder."""
+    given, _ = parser.parse_known_args(argv, namespace=_GivenOnly())
+    return set(vars(given))
+
+
+@dataclass
+class ModelArguments:
+    """Where the model comes from, and the KL schedule it trains with (its hyperparameters are the config's)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "fine-tune a saved Scale-VAE (a folder or Hub id written by scalevae) instead of building a new "
+            "model: its config, weights, both tokenizers and its scale-factor, schedule and prior buffers carry on. "
+            "Config options given override the saved config where the weights can follow (kl_weight, "
+            "scale_target_std, free_bits, ...); options that change the architecture are refused."
+        },
+    )
+    encoder: str | None = field(
+        default=None, metadata={"help": "BERT-style encoder path or Hub id (default: the offline MiniLM-L6)."}
+    )
+    decoder: str | None = field(default=None, metadata={"help": "GPT-2 path or Hub id (default: a new small GPT-2)."})
+    decoder_layers: int = field(default=4, metadata={"help": "layers of the new GPT-2 when --decoder is not given"})
+    decoder_width: int = field(default=256, metadata={"help": "width of the new GPT-2"})
+    decoder_heads: int = field(default=4, metadata={"help": "attention heads of the new GPT-2"})
+    decoder_vocab_size: int = field(
+        default=4096, metadata={"help": "byte-level BPE vocabulary fitted to the training text for a new decoder"}
+    )
+    new_encoder_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "instead of a pretrained encoder, a new BERT of this many layers on the decoder's fitted "
+            "tokenizer, trained from scratch (the CPU comparisons: MiniLM's forward alone outweighs a small model's "
+            "step)"
+        },
+    )
+    new_encoder_width: int = 128
+    new_encoder_heads: int = 4
+    kl_schedule: str = field(
+        default="constant", metadata={"help": f"{' | '.join(KL_SCHEDULES)}: β rises to --kl_weight"}
+    )
+    kl_warmup_steps: int | None = field(default=None, metadata={"help": "steps of the linear schedule's rise"})
+    kl_n_cycle: int = 4
+    kl_ratio_zero: float = 0.25
+    kl_ratio_increase: float = 0.25
+
+    # Options that describe how a new model is built: meaningless when a saved one is fine-tuned.
+    new_model_options = (
+        "encoder",
+        "decoder",
+        "decoder_layers",
+        "decoder_width",
+        "decoder_heads",
+        "decoder_vocab_size",
+        "new_encoder_layers",
+        "new_encoder_width",
+        "new_encoder_heads",
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(
+        default=None, metadata={"help": "one text per line (default: the embedded corpus and its splits)"}
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "one text per line; the same file as --train_file with --eval_sentences: its last eval_sentences "
+            "lines validate and the rest train"
+        },
+    )
+    test_file: str | None = None
+    label_suffix: str | None = field(
+        default=None,
+        metadata={
+            "help": "labelled data: FILE with this suffix instead of its own (e.g. label: x.txt -> x.label) "
+            "holds one class per line, for the representation and control measurements"
+        },
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset instead of files"})
+    text_column: str = "text"
+    max_length: int = field(default=64, metadata={"help": "tokens per sentence, for the encoder and the decoder"})
+    train_sentences: int | None = field(default=None, metadata={"help": "train on the first N sentences only"})
+    eval_sentences: int | None = field(
+        default=None, metadata={"help": "evaluate on the first N validation and test sentences only"}
+    )
+
+
+@dataclass
+class RunArguments:
+    """The run's budget and its evaluation."""
+
+    train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "wall-clock training budget: training stops at the last logging step that fits (a run that "
+            "trained N steps is reproduced by --max_steps N)"
+        },
+    )
+    eval_splits: list[str] = field(
+        default_factory=lambda: ["test"], metadata={"help": "splits evaluated after training, when present"}
+    )
+    num_importance_samples: int = field(default=50, metadata={"help": "k of the importance-weighted NLL"})
+    priors: list[str] = field(
+        default_factory=lambda: ["fitted"],
+        metadata={
+            "help": "generative priors the density is reported under: fitted, scaled, and full or mixture (refitted "
+            "on the training sentences for the scoring when the model holds another family)",
+            "choices": PRIORS,
+        },
+    )
+    bleu_sentences: int = field(default=200, metadata={"help": "sentences whose greedy reconstruction BLEU scores"})
+    prior_fit_sentences: int = field(
+        default=4000, metadata={"help": "training sentences the prior (and BN-VAE's statistics) are fitted on"}
+    )
+    claims: bool = field(
+        default=False,
+        metadata={
+            "help": "also measure the paper's other claims on the test split (scalevae.claims): the few-label probe "
+            "(labelled data), latent consistency (prior and data cycles) and generation (forward PPL under a "
+            "reference LM, distinct-n, self-BLEU, lengths)"
+        },
+    )
+    claims_prior_samples: int = field(default=1000, metadata={"help": "prior samples of the generation figures"})
+    reverse_lm_steps: int = field(
+        default=0, metadata={"help": "steps of the reverse-perplexity LM trained on the samples (0: not measured)"}
+    )
+    control: bool = field(
+        default=False,
+        metadata={
+            "help": "labelled data: also measure control on the test split (scalevae.control): flip each sentence's "
+            "class through the latent, scored by a text classifier trained on the training split (transfer "
+            "accuracy, BLEU to the source, perplexity under the reference LM, per strength)"
+        },
+    )
+    control_sentences: int = field(default=200, metadata={"help": "test sentences edited by the control measurement"})
+    save: bool = field(default=True, metadata={"help": "save the trained model to OUTPUT_DIR/final"})
+
+
+# What the project's own runs share (the quickstart and the comparison presets): a small model on a BPE fitted to the
+# training text, batch 32, AdamW without weight decay at a constant 5e-4 after a warm-up.
+SMALL_RUN_DEFAULTS = dict(
+    per_device_train_batch_size=32,
+    learning_rate=5e-4,
+    lr_scheduler_type="constant_with_warmup",
+    weight_decay=0.0,
+    max_length=32,
+    latent_size=32,
+    decoder_vocab_size=4096,
+)

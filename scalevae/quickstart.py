@@ -14,12 +14,15 @@ from pathlib import Path
 
 import torch
 
+from .card import describe_device
 from .claims import distinct_n, repetition_rate
+from .evaluation import posterior_means
 from .latent import LatentText
 from .metrics import METRICS, PRIOR_NAMES
+from .options import SMALL_RUN_DEFAULTS
 from .outputs import write_atomically
 from .plots import plot_latent_map, plot_training_curves
-from .recipe import SMALL_RUN_DEFAULTS, RunSpec, describe_device, posterior_means, run
+from .recipe import RunSpec, run
 
 # The console table's rows; their labels and formats come from `scalevae.metrics.METRICS`.
 TABLE_ROWS = (

@@ -8,21 +8,24 @@ does).
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import Trainer, TrainerCallback
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from loading_scalevae import recording_tokenizers
 
+from .card import checkpoint_config_differences, training_record
 from .metrics import PosteriorAccumulator
-
-KL_SCHEDULES = ("constant", "linear", "cyclical")
+from .options import KL_SCHEDULES
 
 logger = logging.get_logger(__name__)
 
@@ -579,3 +582,110 @@ def _unwrap(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run recipe's training step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """The training phase's one progress bar (in seconds under a wall-clock budget, else in steps, with the loss), and
+    the budget: training stops when the next `stop_every` steps would overrun `seconds`.
+
+    Training stops only at multiples of `stop_every` (the logging interval), projecting the next interval from the
+    last one (so a machine that slows down mid-run still stops near the budget): a run that printed N steps is
+    reproduced exactly by `--max_steps N` under a schedule that does not depend on the total (constant learning rate).
+    """
+
+    def __init__(self, seconds: float | None, stop_every: int, desc: str = "train"):
+        self.seconds, self.stop_every, self.desc = seconds, stop_every, desc
+        self.bar, self.start, self.last_check, self.loss = None, 0.0, 0.0, None
+        self.elapsed = 0.0  # seconds from the first step's start to the last step's end
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_check = time.perf_counter()
+        unit = "s" if self.seconds else "step"
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}{postfix}]"
+        self.bar = tqdm(
+            total=round(self.seconds) if self.seconds else state.max_steps,
+            initial=0 if self.seconds else state.global_step,
+            desc=self.desc,
+            unit=unit,
+            dynamic_ncols=True,
+            bar_format=bar_format,
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.elapsed = now - self.start
+        if self.bar is not None:
+            self.bar.n = min(self.elapsed, self.bar.total) if self.seconds else state.global_step
+            postfix = f"step {state.global_step}" if self.seconds else ""
+            if self.loss is not None:
+                postfix += f"{', ' if postfix else ''}loss {self.loss:.1f}"
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.refresh()
+        if self.seconds and state.global_step % self.stop_every == 0:
+            interval = now - self.last_check
+            self.last_check = now
+            if self.elapsed + interval > self.seconds:
+                control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.refresh()
+            self.bar.close()
+
+
+def train(spec, data, model, callbacks=(), desc: str = "train"):
+    """The run recipe's training step (`spec`: a `scalevae.recipe.RunSpec`, `data`: a `scalevae.data.RunData`): the
+    stock Trainer with the recipe's glue (`make_trainer`: KL schedule, the strategy's `end_step`/`end_epoch`,
+    the prior fit at the end, the latent monitor, complete checkpoints). Returns the trainer and the seconds trained."""
+    args = spec.training
+    if args.dataloader_pin_memory and not torch.cuda.is_available():  # nothing to pin to: spare the warning
+        args = dataclasses.replace(args, dataloader_pin_memory=False)
+    if args.resume_from_checkpoint:
+        differences = checkpoint_config_differences(model.config, args.resume_from_checkpoint)
+        if differences:
+            raise ValueError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} was trained with another model: "
+                + "; ".join(differences)
+                + ". Resume with the options the checkpoint was trained with."
+            )
+        check_resume_data(args.resume_from_checkpoint, data.texts["train"], training_record(spec, data)["data"])
+    schedule = KLSchedule(
+        spec.model.kl_schedule,
+        model.config.kl_weight,  # a fine-tuned model's saved β unless --kl_weight is given
+        spec.model.kl_warmup_steps or 0,
+        args.max_steps if args.max_steps > 0 else 0,
+        spec.model.kl_n_cycle,
+        spec.model.kl_ratio_zero,
+        spec.model.kl_ratio_increase,
+    )
+    trainer = make_trainer(
+        model,
+        args,
+        data.dataset["train"],
+        data.collator,
+        eval_dataset=data.dataset.get("validation"),
+        kl_schedule=schedule,
+        prior_fit_sentences=spec.run.prior_fit_sentences,
+        processing_class=data.encoder_tokenizer,
+        training=training_record(spec, data),
+    )
+    # The recipe's bar shows the phase; the full logs go to TensorBoard and `trainer.state.log_history`.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    budget = TimeBudgetCallback(
+        spec.run.train_minutes * 60 if spec.run.train_minutes is not None else None, args.logging_steps, desc
+    )
+    trainer.add_callback(budget)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    return trainer, budget.elapsed

@@ -95,7 +95,7 @@ def test_every_config_field_is_a_train_option_and_a_new_field_arrives_by_itself(
     from transformers import HfArgumentParser
 
     from configuration_scalevae import ScaleVAEConfig
-    from scalevae.recipe import config_arguments, config_kwargs_from
+    from scalevae.options import config_arguments, config_kwargs_from
 
     options = {item.name for item in dataclasses.fields(config_arguments())}
     settable = set(ScaleVAEConfig.__annotations__) - {

@@ -108,3 +108,103 @@ def test_a_data_skip_fails_when_the_data_folder_exists(tmp_path):
     )
     assert result.returncode == 1, result.stdout
     assert "1 failed, 1 skipped" in result.stdout and "so this data-dependent test must run" in result.stdout
+
+
+# -- labelled files: one reader for every command -------------------------------------------------------------------
+
+
+def labelled_pair(folder, texts: bytes, labels: bytes):
+    text_file, label_file = folder / "pairs.txt", folder / "pairs.label"
+    text_file.write_bytes(texts)
+    label_file.write_bytes(labels)
+    return text_file, label_file
+
+
+def test_labelled_files_follow_the_text_rules_bom_and_blank_lines_included(tmp_path):
+    """A byte-order mark in the label file made an invisible class '\\ufeff0'; the recipe dropped blank text lines while
+    `edit` refused them. One rule now: marks stripped in both files, a text line with nothing visible dropped with its
+    class, as `load_text_dataset` drops it."""
+    from scalevae.data import labelled_dataset, read_labelled
+
+    text_file, label_file = labelled_pair(
+        tmp_path, "\ufeffthe first\n\u200b\n second one \nthird\n".encode(), "\ufeff0\n1\n1\n0\n".encode()
+    )
+    assert read_labelled(text_file, label_file) == (["the first", "second one", "third"], ["0", "1", "0"])
+    dataset = labelled_dataset({"train": str(text_file)}, "label")["train"]
+    assert dataset["text"] == ["the first", "second one", "third"] and dataset["label"] == ["0", "1", "0"]
+    assert set(dataset["label"]) == {"0", "1"}  # no invisible third class
+
+
+@pytest.mark.parametrize(
+    "texts, labels, message",
+    [
+        (b"a\nb\n", b"0\n", r"pairs\.txt has 2 lines but .*pairs\.label has 1: one class per line"),
+        (b"a\nb\n", b"0\n \n", r"pairs\.label line 2 is blank: every text of .*pairs\.txt needs its class"),
+        (b"a\n", b"\xff\n", r"pairs\.label is not valid UTF-8"),
+    ],
+)
+def test_labelled_files_that_do_not_pair_are_refused_by_name(tmp_path, texts, labels, message):
+    from scalevae.data import read_labelled
+
+    with pytest.raises(ValueError, match=message):
+        read_labelled(*labelled_pair(tmp_path, texts, labels))
+
+
+def test_a_fifo_is_refused_by_every_reader_without_blocking(tmp_path, tiny_folder, train_command):
+    """Opening a FIFO blocks until a writer comes: every command checks that its files are regular files first."""
+    from scalevae.data import read_labelled, read_texts
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    text_file, label_file = labelled_pair(tmp_path, b"good\nbad\n", b"pos\nneg\n")
+    message = rf"{fifo} is not a regular file \(a folder, FIFO, socket or device\)"
+    for read in (load_text_dataset, read_texts, lambda path: read_labelled(path, label_file)):
+        with pytest.raises(ValueError, match=message):
+            read(fifo)
+    with pytest.raises(ValueError, match=message):
+        read_labelled(text_file, fifo)
+    with pytest.raises(ValueError, match=message):
+        main(train_command(tmp_path / "run", fifo, "--max_steps", "1"))
+    with pytest.raises(ValueError, match=message):
+        main(["evaluate", str(tiny_folder), "--data", str(fifo)])
+    edit = ["edit", str(tiny_folder), "--label_file", str(label_file), "--to", "pos", "--strength", "1"]
+    for flags, option in [(["--labelled_file", str(fifo)], "--labelled_file"), (["--input", str(fifo)], "--input")]:
+        argv = edit + (flags if option == "--labelled_file" else ["--labelled_file", str(text_file), *flags])
+        with pytest.raises(SystemExit, match=rf"{option}.*{message}"):
+            main(argv)
+    with pytest.raises(SystemExit, match=message):
+        main(["generate", str(tiny_folder), "--sample", "1", "--label", "pos", "--labelled_file", str(fifo),
+              "--label_file", str(label_file)])  # fmt: skip
+
+
+def test_validating_on_the_training_file_warns(tmp_path, caplog):
+    from scalevae.data import load_raw
+    from scalevae.recipe import RunSpec
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("one sentence\nanother one\na third\n")
+    spec, _, _ = RunSpec.parse(
+        ["--output_dir", str(tmp_path), "--train_file", str(data), "--validation_file", str(data)]
+    )
+    with caplog.at_level(logging.WARNING, logger="scalevae.data"):
+        raw = load_raw(spec)
+    assert raw["validation"]["text"] == raw["train"]["text"]
+    assert any(
+        "is the training file" in r.getMessage() and "--eval_sentences" in r.getMessage() for r in caplog.records
+    )
+    caplog.clear()
+    held_out, _, _ = RunSpec.parse(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--train_file",
+            str(data),
+            "--validation_file",
+            str(data),
+            "--eval_sentences",
+            "1",
+        ]
+    )
+    with caplog.at_level(logging.WARNING, logger="scalevae.data"):
+        raw = load_raw(held_out)
+    assert raw["validation"]["text"] == ["a third"] and not caplog.records

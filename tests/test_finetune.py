@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from scalevae import LatentText, load_tokenizers
 from scalevae.cli import main
-from scalevae.recipe import load_for_finetuning
+from scalevae.factory import load_for_finetuning
 from tests.conftest import shared_file
 
 REPO = Path(__file__).resolve().parents[1]

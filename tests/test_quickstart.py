@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from scalevae import LatentText, quickstart, recipe
+from scalevae import LatentText, quickstart, training
 from scalevae.corpus import default_corpus_files
 from scalevae.quickstart import DEFAULT_STEPS, quickstart_spec
-from scalevae.recipe import TimeBudgetCallback
+from scalevae.training import TimeBudgetCallback
 from tests.model_tester import tester
 
 TINY_RUN = dict(
@@ -45,7 +45,7 @@ def tiny_corpus(tmp_path_factory):
 def budget_steps(seconds, step_seconds, stop_every, monkeypatch):
     """Steps that a run of `step_seconds` per step trains under a `seconds` budget."""
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(recipe.time, "perf_counter", lambda: clock.now)
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock.now)
     callback = TimeBudgetCallback(seconds, stop_every, "train")
     state, control = SimpleNamespace(global_step=0, max_steps=10**7), SimpleNamespace(should_training_stop=False)
     callback.on_train_begin(None, state, control)
