@@ -176,23 +176,52 @@ COLUMNS = tuple(key for keys in CLAIMS.values() for key in keys)
 
 
 def run_names(options: "CompareArguments", labelled: bool) -> list[str]:
+    """The runs to train, each name normalised (`normalised_run_name`), checked before any training: an unknown name,
+    a des_std out of range or two spellings of one run are refused at once."""
     if options.runs:
-        return list(options.runs)
+        names = [normalised_run_name(name) for name in options.runs]
+        seen = {}
+        for given, name in zip(options.runs, names):
+            if name in seen:
+                raise ValueError(f"--runs {seen[name]} and {given} are the same run ({name}): name each run once.")
+            seen[name] = given
+        return names
     names = list(BASELINES) + [f"scale_{des_std:g}" for des_std in options.des_std_sweep]
     if labelled:  # the representation preset: the main rows and the sweep, not the f_epo variant
         names = [n for n in names if n != "scale_epoch"]
     return names
 
 
-def run_settings(name: str) -> tuple[dict, str]:
+# The des_std a scale_<des_std> run may take: below 1e-3 the latent's float32 statistics underflow (variances of
+# 1e-18 and less), above 1e3 the config refuses it.
+DES_STD_RANGE = (1e-3, 1e3)
+
+
+def normalised_run_name(name: str) -> str:
+    """A run's one spelling: a baseline's name, or scale_<des_std> with des_std written as `%g` (scale_1.0 and
+    scale_1 are one run, scale_1); raises a ValueError for an unknown name or a des_std outside `DES_STD_RANGE`."""
     if name in BASELINES:
-        return BASELINES[name]
+        return name
     if name.startswith("scale_"):
         try:
-            return dict(collapse_strategy="scale", scale_target_std=float(name[len("scale_") :])), "constant"
+            value = float(name[len("scale_") :])
         except ValueError:
-            pass
+            value = None
+        if value is not None:
+            low, high = DES_STD_RANGE
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(
+                    f"--runs {name}: des_std must be a finite number in [{low:g}, {high:g}], got {value!r}."
+                )
+            return f"scale_{value:g}"
     raise ValueError(f"Unknown run {name!r}: one of {list(BASELINES)} or scale_<des_std>.")
+
+
+def run_settings(name: str) -> tuple[dict, str]:
+    name = normalised_run_name(name)
+    if name in BASELINES:
+        return BASELINES[name]
+    return dict(collapse_strategy="scale", scale_target_std=float(name[len("scale_") :])), "constant"
 
 
 def comparison_spec(argv: list[str]) -> tuple[RunSpec, "CompareArguments"]:
@@ -254,8 +283,56 @@ def train_and_evaluate(name: str, seed: int, spec: RunSpec, data, reference_lm=N
     )
 
 
+# TrainingArguments that do not change a run's figures: where it writes, logs, reports and publishes, how it loads
+# batches, how it evaluates during training, and the seed (each run has its own, from --seeds). Every other one does
+# (optim, gradient_accumulation_steps, max_grad_norm, adam_beta2, ...), and is part of a comparison's identity.
+_NOT_IDENTITY = {
+    "output_dir", "report_to", "run_name", "project", "disable_tqdm", "push_to_hub", "resume_from_checkpoint", "seed",
+    "local_rank", "do_train", "do_eval", "do_predict", "debug", "skip_memory_metrics", "per_device_eval_batch_size",
+    "batch_eval_metrics", "prediction_loss_only", "include_for_metrics", "restore_callback_states_from_checkpoint",
+    "torch_empty_cache_steps", "include_num_input_tokens_seen",
+}  # fmt: skip
+_NOT_IDENTITY_PREFIXES = ("logging_", "log_", "save_", "hub_", "eval_", "trackio_", "dataloader_")
+_IDENTITY_DESPITE_PREFIX = {"dataloader_drop_last", "dataloader_in_order"}
+
+
+def training_identity(training) -> dict:
+    """Every TrainingArguments field that can change a run's result (`_NOT_IDENTITY` aside)."""
+    values = training.to_dict()
+    return {
+        name: value
+        for name, value in sorted(values.items())
+        if name in _IDENTITY_DESPITE_PREFIX
+        or (name not in _NOT_IDENTITY and not name.startswith(_NOT_IDENTITY_PREFIXES))
+    }
+
+
+def data_file_hashes(data) -> dict:
+    """A SHA-256 of each data file (and label file) the comparison reads: new content at the same path is another
+    experiment."""
+    import hashlib
+
+    hashes = {}
+    for name in ("train_file", "validation_file", "test_file"):
+        path = getattr(data, name, None)
+        if not path:
+            continue
+        files = [Path(path)]
+        if getattr(data, "label_suffix", None):
+            files.append(Path(path).with_suffix(f".{data.label_suffix}"))
+        for file in files:
+            if file.is_file():
+                digest = hashlib.sha256()
+                with open(file, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                hashes[file.name if file == files[0] else f"{name} labels {file.name}"] = digest.hexdigest()
+    return hashes
+
+
 def _settings(spec: RunSpec) -> dict:
-    """What makes two comparisons the same experiment (seeds and run names may differ)."""
+    """What makes two comparisons the same experiment (seeds and run names may differ): the model, data, run and every
+    training argument that can change a result, and the content of each data file."""
     training = spec.training
     return json.loads(
         _to_json(
@@ -263,18 +340,34 @@ def _settings(spec: RunSpec) -> dict:
                 config=spec.config,
                 model=asdict(spec.model),
                 data=asdict(spec.data),
+                data_sha256=data_file_hashes(spec.data),
                 run={k: v for k, v in asdict(spec.run).items() if k != "save"},
                 training=dict(
-                    max_steps=training.max_steps,
+                    training_identity(training),
                     batch_size=training.per_device_train_batch_size,
-                    learning_rate=training.learning_rate,
                     lr_scheduler_type=str(training.lr_scheduler_type),
-                    warmup_steps=training.warmup_steps,
-                    weight_decay=training.weight_decay,
                 ),
             )
         )
     )
+
+
+def read_state(path: Path, read):
+    """`read(path)` for a file the comparison keeps between calls (settings.json, a run's result, the reference LM):
+    a truncated or corrupted one is named, with the way out."""
+    try:
+        return read(path)
+    except Exception as error:  # noqa: BLE001 - any failure to read back a saved state is that file's
+        raise ValueError(
+            f"{path} is truncated or corrupted ({type(error).__name__}: {error}). It is the comparison's saved state: "
+            "delete it to recompute it (a run's file: that run trains again)."
+        ) from None
+
+
+def kept_or_made(path: Path, kept_when: Path, make):
+    """`make(path)`, which reads a state the comparison kept at `path` (named if damaged, `read_state`) or makes and
+    keeps it when `kept_when` does not exist yet."""
+    return read_state(path, make) if kept_when.is_file() else make(path)
 
 
 def run_comparison(argv: list[str]) -> dict:
@@ -288,7 +381,7 @@ def run_comparison(argv: list[str]) -> dict:
     (output / "runs").mkdir(parents=True, exist_ok=True)
     settings_file = output / "settings.json"
     settings = _settings(spec)
-    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+    if settings_file.exists() and read_state(settings_file, lambda p: json.loads(p.read_text())) != settings:
         raise ValueError(
             f"{output} holds a comparison with other settings ({settings_file}); resume it with the same preset and "
             "options, or choose another --output_dir."
@@ -310,12 +403,22 @@ def run_comparison(argv: list[str]) -> dict:
                 # One reference language model per comparison scores every run's samples (saved, so a resumed
                 # comparison uses the same one).
                 claims, control = spec.run.claims, spec.run.control and "train" in data.labels
-                reference_lm = reference_language_model(spec, data, output / "reference_lm") if claims else None
-                classifier = text_classifier(data, output / "text_classifier.npz") if control else None
+                reference_lm = classifier = None
+                if claims:
+                    folder = output / "reference_lm"
+                    reference_lm = kept_or_made(
+                        folder, folder / "config.json", lambda p: reference_language_model(spec, data, p)
+                    )
+                if control:
+                    file = output / "text_classifier.npz"
+                    classifier = kept_or_made(file, file, lambda p: text_classifier(data, p))
         result = train_and_evaluate(name, seed, spec, data, reference_lm, classifier)
         write_atomically(path, _to_json(result, indent=1))  # a killed run leaves no half-written result behind
     # The table covers every finished run in the folder, so seeds added later for a subset of runs join it.
-    results = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*-seed*.json"))]
+    results = [
+        read_state(path, lambda p: json.loads(p.read_text()))
+        for path in sorted((output / "runs").glob("*-seed*.json"))
+    ]
     results.sort(
         key=lambda r: (
             list(BASELINES).index(r["run"]) if r["run"] in BASELINES else len(BASELINES),

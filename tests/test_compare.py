@@ -1,5 +1,6 @@
 """`scalevae compare` end to end on a tiny preset over real PTB sentences: table, JSON, PNGs, resume."""
 
+import json
 import math
 
 import pytest
@@ -157,3 +158,100 @@ def test_choose_des_std_chooses_none_where_the_rule_cannot_hold():
 def test_choose_des_std_ignores_a_diverged_run():
     table = des_std_table(vae=100.0, scale_0_5=(float("nan"), 5.0), scale_1_0=(100.2, 1.0))
     assert choose_des_std(table, ["scale_0.5", "scale_1.0"]) == ("scale_1.0", "scale_1.0")
+
+
+# -- a comparison's identity (issue 28) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Any run that would train fails the test: what is checked here must be checked before the first run."""
+    import scalevae.compare
+
+    monkeypatch.setattr(scalevae.compare, "train_and_evaluate", lambda *a, **k: pytest.fail("a run trained"))
+
+
+@pytest.mark.parametrize(
+    ("runs", "message"),
+    [
+        (["scale_1", "scale_1.0"], r"--runs scale_1 and scale_1\.0 are the same run \(scale_1\)"),
+        (["vae", "scale_nan"], r"--runs scale_nan: des_std must be a finite number in \[0\.001, 1000\], got nan"),
+        (["vae", "scale_-1"], r"--runs scale_-1: des_std must be a finite number in \[0\.001, 1000\]"),
+        (["vae", "scale_inf"], r"--runs scale_inf: des_std must be"),
+        (["vae", "scale_1e-9"], r"--runs scale_1e-9: des_std must be .* got 1e-09"),
+        (["vae", "scale_"], r"Unknown run 'scale_'"),
+    ],
+)
+def test_run_names_are_checked_before_any_run_trains(tmp_path, no_training, runs, message):
+    """`--runs scale_1 scale_1.0` trained both then crashed; scale_nan/-1/inf were refused only after the other runs
+    had trained, and scale_1e-9 overflowed."""
+    with pytest.raises(ValueError, match=message):
+        run_comparison([*tiny_argv(tmp_path / "cmp"), "--runs", *runs])
+
+
+def test_run_names_have_one_spelling(tmp_path):
+    _, options = comparison_spec([*tiny_argv(tmp_path / "cmp"), "--runs", "scale_1.0", "scale_0.50", "vae"])
+    assert run_names(options, labelled=False) == ["scale_1", "scale_0.5", "vae"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--optim", "adafactor"],
+        ["--gradient_accumulation_steps", "2"],
+        ["--max_grad_norm", "0.5"],
+        ["--adam_beta2", "0.99"],
+        ["--adam_epsilon", "1e-6"],
+        ["--label_smoothing_factor", "0.1"],
+        ["--dataloader_drop_last"],
+    ],
+)
+def test_every_training_argument_that_changes_a_result_is_part_of_the_identity(tmp_path, no_training, option):
+    """--optim, --gradient_accumulation_steps, --max_grad_norm, --adam_beta2 were not in settings.json: seeds trained
+    differently were averaged into one row."""
+    from scalevae.compare import _settings
+
+    output = tmp_path / "cmp"
+    base = _settings(comparison_spec(tiny_argv(output))[0])
+    assert _settings(comparison_spec([*tiny_argv(output), *option])[0]) != base
+    output.mkdir()
+    (output / "settings.json").write_text(json.dumps(base))
+    with pytest.raises(ValueError, match=r"holds a comparison with other settings"):
+        run_comparison([*tiny_argv(output), *option])
+
+
+def test_options_that_change_no_result_keep_the_identity(tmp_path):
+    from scalevae.compare import _settings
+
+    argv = tiny_argv(tmp_path / "cmp")
+    quiet = ["--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
+    assert _settings(comparison_spec([*argv, *quiet])[0]) == _settings(comparison_spec(argv)[0])
+
+
+def test_new_content_at_the_same_data_path_is_another_comparison(tmp_path, no_training):
+    from scalevae.compare import _settings
+
+    train = tmp_path / "train.txt"
+    lines = shared_file("ptb.train.txt").read_text().splitlines()[:200]
+    train.write_text("\n".join(lines) + "\n")
+    argv = [*tiny_argv(tmp_path / "cmp"), "--train_file", str(train)]
+    before = _settings(comparison_spec(argv)[0])
+    train.write_text("\n".join(reversed(lines)) + "\n")
+    assert _settings(comparison_spec(argv)[0])["data_sha256"] != before["data_sha256"]
+
+
+@pytest.mark.parametrize("state", ["settings.json", "runs/vae-seed0.json", "reference_lm/config.json"])
+def test_a_truncated_state_file_is_named(tmp_path, no_training, state):
+    """A truncated settings.json, reference LM or run file gave raw errors naming no file."""
+    from scalevae.compare import _settings
+
+    output = tmp_path / "cmp"
+    argv = [*tiny_argv(output), "--runs", "vae"]
+    (output / "runs").mkdir(parents=True)
+    (output / "settings.json").write_text(json.dumps(_settings(comparison_spec(argv)[0])))
+    path = output / state
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"run": "vae", "se')
+    named = path.parent if state.startswith("reference_lm") else path  # the reference LM is one folder
+    with pytest.raises(ValueError, match=rf"{named} is truncated or corrupted"):
+        run_comparison(argv)
