@@ -39,6 +39,8 @@ VARIANTS = {
     "scale_1-memory": ("scale_1", {"latent_injection": "memory"}, {}),
     "scale_1-embedding": ("scale_1", {"latent_injection": "embedding"}, {}),
     "bn-memory": ("bn", {"latent_injection": "memory"}, {}),
+    "vae-memory": ("vae", {"latent_injection": "memory"}, {}),
+    "free_bits-memory": ("free_bits", {"latent_injection": "memory"}, {}),
     "scale_1-word_dropout0.3": ("scale_1", {"word_dropout": 0.3}, {}),
     "bn-word_dropout0.3": ("bn", {"word_dropout": 0.3}, {}),
 }
