@@ -647,7 +647,12 @@ def _complete_copies_beside(folder: str) -> list[str]:
     return sorted(copies, key=lambda copy: os.stat(copy).st_mtime_ns, reverse=True)
 
 
-def _wait_for_folder(folder: str, patience_s: float = 2.0) -> tuple | None:
+# How long a load waits for a folder that is missing while a save's leftovers lie beside it: the two renames of a
+# save follow each other within microseconds, so a folder still missing after this was left so by a killed save.
+RENAME_PATIENCE_S = 2.0
+
+
+def _wait_for_folder(folder: str) -> tuple | None:
     """The folder's identity; a folder missing while a save's leftovers lie beside it (a save between its two renames)
     is waited for, and if it stays missing, the complete copy beside it is named with the way to restore it."""
     import os
@@ -663,7 +668,7 @@ def _wait_for_folder(folder: str, patience_s: float = 2.0) -> tuple | None:
         saving = False
     if not saving:
         return None
-    deadline = time.monotonic() + patience_s
+    deadline = time.monotonic() + RENAME_PATIENCE_S
     while time.monotonic() < deadline:
         time.sleep(0.01)
         identity = folder_identity(folder)
@@ -757,7 +762,7 @@ def replacing_folder(folder, patience_s: float = 600.0):
         yield
         return
     try:
-        deadline = time.monotonic() + patience_s
+        deadline = time.monotonic() + RENAME_PATIENCE_S
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

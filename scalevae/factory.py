@@ -428,10 +428,11 @@ def load_pretrained(path: str | os.PathLike, **kwargs):
     return read_snapshot(path, lambda: _load_pretrained(path, **kwargs))
 
 
-def _load_pretrained(path, **kwargs):
-    path = _check_saved_folder(path)
-    tokenizers = load_tokenizers(path)
-    model = ScaleVAEForLatentLM.from_pretrained(path, **kwargs).eval()
+def _load_pretrained(given, **kwargs):
+    path = _check_saved_folder(given)
+    # the name as given: each loader applies the folder-or-Hub rule itself (an hf:// prefix stays a Hub id)
+    tokenizers = load_tokenizers(given)
+    model = ScaleVAEForLatentLM.from_pretrained(given, **kwargs).eval()
     for part, tokenizer in zip(("encoder", "decoder"), tokenizers):
         size = getattr(model.config, part).vocab_size
         if len(tokenizer) > size:  # folders saved before tokenizers were recorded: at least the sizes must fit

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from loading_scalevae import WEIGHTS_DIGEST_KEY, read_safetensors_header, read_snapshot, weights_files_in
+from loading_scalevae import (
+    WEIGHTS_DIGEST_KEY,
+    folder_or_hub_id,
+    read_safetensors_header,
+    read_snapshot,
+    weights_files_in,
+)
 from modeling_scalevae import ScaleVAEForLatentLM
 
 from .factory import decoder_special_token_ids, load_pretrained
@@ -452,7 +458,7 @@ class LatentText:
 
         def load():
             text = cls(*load_pretrained(path, **kwargs))
-            text.classes, text.classes_not_loaded = _classes_of(path, text.model, kwargs)
+            text.classes, text.classes_not_loaded = _classes_of(folder_or_hub_id(path), text.model, kwargs)
             return text
 
         return read_snapshot(path, load)

@@ -246,20 +246,31 @@ GENERATION_OVERRIDES = [
 ]
 
 
+DECODED_TEXTS = ["the cat sat on the mat", "a dog ran"]
+
+
+def decoded(text):
+    """What LatentText decodes by default: a reconstruction and two seeded samples."""
+    return (
+        text.reconstruct(DECODED_TEXTS, max_new_tokens=4),
+        text.sample(2, generator=torch.Generator().manual_seed(0), max_new_tokens=4),
+    )
+
+
+@pytest.fixture(scope="module")
+def plain_decoding(tiny_folder):
+    return decoded(LatentText.from_pretrained(tiny_folder))
+
+
 @pytest.mark.parametrize("override", GENERATION_OVERRIDES, ids=lambda o: "+".join(o))
-def test_a_folders_generation_config_applies_only_where_the_caller_asks(tiny_folder, tiny_folder_copy, override):
+def test_a_folders_generation_config_applies_only_where_the_caller_asks(plain_decoding, tiny_folder_copy, override):
     """do_sample made the documented-greedy reconstruct random, num_return_sequences=50 made sample(2) return 100
     texts, return_dict_in_generate made reconstruct fail with a KeyError."""
     edit_json(tiny_folder_copy / "generation_config.json", lambda config: config.update(override))
-    plain, edited = LatentText.from_pretrained(tiny_folder), LatentText.from_pretrained(tiny_folder_copy)
-    texts = ["the cat sat on the mat", "a dog ran"]
-    for text in (plain, edited):
-        text.outputs = (
-            text.reconstruct(texts, max_new_tokens=4),
-            text.sample(2, generator=torch.Generator().manual_seed(0), max_new_tokens=4),
-        )
-    assert edited.outputs == plain.outputs
-    assert edited.reconstruct(texts, max_new_tokens=4) == edited.outputs[0]  # greedy: the same every time
+    edited = LatentText.from_pretrained(tiny_folder_copy)
+    outputs = decoded(edited)
+    assert outputs == plain_decoding
+    assert edited.reconstruct(DECODED_TEXTS, max_new_tokens=4) == outputs[0]  # greedy: the same every time
     assert edited.folder_generation_config.to_diff_dict().items() >= override.items()
 
 
@@ -428,6 +439,9 @@ def test_hub_ids_stay_hub_ids(tmp_path, monkeypatch):
     assert folder_or_hub_id("gpt2") == "gpt2"
     with pytest.raises(ValueError, match="not a valid Hub repository id"):
         folder_or_hub_id("hf://w/../x")
+    with pytest.raises(OSError) as raised:  # looked up on the Hub (offline here), not as the local w/Fg
+        LatentText.from_pretrained("hf://w/Fg")
+    assert "no such folder" not in str(raised.value) and "w/Fg" in str(raised.value)
 
 
 @pytest.mark.parametrize("name", ["eval_results.json", "all_results.json", "notes.json", "decoder_tokenizer/x.json"])

@@ -221,3 +221,42 @@ def test_a_resume_uses_the_checkpoints_tokenizers_and_refuses_other_data(
         main([*train_command(tmp_path / "run", other, *resume)])
     main([*train_command(tmp_path / "run", train_data, *resume, "--save_steps", "3")])  # its own data: no refit
     assert_same_tensors(saved_tensors(tmp_path / "run" / "final"), saved_tensors(tiny_run / "final"))
+
+
+def test_a_run_killed_while_checkpointing_resumes_from_a_complete_checkpoint(tmp_path, train_command, train_data):
+    """A real `scalevae train --save_steps 1` killed with SIGKILL at a random moment after its second checkpoint
+    began: every checkpoint left is complete or is named as incomplete, and the run resumes to its end."""
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from scalevae.training import is_complete_checkpoint
+
+    output = tmp_path / "run"
+    command = train_command(output, train_data, "--max_steps", "8", "--save_steps", "1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scalevae.cli", *command],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(output.glob("checkpoint-*"))) < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(random.Random().uniform(0, 0.3))
+    finally:
+        process.kill()
+        process.wait(30)
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, "the run wrote no checkpoint before it was killed"
+    resume = checkpoints[-1]
+    if not is_complete_checkpoint(str(resume)):
+        with pytest.raises(ValueError, match=rf"{resume} is incomplete: it lacks .*Resume from (\S+), the newest"):
+            main([*command, "--resume_from_checkpoint", str(resume)])
+        resume = next(p for p in reversed(checkpoints) if is_complete_checkpoint(str(p)))
+    main([*command, "--resume_from_checkpoint", str(resume)])
+    assert (output / "final" / "model.safetensors").is_file()
