@@ -18,6 +18,7 @@ from modeling_scalevae import ScaleVAEForLatentLM
 
 from . import __version__
 from .corpus import CORPUS_NAME
+from .data import texts_fingerprint
 from .metrics import METRICS, metric_info
 
 CARD_TEMPLATE_NAME = "model_card.md"
@@ -470,7 +471,6 @@ def training_record(
     trained: for a checkpoint the settings; for the final model also `command`, the `steps` trained in `seconds` and
     on what the figures of `metrics` (split -> figures) were measured. No credentials, no local paths: the card
     scrubs them."""
-    from .training import texts_fingerprint  # training imports this module
 
     args = spec.training
     record = dict(

@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .latent import LatentText
-from .metrics import PROBE_SIZES, _evaluating
+from .latent import LatentText, encoded_batches, evaluating, posterior_means
+from .metrics import PROBE_SIZES
 
 PROBE_FEATURES = ("mu", "decoder_mu")
 # Generation figures decode prior samples the field's way: nucleus sampling (Holtzman et al. 2020), top-p 0.9 with no
@@ -169,28 +169,15 @@ def latent_codec(model, encoder_tokenizer, decoder_tokenizer, max_length: int = 
     text = LatentText(model, encoder_tokenizer, decoder_tokenizer, max_length=max_length)
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
-        means = []
-        with _evaluating(model):
-            for start in range(0, len(texts), batch_size):
-                batch = encoder_tokenizer(
-                    list(texts[start : start + batch_size]),
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-                ids, mask = batch["input_ids"], batch["attention_mask"]
-                if ids.shape[1] == 0:  # every text of the batch is empty
-                    ids, mask = (
-                        ids.new_full((len(ids), 1), encoder_tokenizer.pad_token_id or 0),
-                        mask.new_zeros(len(ids), 1),
-                    )
-                means.append(model.encode(ids.to(model.device), mask.to(model.device)).decoder_mu.float().cpu())
-        return torch.cat(means)
+        return posterior_means(model, encoded_batches(encoder_tokenizer, texts, max_length, batch_size))[1]
 
     def decode(latents: torch.Tensor, seed: int | None = None) -> list[str]:
         decoding = dict(do_sample=False) if seed is None else NUCLEUS_DECODING
-        with _evaluating(model), torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        with (
+            evaluating(model),
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []),
+        ):
             if seed is not None:
                 torch.manual_seed(seed)
             return [
@@ -471,9 +458,19 @@ def evaluate_claims(
     if labels:
         pool = list(texts["train"])[: len(labels["train"])]
         test = list(texts["test"])[: len(labels["test"])]
-        with _evaluating(model):
-            train_posterior = _posterior_means(model, encoder_tokenizer, pool, max_length, batch_size)
-            test_posterior = _posterior_means(model, encoder_tokenizer, test, max_length, batch_size)
+        with evaluating(model), torch.no_grad():
+            train_posterior = dict(
+                zip(
+                    PROBE_FEATURES,
+                    posterior_means(model, encoded_batches(encoder_tokenizer, pool, max_length, batch_size)),
+                )
+            )
+            test_posterior = dict(
+                zip(
+                    PROBE_FEATURES,
+                    posterior_means(model, encoded_batches(encoder_tokenizer, test, max_length, batch_size)),
+                )
+            )
         for feature in PROBE_FEATURES:
             accuracy = few_label_probe(
                 train_posterior[feature],
@@ -488,7 +485,7 @@ def evaluate_claims(
                 figures[f"probe_{size}_{feature}"], figures[f"probe_{size}_{feature}_sd"] = mean, sd
 
     generator = torch.Generator().manual_seed(seed)
-    with _evaluating(model):
+    with evaluating(model), torch.no_grad():
         prior_latents, _, z_hat = prior_cycle(
             lambda n: model.sample_prior(n, generator=generator, prior=prior).cpu(), encode, decode, num_prior_samples
         )
@@ -519,19 +516,3 @@ def evaluate_claims(
             seed=seed,
         )
     return figures
-
-
-def _posterior_means(model, encoder_tokenizer, texts, max_length, batch_size) -> dict[str, torch.Tensor]:
-    mus, decoder_mus = [], []
-    for start in range(0, len(texts), batch_size):
-        batch = encoder_tokenizer(
-            texts[start : start + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(model.device)
-        posterior = model.encode(batch["input_ids"], batch["attention_mask"])
-        mus.append(posterior.mu.float().cpu())
-        decoder_mus.append(posterior.decoder_mu.float().cpu())
-    return {"mu": torch.cat(mus), "decoder_mu": torch.cat(decoder_mus)}

@@ -20,8 +20,15 @@ Fine-tune a saved model on other text (its config, weights and tokenizers; optio
 def train(argv: list[str]) -> None:
     """`scalevae train`: the run recipe with the recipe's own defaults; saves OUTPUT_DIR/final."""
     from .card import public_command
+    from .options import OptionError
 
     spec, _, _ = RunSpec.parse(argv, dict(eval_splits=[]), prog="scalevae train", description=TRAIN_HELP)
+    for flag, asked in (("--claims", spec.run.claims), ("--control", spec.run.control)):
+        if asked and "test" not in spec.run.eval_splits:  # train evaluates no split unless told
+            raise OptionError(
+                f"train: {flag} measures on the test split: give --test_file and --eval_splits test (train evaluates "
+                "no split by default)."
+            )
     result = run(spec, command=public_command(["scalevae", "train", *argv]))
     for split, metrics in result.metrics.items():
         print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -41,7 +48,7 @@ def evaluate(args) -> None:
         check_output_file(args.output, args.model, args.data)
     model, encoder_tokenizer, decoder_tokenizer = load_pretrained(args.model)
     check_max_length(args.max_length, model.config)
-    model.to(resolve_device(args.device))
+    model.to(device_or_exit(args.device))
     raw = load_text_dataset({"test": args.data})
     if args.max_sentences is not None:
         raw["test"] = raw["test"].select(range(min(args.max_sentences, len(raw["test"]))))
@@ -50,7 +57,7 @@ def evaluate(args) -> None:
         model,
         data,
         "test",
-        num_importance_samples=args.num_samples,
+        num_importance_samples=args.num_importance_samples,
         seed=args.seed,
         max_length=args.max_length,
         batch_size=args.batch_size,
@@ -58,7 +65,7 @@ def evaluate(args) -> None:
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
     if args.output is not None:
-        # NaN marks a figure not computed (e.g. NLL with --num_samples 0): JSON has no NaN, null says the same.
+        # NaN marks a figure not computed (e.g. NLL with --num_importance_samples 0): JSON has no NaN, null says the same.
         figures = {k: None if v != v else v for k, v in metrics.items()}
         print(f"wrote {write_atomically(args.output, json.dumps(figures, indent=2, allow_nan=False))}")
 
@@ -78,7 +85,7 @@ def generate(args) -> None:
         return
 
     text = LatentText.from_pretrained(args.model)
-    text.model.to(resolve_device(args.device))
+    text.model.to(device_or_exit(args.device))
     decoding = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     if args.do_sample:
         decoding.update(do_sample=True, temperature=args.temperature or 1.0, top_p=args.top_p or 1.0)
@@ -100,17 +107,25 @@ def generate(args) -> None:
         print(line)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """`--device`: the name given, else CUDA when there is a GPU, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device_or_exit(name: str | None) -> torch.device:
+    """`--device` resolved (`scalevae.factory.resolve_device`); a bad one ends the command with the reason."""
+    from .factory import resolve_device
+
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise SystemExit(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps): {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: this torch build or machine has no CUDA GPU; use --device cpu.")
-    return device
+        return resolve_device(name)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+
+
+class RenamedOption(argparse.Action):
+    """An option that has another name now: given, it ends the command with a usage error naming the new one."""
+
+    def __init__(self, option_strings, dest, new_name: str, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.new_name = new_name
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new_name} (one name for importance samples in every command).")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     ev = commands.add_parser("evaluate", help="IW-NLL, PPL, KL, MI, AU, BLEU of a saved model on a text file")
     ev.add_argument("model")
     ev.add_argument("--data", required=True, help="one sentence per line")
-    ev.add_argument("--num_samples", type=int, default=500, help="importance samples per sentence")
+    ev.add_argument(
+        "--num_importance_samples", type=int, default=500, help="k of the importance-weighted NLL, per sentence"
+    )
+    ev.add_argument("--num_samples", action=RenamedOption, new_name="--num_importance_samples")
     ev.add_argument("--max_sentences", type=int, default=None)
     ev.add_argument("--max_length", type=int, default=64)
     ev.add_argument("--batch_size", type=int, default=16)

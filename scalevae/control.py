@@ -16,6 +16,7 @@ import torch
 
 from .claims import repetition_rate
 from .data import read_labelled, read_texts
+from .factory import resolve_device
 from .latent import AttributeDirection, LatentText, evaluating
 from .metrics import reconstruction_bleu
 
@@ -306,7 +307,10 @@ def format_examples(examples: Sequence[Sequence[str]]) -> str:
 def _load(model: str, device) -> LatentText:
     """The folder's `LatentText` on `device` (default: the GPU when there is one)."""
     text = LatentText.from_pretrained(model)
-    text.model.to(torch.device(device) if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        text.model.to(resolve_device(device))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     return text
 
 

@@ -27,12 +27,11 @@ from modeling_scalevae import shift_labels_right
 from scalevae.corpus import default_corpus_files
 from scalevae.factory import (
     MAX_RUN_CHARS,
+    choose_decoder_tokenizer,
     decoder_special_token_ids,
-    fit_decoder_tokenizer,
     load_tokenizers,
     new_encoder,
     offline_encoder_path,
-    prepare_decoder_tokenizer,
     split_long_runs,
 )
 
@@ -414,6 +413,16 @@ class RunData:
         return DataLoader(self.dataset[split], batch_size=batch_size, collate_fn=self.collator)
 
 
+def texts_fingerprint(texts) -> str:
+    """A SHA-256 of the training texts as the run reads them (file, dataset or embedded corpus alike)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()
+
+
 def read_labelled(text_file: str | Path, label_file: str | Path) -> tuple[list[str], list[str]]:
     """The texts of `text_file` and their classes, one per line of the parallel `label_file`: the one reader of
     labelled files, for training, evaluation, comparisons, `edit` and `generate --label` alike.
@@ -518,11 +527,7 @@ def prepare_data(spec) -> RunData:
 
     raw = load_raw(spec)
     encoder = spec.model.encoder
-    resume = spec.training.resume_from_checkpoint
-    if resume:
-        from .training import check_checkpoint_complete
-
-        check_checkpoint_complete(resume)
+    resume = spec.training.resume_from_checkpoint  # checked complete by the recipe (`check_checkpoint_complete`)
     if spec.model.model_name_or_path or resume:  # a resume trains on its checkpoint's token ids, never refitted ones
         encoder_tokenizer, decoder_tokenizer = load_tokenizers(resume or spec.model.model_name_or_path)
         if resume and spec.model.new_encoder_layers and not encoder:
@@ -535,11 +540,9 @@ def prepare_data(spec) -> RunData:
                 spec.data.max_length,
             )
     else:
-        if spec.model.decoder:
-            decoder_tokenizer = AutoTokenizer.from_pretrained(spec.model.decoder, trust_remote_code=False)
-        else:
-            decoder_tokenizer = fit_decoder_tokenizer(raw["train"]["text"], spec.model.decoder_vocab_size)
-        decoder_tokenizer = prepare_decoder_tokenizer(decoder_tokenizer)
+        decoder_tokenizer = choose_decoder_tokenizer(
+            encoder, spec.model.decoder, train_texts=raw["train"]["text"], vocab_size=spec.model.decoder_vocab_size
+        )
         if spec.model.new_encoder_layers and not encoder:
             model = spec.model
             encoder = new_encoder(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .factory import resolve_device
 from .latent import CLASSES_FILE, AttributeDirection, LatentClasses, LatentText, evaluating
 
 # The embedded main job's folder (`scalevae quickstart` writes it).
@@ -232,11 +233,9 @@ class LatentDemo:
             labels_file = folder / LABELS_FILE if (folder / LABELS_FILE).is_file() else None
         sentences, labels = read_sentences(sentences_file or EMBEDDED_SENTENCES, labels_file, max_sentences)
         try:
-            device = torch.device(device)
-        except RuntimeError:
-            raise DemoSetupError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1...).") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DemoSetupError(f"--device {device}: this machine or torch build has no CUDA GPU; use --device cpu.")
+            device = resolve_device(device)
+        except ValueError as error:
+            raise DemoSetupError(str(error)) from None
         try:
             text = LatentText.from_pretrained(str(folder), local_files_only=True)
             text.model.to(device)

@@ -9,7 +9,7 @@ import torch
 from .claims import evaluate_claims, language_model_perplexity
 from .control import TextClassifier, evaluate_control
 from .data import RunData
-from .latent import LatentText
+from .latent import LatentText, posterior_means
 from .metrics import evaluate_model, linear_probe_accuracy, reconstruction_bleu_of
 from .training import fit_prior_families, prior_fit_batches
 
@@ -134,15 +134,3 @@ def text_classifier(data: RunData, path: Path | None = None):
     if path is not None:
         classifier.save(path)
     return classifier
-
-
-@torch.no_grad()
-def posterior_means(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mu, decoder_mu) of every sentence of `loader`, in eval mode, on the CPU."""
-    model.eval()
-    mus, decoder_mus = [], []
-    for batch in loader:
-        posterior = model.encode(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
-        mus.append(posterior.mu.float().cpu())
-        decoder_mus.append(posterior.decoder_mu.float().cpu())
-    return torch.cat(mus), torch.cat(decoder_mus)

@@ -181,16 +181,40 @@ def build_model(
     # No folder's own code ever runs (trust_remote_code=False on every Auto* call): the classes it needs are ours or
     # transformers', and a folder that asks for its code is refused rather than offered a prompt.
     encoder_tokenizer = AutoTokenizer.from_pretrained(encoder, trust_remote_code=False)
+    dec_tokenizer = choose_decoder_tokenizer(encoder, decoder, decoder_tokenizer, train_texts, decoder_vocab_size)
+    model = new_model(encoder, decoder, dec_tokenizer, decoder_config_overrides, **config_kwargs)
+    return model, encoder_tokenizer, dec_tokenizer
+
+
+def choose_decoder_tokenizer(
+    encoder: str | None = None,
+    decoder: str | None = None,
+    decoder_tokenizer: str | PreTrainedTokenizerBase | None = None,
+    train_texts: Iterable[str] | None = None,
+    vocab_size: int = 4096,
+) -> PreTrainedTokenizerBase:
+    """The decoder tokenizer of a new model, by `build_model`'s rule (see there), with BOS/EOS/pad ready."""
     if isinstance(decoder_tokenizer, PreTrainedTokenizerBase):
-        dec_tokenizer = prepare_decoder_tokenizer(decoder_tokenizer)
+        chosen = decoder_tokenizer
     elif decoder is not None:
-        dec_tokenizer = prepare_decoder_tokenizer(
-            AutoTokenizer.from_pretrained(decoder_tokenizer or decoder, trust_remote_code=False)
-        )
+        chosen = AutoTokenizer.from_pretrained(decoder_tokenizer or decoder, trust_remote_code=False)
     elif decoder_tokenizer is None and train_texts is not None:
-        dec_tokenizer = prepare_decoder_tokenizer(fit_decoder_tokenizer(train_texts, decoder_vocab_size))
+        chosen = fit_decoder_tokenizer(train_texts, vocab_size)
     else:
-        dec_tokenizer = prepare_decoder_tokenizer(decoder_tokenizer_from_encoder(decoder_tokenizer or encoder))
+        chosen = decoder_tokenizer_from_encoder(decoder_tokenizer or encoder or offline_encoder_path())
+    return prepare_decoder_tokenizer(chosen)
+
+
+def new_model(
+    encoder: str | None,
+    decoder: str | None,
+    dec_tokenizer: PreTrainedTokenizerBase,
+    decoder_config_overrides: dict | None = None,
+    **config_kwargs,
+) -> ScaleVAEForLatentLM:
+    """A new model on an encoder and a pretrained or new GPT-2 decoder whose special tokens are `dec_tokenizer`'s
+    (`build_model` without the tokenizers, for callers that hold them)."""
+    encoder = encoder or offline_encoder_path()
     special = dict(
         bos_token_id=dec_tokenizer.bos_token_id,
         eos_token_id=dec_tokenizer.eos_token_id,
@@ -218,7 +242,7 @@ def build_model(
             encoder, decoder_config=decoder_config, encoder_trust_remote_code=False, **config_kwargs
         )
     model.generation_config.update(**special)
-    return model, encoder_tokenizer, dec_tokenizer
+    return model
 
 
 def save_tokenizers(path: str | os.PathLike, encoder_tokenizer, decoder_tokenizer) -> None:
@@ -469,8 +493,9 @@ def _complete_generation_config(model: ScaleVAEForLatentLM, decoder_tokenizer, p
         )
 
 
-def load_for_finetuning(model_name_or_path: str, overrides: dict):
-    """A saved model and its two tokenizers, its config updated by `overrides` (`ScaleVAEConfig` fields the user gave).
+def load_for_finetuning(model_name_or_path: str, overrides: dict) -> ScaleVAEForLatentLM:
+    """A saved model, its config updated by `overrides` (`ScaleVAEConfig` fields the user gave); its tokenizers are
+    `load_tokenizers`'s (the run recipe's data step loads them).
 
     The model loads through `ScaleVAEForLatentLM.from_pretrained` (a folder or a Hub id), strictly: an override the
     saved weights cannot follow (a latent size, an injection or a collapse strategy with other tensors) makes the load
@@ -483,7 +508,6 @@ def load_for_finetuning(model_name_or_path: str, overrides: dict):
     import re
     import sys
 
-    encoder_tokenizer, decoder_tokenizer = load_tokenizers(model_name_or_path)
     saved = ScaleVAEConfig.from_pretrained(model_name_or_path)
     changed = {name: value for name, value in overrides.items() if getattr(saved, name) != value}
 
@@ -521,7 +545,7 @@ def load_for_finetuning(model_name_or_path: str, overrides: dict):
             f"{int(collapse.epochs)} epochs): {described(sorted(schedule_changes))} does not unfreeze them.",
             file=sys.stderr,
         )
-    return model, encoder_tokenizer, decoder_tokenizer
+    return model
 
 
 def loads_with(load, overrides: dict) -> bool:
@@ -552,3 +576,17 @@ def new_encoder(tokenizer, folder: Path, layers: int, width: int, heads: int, ma
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`--device` of every command: the name given, else CUDA when there is a GPU, else the CPU. A name that is no
+    device, or CUDA where there is none, is a ValueError that says which."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps): {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build or machine has no CUDA GPU; use --device cpu.")
+    return device

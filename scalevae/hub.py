@@ -198,6 +198,24 @@ def no_space_error(folder: str | os.PathLike, removed: str | os.PathLike, error:
     )
 
 
+@contextlib.contextmanager
+def removed_if_incomplete(partial: str | os.PathLike, folder: str | os.PathLike | None = None):
+    """Remove `partial`, a save being written, when writing it fails or is interrupted, so nothing ever finds half a
+    save; a full disk is reported as such (`no_space_error`), naming `folder` (default: `partial`) and what was
+    removed."""
+    try:
+        yield
+    except Exception as error:
+        full = disk_full(error, partial)
+        shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise no_space_error(folder or partial, partial, error) from error
+        raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def _leftovers(folder: Path) -> list[Path]:
     """The folders that killed saves of `folder` left beside it: `.NAME.tmp-*` (a new save being written) and
     `.NAME.old-*` (a replaced folder being deleted, or set aside just before a kill)."""
@@ -304,7 +322,7 @@ def _save_model_locked(
     # Unique per writer (pid and a random part), so no two saves ever share one.
     new = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     new.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would end up on the saved folder
-    try:
+    with removed_if_incomplete(new, folder):
         with recording_tokenizers(encoder_tokenizer, decoder_tokenizer):
             model.save_pretrained(new, state_dict=state_dict)
         save_tokenizers(new, encoder_tokenizer, decoder_tokenizer)
@@ -320,15 +338,6 @@ def _save_model_locked(
             )
         _keep_class_statistics(folder, new)
         _swap_in(new, folder)
-    except Exception as error:
-        full = disk_full(error, new)
-        shutil.rmtree(new, ignore_errors=True)
-        if full:
-            raise no_space_error(folder, new, error) from error
-        raise
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
     for path in _leftovers(folder):  # of saves killed earlier (this one's own are gone)
         shutil.rmtree(path, ignore_errors=True)
     return folder

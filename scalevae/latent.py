@@ -69,6 +69,36 @@ def _label_list(labels, texts: list[str]) -> list[str]:
     return labels
 
 
+@torch.no_grad()
+def posterior_means(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, decoder_mu) of every sentence of `batches` (mappings with `input_ids` and `attention_mask`: a DataLoader
+    of a tokenised dataset, or `encoded_batches` of texts), in eval mode, on the CPU."""
+    mus, decoder_mus = [], []
+    with evaluating(model):
+        for batch in batches:
+            posterior = model.encode(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+            mus.append(posterior.mu.float().cpu())
+            decoder_mus.append(posterior.decoder_mu.float().cpu())
+    return torch.cat(mus), torch.cat(decoder_mus)
+
+
+def encoded_batches(encoder_tokenizer, texts: Sequence[str], max_length: int, batch_size: int):
+    """The encoder's inputs of `texts`, `batch_size` at a time, padded and cut to `max_length` tokens. A batch of empty
+    texts only is encoded as one padding position, masked out, so every empty text gets the same latent."""
+    for start in range(0, len(texts), batch_size):
+        batch = encoder_tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if ids.shape[1] == 0:
+            ids, mask = ids.new_full((len(ids), 1), encoder_tokenizer.pad_token_id or 0), mask.new_zeros(len(ids), 1)
+        yield {"input_ids": ids, "attention_mask": mask}
+
+
 @contextlib.contextmanager
 def evaluating(model):
     """Eval mode inside (Scale-VAE's saved factors, BN-VAE's population statistics, no dropout; a model left in

@@ -17,7 +17,6 @@ Conventions (every function states its own definition; these are the common ones
   statistics) under `torch.no_grad()`; the previous train/eval mode is restored afterwards.
 """
 
-import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 from distributions_scalevae import gaussian_kl, prior_kl
 from modeling_scalevae import token_nll
 
-from .latent import LatentText
+from .latent import LatentText, evaluating
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -331,18 +330,6 @@ def metric_info(key: str) -> MetricInfo:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _evaluating(model):
-    """Eval mode and no gradients inside; the model's previous mode is restored on exit."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _model_device(model) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
@@ -469,7 +456,7 @@ def iw_log_likelihood(
     _require_density(model, "The importance-weighted log-likelihood")
     if num_samples < 1 or chunk_size < 1:
         raise ValueError(f"num_samples={num_samples} and chunk_size={chunk_size} must both be >= 1.")
-    with _evaluating(model):
+    with evaluating(model), torch.no_grad():
         batch = _to_device(batch, _model_device(model))
         posterior, name = model.encode(batch["input_ids"], batch.get("attention_mask")), prior or ""
         return _iw_from_posterior(model, batch, posterior, num_samples, chunk_size, generator, (name,))[name]
@@ -505,7 +492,7 @@ def elbo(
     ("KL inside the NLL"). A deterministic autoencoder raises a `ValueError`.
     """
     _require_density(model, "The ELBO")
-    with _evaluating(model):
+    with evaluating(model), torch.no_grad():
         batch = _to_device(batch, _model_device(model))
         posterior, name = model.encode(batch["input_ids"], batch.get("attention_mask")), prior or ""
         return _elbo_from_posterior(model, batch, posterior, generator, (name,))[name]
@@ -649,7 +636,7 @@ def reconstruction_bleu_of(
     texts = list(texts)
     references = [decoder_tokenizer.decode(decoder_tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     text = LatentText(model, encoder_tokenizer, decoder_tokenizer, max_length=max_length)
-    with _evaluating(model):
+    with evaluating(model), torch.no_grad():
         hypotheses = [
             out
             for start in range(0, len(texts), batch_size)
@@ -765,7 +752,7 @@ def evaluate_model(
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
 
-    with _evaluating(model):
+    with evaluating(model), torch.no_grad():
         device = _model_device(model)
         for index, batch in enumerate(tqdm(dataloader, total=total, desc="evaluate", disable=not progress)):
             if max_batches is not None and index >= max_batches:

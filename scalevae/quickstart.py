@@ -16,8 +16,7 @@ import torch
 
 from .card import describe_device
 from .claims import distinct_n, repetition_rate
-from .evaluation import posterior_means
-from .latent import LatentText
+from .latent import LatentText, posterior_means
 from .metrics import METRICS, PRIOR_NAMES
 from .options import SMALL_RUN_DEFAULTS
 from .outputs import write_atomically

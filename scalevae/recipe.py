@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from .data import RunData, prepare_data
 from .evaluation import evaluate
-from .factory import build_model, load_for_finetuning
+from .factory import load_for_finetuning, new_model
 from .hub import save_run
 from .options import (
     COMMAND_OPTIONS,
@@ -44,7 +44,7 @@ from .options import (
     merged_options,
     validate_options,
 )
-from .training import train
+from .training import check_checkpoint_complete, train
 
 __all__ = ["RunResult", "RunSpec", "build_or_load", "prepare_data", "quiet", "run"]
 
@@ -124,12 +124,12 @@ def build_or_load(spec: RunSpec, data: RunData):
     else:
         set_seed(spec.training.seed)
     if spec.model.model_name_or_path:
-        model, _, _ = load_for_finetuning(spec.model.model_name_or_path, spec.config)
+        model = load_for_finetuning(spec.model.model_name_or_path, spec.config)
     else:
-        model, _, _ = build_model(
+        model = new_model(
             data.encoder,
             spec.model.decoder,
-            decoder_tokenizer=data.decoder_tokenizer,
+            data.decoder_tokenizer,
             decoder_config_overrides=dict(
                 n_layer=spec.model.decoder_layers, n_embd=spec.model.decoder_width, n_head=spec.model.decoder_heads
             ),
@@ -187,6 +187,8 @@ def run(
     """prepare_data (unless `data` is given: runs that share it) -> build_or_load -> train (the prior is fitted when
     training ends) -> evaluate -> save to OUTPUT_DIR/final. `command` goes into the model card."""
     with quiet():
+        if spec.training.resume_from_checkpoint:  # before its tokenizers are read
+            check_checkpoint_complete(spec.training.resume_from_checkpoint)
         data = data or prepare_data(spec)
         model = build_or_load(spec, data)
         trainer, seconds = train(spec, data, model, callbacks, desc)

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 
@@ -24,6 +23,8 @@ from transformers.utils import logging
 from loading_scalevae import recording_tokenizers
 
 from .card import checkpoint_config_differences, training_record
+from .data import texts_fingerprint
+from .hub import removed_if_incomplete
 from .metrics import PosteriorAccumulator
 from .options import KL_SCHEDULES
 
@@ -246,7 +247,7 @@ class CompleteCheckpointCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not args.should_save or not os.path.isdir(folder):
             return
-        with _removed_if_incomplete(folder):
+        with removed_if_incomplete(folder):
             save_tokenizers(folder, self.encoder_tokenizer, self.decoder_tokenizer)
             if model is not None:
                 write_model_card(folder, _unwrap(model), training={**self.training, "steps": state.global_step})
@@ -261,16 +262,6 @@ class CompleteCheckpointCallback(TrainerCallback):
 # -- a resume trains on the data of its checkpoint -----------------------------------------------------------------------
 
 DATA_FINGERPRINT = "data_fingerprint.json"
-
-
-def texts_fingerprint(texts) -> str:
-    """A SHA-256 of the training texts as the run reads them (file, dataset or embedded corpus alike)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\n")
-    return digest.hexdigest()
 
 
 def check_resume_data(checkpoint: str, texts, source: str) -> None:
@@ -368,22 +359,6 @@ def check_checkpoint_complete(checkpoint: str) -> None:
         f"resume_from_checkpoint {checkpoint} is incomplete: it lacks {' and '.join(lacks)} (the run was killed while "
         f"writing it).{instead}"
     )
-
-
-@contextlib.contextmanager
-def _removed_if_incomplete(folder: str):
-    """Remove a checkpoint folder whose writing fails (a resume must never find half a checkpoint); a full disk is
-    reported as such, naming the folder."""
-    from .hub import disk_full, no_space_error
-
-    try:
-        yield
-    except Exception as error:
-        full = disk_full(error, folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        if full:
-            raise no_space_error(folder, folder, error) from error
-        raise
 
 
 # What a Trainer checkpoint needs beyond the weights to continue exactly where it stopped, and what resuming without
@@ -499,7 +474,7 @@ class ScaleVAETrainer(LatentLMTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        with _removed_if_incomplete(folder) if self.args.should_save else contextlib.nullcontext():
+        with removed_if_incomplete(folder) if self.args.should_save else contextlib.nullcontext():
             super()._save_checkpoint(model, trial)
             _owner_only(os.path.join(folder, "training_args.bin"))
             completes = any(isinstance(cb, CompleteCheckpointCallback) for cb in self.callback_handler.callbacks)

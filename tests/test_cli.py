@@ -38,7 +38,7 @@ def test_evaluate_prints_and_writes_every_metric(saved_folder, tmp_path, capsys)
             str(data),
             "--max_sentences",
             "6",
-            "--num_samples",
+            "--num_importance_samples",
             "3",
             "--max_length",
             "16",
@@ -138,7 +138,7 @@ def test_evaluate_without_importance_samples_writes_valid_json(tmp_path, tiny_pa
             str(folder),
             "--data",
             str(data),
-            "--num_samples",
+            "--num_importance_samples",
             "0",
             "--max_length",
             "16",
@@ -161,7 +161,7 @@ def test_the_evaluate_command_equals_evaluate_model_on_the_same_data(tiny_folder
     from scalevae.metrics import evaluate_model
 
     data, output = corpus_file(tmp_path, lines=10), tmp_path / "metrics.json"
-    argv = ["evaluate", str(tiny_folder), "--data", str(data), "--num_samples", "3", "--max_length", "16"]
+    argv = ["evaluate", str(tiny_folder), "--data", str(data), "--num_importance_samples", "3", "--max_length", "16"]
     main([*argv, "--batch_size", "4", "--seed", "5", "--device", "cpu", "--output", str(output)])
     written = json.loads(output.read_text())
 

@@ -130,7 +130,7 @@ def test_overrides_the_weights_follow_are_applied(base_model):
         prior_momentum=0.05,
         freeze_encoder=True,
     )
-    model, _, _ = load_for_finetuning(str(base_model), legal)
+    model = load_for_finetuning(str(base_model), legal)
     assert {name: getattr(model.config, name) for name in legal} == legal
     assert model.collapse.target_std == 1.5 and model.collapse.schedule == "epoch"
     assert not any(parameter.requires_grad for parameter in model.encoder.parameters())
@@ -147,7 +147,7 @@ def test_strategies_without_buffers_switch_and_bn_gamma_is_refused(tmp_path, tin
         )
         save_model(tmp_path / strategy, model, encoder_tokenizer, decoder_tokenizer)
     for strategy in ("free_bits", "ae"):
-        model, _, _ = load_for_finetuning(str(tmp_path / "vae"), {"collapse_strategy": strategy})
+        model = load_for_finetuning(str(tmp_path / "vae"), {"collapse_strategy": strategy})
         assert model.config.collapse_strategy == strategy
     # BN-VAE's γ is a saved buffer: the strict loader refuses a config that disagrees with it.
     with pytest.raises(ValueError, match=r"(?s)--bn_gamma 0.9 \(saved: 0.5\).*weights hold γ=0.5"):

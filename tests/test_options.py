@@ -36,7 +36,7 @@ from tests.model_tester import (
         ("quickstart", "train_minutes", 0.0, {}, r"--train_minutes 0.0: must be a number > 0"),
         ("evaluate", "max_sentences", 0, {}, r"--max_sentences 0: must be a whole number >= 1"),
         ("evaluate", "max_sentences", -1, {}, r"--max_sentences -1: must be a whole number >= 1"),
-        ("evaluate", "num_samples", -1, {}, r"--num_samples -1: must be a whole number >= 0"),
+        ("evaluate", "num_importance_samples", -1, {}, r"--num_importance_samples -1: must be a whole number >= 0"),
         ("compare", "max_steps", 0, {}, r"--max_steps 0: must be a whole number >= 1"),
         ("compare", "max_steps", -5, {}, r"--max_steps -5"),
         ("compare", "seeds", [0, -1], {}, r"--seeds -1: must be a whole number in \[0, 4294967295\]"),
@@ -200,7 +200,17 @@ def test_file(tmp_path):
 
 
 def evaluate_args(folder, data, *extra):
-    return ["evaluate", str(folder), "--data", str(data), "--num_samples", "0", "--max_length", "16", *extra]
+    return [
+        "evaluate",
+        str(folder),
+        "--data",
+        str(data),
+        "--num_importance_samples",
+        "0",
+        "--max_length",
+        "16",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -250,3 +260,19 @@ def test_run_commands_refuse_an_output_folder_inside_a_model_folder_at_parse_tim
     folder = Path(shutil.copytree(tiny_folder, tmp_path / "model"))
     with pytest.raises(OptionError, match=r"--output_dir .*runs lies inside the model folder"):
         main([command, "--output_dir", str(folder / "runs"), "--max_steps", "1"])
+
+
+def test_evaluate_names_the_importance_samples_as_every_command_does(tiny_folder, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(tiny_folder), "--data", "x.txt", "--num_samples", "3"])
+    assert exit_.value.code == 2
+    assert "--num_samples is now --num_importance_samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--claims", "--control"])
+def test_train_refuses_claims_or_control_without_the_test_split(tmp_path, flag):
+    with pytest.raises(
+        OptionError, match=rf"train: {flag} measures on the test split: give --test_file and --eval_splits test"
+    ):
+        main(["train", "--output_dir", str(tmp_path / "run"), flag])
+    assert not (tmp_path / "run").exists()
