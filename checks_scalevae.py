@@ -1,6 +1,8 @@
 """Input checks of Scale-VAE: a clear error naming the argument instead of a crash deep in torch or a silently wrong
 result. A sibling of `modeling_scalevae.py` that every saved folder carries (it imports only torch and transformers)."""
 
+import math
+
 import torch
 from transformers.utils import logging
 
@@ -138,10 +140,13 @@ def check_forward_inputs(config, input_ids, decoder_input_ids, labels, latents, 
     check_token_ids("labels", labels, config.decoder.vocab_size, "decoder", ignore_index=-100, training=training)
 
 
-def checked_kl_weight(kl_weight):
-    if isinstance(kl_weight, (int, float)) and not 0 <= kl_weight < float("inf"):
-        raise ValueError(f"kl_weight={kl_weight!r} must be a finite number >= 0.")
-    return kl_weight
+def checked_kl_weight(kl_weight, training: bool = False):
+    """β for one forward: a finite number >= 0, or a one-element tensor (a schedule's) checked where reading it is
+    free (`check_kl_weight_tensor`)."""
+    if isinstance(kl_weight, torch.Tensor):
+        check_kl_weight_tensor(kl_weight, training)
+        return kl_weight
+    return check_number("kl_weight", kl_weight, 0.0)
 
 
 def check_generation_length(model, decoder_input_ids, generation_kwargs: dict) -> None:
@@ -178,3 +183,143 @@ def as_model_latents(latents, dtype: torch.dtype, device: torch.device) -> torch
     if not latents.is_floating_point():
         raise ValueError(f"latents must be floating point, got dtype {latents.dtype}.")
     return latents.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments of the public calls (the model's methods, `generate`'s forwarded arguments, scalevae's LatentText): one
+# checker, so that every call names the argument, refuses a wrong type, NaN and infinities, and bounds a size before
+# anything is allocated. Numbers may be Python, numpy or 0-d tensor scalars (what an array computation hands over);
+# booleans are never numbers.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The most rows one call generates (texts × beams × returned sequences), and the most beams or returned sequences per
+# text: beyond, generation would ask the allocator for more than any machine holds and fail without naming why.
+MAX_GENERATION_ROWS = 1 << 16
+MAX_BEAMS = 256
+
+
+class ArgumentError(ValueError, TypeError):
+    """A bad argument of a public call; the message names it. Both a ValueError and a TypeError, so that code catching
+    either (Python raises TypeError for a wrong type, ValueError for a wrong value) catches it."""
+
+
+def _scalar(value):
+    """A Python scalar from a numpy scalar or a 0-d tensor (anything else as it is)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    item = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(item) and getattr(value, "ndim", None) == 0:
+        return item()
+    return value
+
+
+def check_integer(name: str, value, low: int | None = 1, high: int | None = None):
+    """`value` as an int in [low, high]; an ArgumentError naming `name` otherwise (bool, 2.5 and '3' included)."""
+    number = _scalar(value)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise ArgumentError(f"{name}={value!r} must be a whole number (an int), not {type(value).__name__}.")
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = (
+            f"in [{low}, {high}]"
+            if high is not None and low is not None
+            else f">= {low}"
+            if low is not None
+            else f"<= {high}"
+        )
+        raise ArgumentError(f"{name}={value!r} must be a whole number {bounds}.")
+    return number
+
+
+def check_number(
+    name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
+    """`value` as a finite float in [low, high] (`(low, high]` with `low_open`); an ArgumentError naming `name`."""
+    number = _scalar(value)
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ArgumentError(f"{name}={value!r} must be a number, not {type(value).__name__}.")
+    number = float(number)
+    too_low = low is not None and (number <= low if low_open else number < low)
+    if not math.isfinite(number) or too_low or (high is not None and number > high):
+        left = "(" if low_open else "["
+        bounds = (
+            f" in {left}{low}, {high}]"
+            if low is not None and high is not None
+            else (f" {'>' if low_open else '>='} {low}" if low is not None else "")
+        )
+        raise ArgumentError(f"{name}={value!r} must be a finite number{bounds}.")
+    return number
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(_scalar(value), bool):
+        raise ArgumentError(f"{name}={value!r} must be True or False.")
+    return _scalar(value)
+
+
+def check_generator(name: str, value) -> None:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise ArgumentError(
+            f"{name}={value!r} must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, not "
+            f"{type(value).__name__}."
+        )
+
+
+# generate()'s arguments this model checks before transformers sees them: name -> checker of one value.
+GENERATION_ARGUMENTS = {
+    "max_new_tokens": lambda v: check_integer("max_new_tokens", v, 1),
+    "min_new_tokens": lambda v: check_integer("min_new_tokens", v, 0),
+    "max_length": lambda v: check_integer("max_length", v, 1),
+    "min_length": lambda v: check_integer("min_length", v, 0),
+    "num_beams": lambda v: check_integer("num_beams", v, 1, MAX_BEAMS),
+    "num_return_sequences": lambda v: check_integer("num_return_sequences", v, 1, MAX_BEAMS),
+    "top_k": lambda v: check_integer("top_k", v, 0),
+    "top_p": lambda v: check_number("top_p", v, 0.0, 1.0, low_open=True),
+    "min_p": lambda v: check_number("min_p", v, 0.0, 1.0),
+    "typical_p": lambda v: check_number("typical_p", v, 0.0, 1.0, low_open=True),
+    "temperature": lambda v: check_number("temperature", v, 0.0, None, low_open=True),
+    "repetition_penalty": lambda v: check_number("repetition_penalty", v, 0.0, None, low_open=True),
+    "length_penalty": lambda v: check_number("length_penalty", v),
+    "no_repeat_ngram_size": lambda v: check_integer("no_repeat_ngram_size", v, 0),
+    **{
+        flag: (lambda name: lambda v: check_flag(name, v))(flag)
+        for flag in (
+            "do_sample",
+            "use_cache",
+            "return_dict_in_generate",
+            "output_scores",
+            "output_logits",
+            "output_attentions",
+            "output_hidden_states",
+        )
+    },
+}
+
+
+def check_generation_arguments(generation_kwargs: dict, batch_size: int | None = None) -> None:
+    """Check the arguments `generate` forwards to transformers (and those of a `generation_config` passed with them),
+    and, given the batch size, bound the rows they ask for: an error names the argument instead of a ZeroDivisionError (num_beams=0), a
+    silently truncated 2.5 or a NaN that samples garbage."""
+    config = generation_kwargs.get("generation_config")
+    values = {name: getattr(config, name, None) for name in GENERATION_ARGUMENTS} if config is not None else {}
+    values.update({name: generation_kwargs[name] for name in GENERATION_ARGUMENTS if name in generation_kwargs})
+    for name, value in values.items():
+        if value is not None:
+            values[name] = GENERATION_ARGUMENTS[name](value)
+    if batch_size is None:
+        return
+    rows = batch_size * max(values.get("num_beams") or 1, values.get("num_return_sequences") or 1)
+    if rows > MAX_GENERATION_ROWS:
+        raise ArgumentError(
+            f"generate() would decode {rows} rows at once ({batch_size} latents × num_beams / num_return_sequences), "
+            f"more than {MAX_GENERATION_ROWS}: decode in batches (LatentText.decode_in_batches)."
+        )
+
+
+def check_kl_weight_tensor(kl_weight: torch.Tensor, training: bool) -> None:
+    """A tensor β (a schedule's) must be one finite value >= 0; read only where reading it costs no device sync."""
+    if kl_weight.numel() != 1:
+        raise ArgumentError(f"kl_weight must be one number, got a tensor of shape {tuple(kl_weight.shape)}.")
+    if may_read_values(kl_weight, training):
+        value = float(kl_weight.detach())
+        if not (math.isfinite(value) and value >= 0):
+            raise ArgumentError(f"kl_weight={value!r} must be a finite number >= 0.")

@@ -8,6 +8,7 @@ checksums) and `distributions_scalevae.py` (Gaussian KLs, prior sampling, the mi
 All of them import only torch and transformers (and safetensors, which transformers requires).
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,18 @@ from transformers.utils import ModelOutput, logging
 
 try:  # a saved folder loaded with trust_remote_code: transformers only allows relative imports between its files
     from .checks_scalevae import (
+        MAX_GENERATION_ROWS,
+        ArgumentError,
         as_model_latents,
         cached_length,
         check_decoder_inputs,
         check_encoder_inputs,
+        check_flag,
         check_forward_inputs,
+        check_generation_arguments,
         check_generation_length,
+        check_generator,
+        check_integer,
         check_latents,
         checked_kl_weight,
     )
@@ -55,12 +62,18 @@ try:  # a saved folder loaded with trust_remote_code: transformers only allows r
     from .loading_scalevae import load_strictly, save_publicly
 except ImportError:  # the same files installed as top-level modules
     from checks_scalevae import (
+        MAX_GENERATION_ROWS,
+        ArgumentError,
         as_model_latents,
         cached_length,
         check_decoder_inputs,
         check_encoder_inputs,
+        check_flag,
         check_forward_inputs,
+        check_generation_arguments,
         check_generation_length,
+        check_generator,
+        check_integer,
         check_latents,
         checked_kl_weight,
     )
@@ -856,7 +869,8 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         """The z the decoder sees: a draw from the decoder's posterior N(decoder_mu, σ²) when sampling, its mode
         `decoder_mu` otherwise. `sample_posterior=None` samples in training only; a deterministic autoencoder
         (`collapse_strategy="ae"`) never samples. `generator` seeds the draw."""
-        sample = self.training if sample_posterior is None else sample_posterior
+        check_generator("generator", generator)
+        sample = self.training if sample_posterior is None else check_flag("sample_posterior", sample_posterior)
         mean = posterior.decoder_mu
         if not (sample and self.collapse.stochastic):
             return mean
@@ -900,8 +914,8 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         self, num_samples: int, generator: torch.Generator | None = None, prior: str | None = None
     ) -> torch.Tensor:
         """z ~ p(z), the generative prior (`config.prior`, or `prior`) as the decoder sees it."""
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
+        num_samples = check_integer("num_samples", num_samples, 1, MAX_GENERATION_ROWS)
+        check_generator("generator", generator)
         return sample_distribution(self.prior_distribution(prior), num_samples, generator)
 
     def set_prior(self, prior: str, components: int | None = None) -> None:
@@ -924,10 +938,29 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         the Gaussians, EM for the mixture, whose samples `generator` draws). `batches`: an iterable (a DataLoader or a
         list) of dicts with the encoder's `input_ids` and `attention_mask`; the training glue calls it after training
         on (a sample of) the training set, never on test data."""
+        check_generator("generator", generator)
+        if isinstance(batches, (str, bytes, torch.Tensor)) or not hasattr(batches, "__iter__"):
+            raise ArgumentError(
+                f"batches must be an iterable (a DataLoader or a list) of dicts with input_ids, not "
+                f"{type(batches).__name__}."
+            )
         inputs = []
-        for batch in batches:
-            ids = batch["input_ids"].to(self.device)
-            mask = batch.get("attention_mask")
+        for i, batch in enumerate(batches):
+            if not isinstance(batch, Mapping):
+                raise ArgumentError(
+                    f"batches[{i}] is a {type(batch).__name__}: each batch must be a dict with the encoder's "
+                    "input_ids (and attention_mask), as a tokenizer called with return_tensors='pt' returns it."
+                )
+            ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+            for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
+                if tensor is None and name == "attention_mask":
+                    continue
+                if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and not tensor.is_floating_point()):
+                    raise ArgumentError(
+                        f"batches[{i}][{name!r}] must be a 2-D integer tensor (batch, length), got "
+                        f"{type(tensor).__name__}{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else ''}."
+                    )
+            ids = ids.to(self.device)
             inputs.append((ids, torch.ones_like(ids) if mask is None else mask.to(self.device)))
         if not inputs:
             raise ValueError("fit_prior got no batches.")
@@ -1109,7 +1142,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         if labels is not None:
             reconstruction_loss = loss = token_nll(logits, labels).sum(-1).mean()
             if latent_fields:
-                kl_weight = checked_kl_weight(kl_weight if kl_weight is not None else self.config.kl_weight)
+                kl_weight = checked_kl_weight(
+                    kl_weight if kl_weight is not None else self.config.kl_weight, self.training
+                )
                 loss = reconstruction_loss + kl_weight * latent_fields["kl_loss"]
         returned_cache = None
         if decoder_outputs.cache is not None:  # the caller's cache object (generate's EncoderDecoderCache) if given
@@ -1190,6 +1225,9 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         if input_ids is None:
             input_ids = generation_kwargs.pop("inputs", None)
         refuse_assisted_decoding(generation_kwargs)
+        check_generation_arguments(generation_kwargs)
+        check_flag("sample_posterior", sample_posterior)
+        check_generator("generator", generator)
         encoder_outputs = generation_kwargs.pop("encoder_outputs", None)
         if latents is None and encoder_outputs is not None:  # what an earlier call passed: z as a one-position output
             latents = encoder_outputs.last_hidden_state[:, 0]
@@ -1217,6 +1255,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
             latents = self.draw_latents(posterior, sample_posterior, generator)
             encoder_fields = dict(hidden_states=encoded.hidden_states, attentions=encoded.attentions)
         latents = as_model_latents(latents, self.dtype, self.device)
+        check_generation_arguments(generation_kwargs, batch_size=latents.shape[0])
         if decoder_input_ids is not None:
             generation_kwargs["decoder_input_ids"] = decoder_input_ids
         # For GenerationMixin, the encoder's output is z as a sequence of one position (the one slot the decoder

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from checks_scalevae import ArgumentError
 from configuration_scalevae import ScaleVAEConfig, check_saved_fields
 from loading_scalevae import folder_or_hub_id, read_snapshot, resolved_weights_files, tokenizer_mismatches
 from modeling_scalevae import ScaleVAEForLatentLM, default_decoder_config
@@ -199,6 +200,11 @@ def choose_decoder_tokenizer(
     elif decoder is not None:
         chosen = AutoTokenizer.from_pretrained(decoder_tokenizer or decoder, trust_remote_code=False)
     elif decoder_tokenizer is None and train_texts is not None:
+        if isinstance(train_texts, (str, bytes)) or not hasattr(train_texts, "__iter__"):
+            raise ArgumentError(
+                f"train_texts must be an iterable of texts (a list, a datasets column), not {type(train_texts).__name__}"
+                ": one string would fit the tokenizer to its characters."
+            )
         chosen = fit_decoder_tokenizer(train_texts, vocab_size)
     else:
         chosen = decoder_tokenizer_from_encoder(decoder_tokenizer or encoder or offline_encoder_path())

@@ -12,12 +12,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from checks_scalevae import MAX_GENERATION_ROWS, ArgumentError, check_generator, check_integer, check_number
 from loading_scalevae import (
     WEIGHTS_DIGEST_KEY,
     folder_or_hub_id,
@@ -46,16 +47,55 @@ COVARIANCES = ("full", "diagonal")
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _text_list(texts, name: str = "texts") -> list[str]:
-    if isinstance(texts, str):
-        raise ValueError(f"{name} must be a list of texts, got one string: wrap it as [{name}].")
+def _text_list(texts, name: str = "texts", allow_empty: bool = False) -> list[str]:
+    """`texts` (any iterable of strings: a list, a tuple, a generator, a numpy array) as a list of str; an
+    ArgumentError naming `name` for one string, a non-iterable, an empty list or an item that is no non-empty text."""
+    if isinstance(texts, (str, bytes)):
+        raise ArgumentError(f"{name} must be a list of texts, got one string: wrap it as [{name}].")
+    if isinstance(texts, (Mapping, torch.Tensor)) or not hasattr(texts, "__iter__"):
+        raise ArgumentError(f"{name} must be a list of texts, not {type(texts).__name__}.")
     texts = list(texts)
-    if not texts:
-        raise ValueError(f"{name} is empty: give at least one text.")
+    if not texts and not allow_empty:
+        raise ArgumentError(f"{name} is empty: give at least one text.")
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{name}[{i}] is {text!r}: every text must be a non-empty string.")
-    return texts
+            raise ArgumentError(f"{name}[{i}] is {text!r}: every text must be a non-empty string.")
+    return [str(text) for text in texts]  # numpy's str_ items as plain str, what tokenizers take
+
+
+def _latent_matrix(latents, latent_size: int, name: str = "latents") -> torch.Tensor:
+    """`latents` (a tensor, a numpy array or nested lists of numbers) as a float tensor of shape (n, latent_size)."""
+    if not isinstance(latents, torch.Tensor):
+        try:
+            latents = torch.as_tensor(latents)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ArgumentError(
+                f"{name} must be a tensor or array of shape (n, {latent_size}), not {type(latents).__name__} "
+                f"({error})."
+            ) from None
+    if not latents.is_floating_point():
+        raise ArgumentError(f"{name} must be floating point, got dtype {latents.dtype}.")
+    if latents.dim() != 2 or latents.shape[1] != latent_size:
+        raise ArgumentError(f"{name} of shape {tuple(latents.shape)}: expected (n, {latent_size}), one row per text.")
+    return latents
+
+
+def _strengths(strength, rows: int) -> torch.Tensor:
+    """An edit's strength, one number or one per row, as a float64 column (rows, 1)."""
+    if isinstance(strength, (str, bytes)):
+        raise ArgumentError(f"strength={strength!r} must be a number or one number per text, not a string.")
+    scalar = isinstance(strength, (int, float)) or getattr(strength, "ndim", None) == 0
+    if scalar:
+        return torch.full((rows, 1), check_number("strength", strength), dtype=torch.float64)
+    try:
+        step = torch.as_tensor(strength, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentError(f"strength={strength!r} must be a number or one number per text.") from None
+    if step.shape != (rows,):
+        raise ArgumentError(f"strength holds {tuple(step.shape)} values: give one number or one per text ({rows}).")
+    if not torch.isfinite(step).all():
+        raise ArgumentError(f"strength must be finite, got {step.tolist()}.")
+    return step.unsqueeze(1)
 
 
 def _label_list(labels, texts: list[str]) -> list[str]:
@@ -128,12 +168,6 @@ def _in_eval_mode(method):
             return method(self, *args, **kwargs)
 
     return wrapper
-
-
-def _finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number.")
-    return float(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,8 +319,8 @@ class LatentClasses:
     def sample(self, label, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """`num_samples` latents (float64, CPU) from the class `label`'s Gaussian; the noise is drawn on the
         generator's device (CPU without one), so a seed gives the same latents wherever the model is."""
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples={num_samples!r} must be a whole number >= 1.")
+        num_samples = check_integer("num_samples", num_samples, 1, MAX_GENERATION_ROWS)
+        check_generator("generator", generator)
         i = self.index(label)
         device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn(num_samples, self.latent_size, generator=generator, device=device, dtype=torch.float64)
@@ -471,6 +505,8 @@ class LatentText:
         max_length: int = 64,
         classes: LatentClasses | None = None,
     ):
+        if not isinstance(model, ScaleVAEForLatentLM):
+            raise ArgumentError(f"model must be a ScaleVAEForLatentLM, not {type(model).__name__}.")
         self.model, self.encoder_tokenizer, self.decoder_tokenizer = model, encoder_tokenizer, decoder_tokenizer
         self.max_length = max_length
         self.classes = classes
@@ -480,6 +516,33 @@ class LatentText:
         # It is kept here, and applies where the caller passes it: decode(z, generation_config=text.folder_generation_config).
         self.folder_generation_config = model.generation_config
         model.generation_config = decoding_defaults(model, decoder_tokenizer)
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per text, special tokens included, that encoding keeps and decoding generates by default."""
+        return self._max_length
+
+    @max_length.setter
+    def max_length(self, value) -> None:  # checked before it is kept: a bad value never reaches a tokenizer call
+        from .options import max_length_limit
+
+        limit, why = max_length_limit(self.model.config)
+        self._max_length = check_integer("max_length", value, 2, limit)
+
+    @property
+    def classes(self) -> "LatentClasses | None":
+        """The per-class Gaussians of `sample(label=...)` (`fit_classes`, or the folder's saved ones)."""
+        return self._classes
+
+    @classes.setter
+    def classes(self, value) -> None:
+        if value is not None and not isinstance(value, LatentClasses):
+            raise ArgumentError(f"classes must be LatentClasses or None, not {type(value).__name__}.")
+        if value is not None and value.latent_size != self.model.config.latent_size:
+            raise ArgumentError(
+                f"classes have {value.latent_size} dimensions, the model's latent {self.model.config.latent_size}."
+            )
+        self._classes = value
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "LatentText":
@@ -496,10 +559,9 @@ class LatentText:
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
         """The decoder's latent for each text: the (scaled) posterior mean; no texts give a (0, latent_size) tensor."""
+        texts = _text_list(texts, allow_empty=True)
         if len(texts) == 0:
             return torch.empty(0, self.model.config.latent_size, device=self.model.device, dtype=self.model.dtype)
-        if any(not t.strip() for t in texts):
-            raise ValueError("encode() needs non-empty texts.")
         batch = self.encoder_tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.model.device)
@@ -510,16 +572,9 @@ class LatentText:
         """Generate a text from each latent (a tensor or a numpy array of shape (n, latent_size), any float type:
         it is cast to the model's). Without `max_new_tokens` / `max_length`, up to `max_length` tokens, fewer if the
         decoder has fewer positions."""
-        if not isinstance(latents, torch.Tensor):
-            latents = torch.as_tensor(latents)
-        if not latents.is_floating_point():
-            raise ValueError(f"latents must be floating point, got dtype {latents.dtype}.")
+        latents = _latent_matrix(latents, self.model.config.latent_size)
         latents = latents.to(device=self.model.device, dtype=self.model.dtype)
-        if latents.dim() == 2 and latents.shape[0] == 0:  # nothing to generate (the decoder cannot run on 0 rows)
-            if latents.shape[1] != self.model.config.latent_size:
-                raise ValueError(
-                    f"latents of shape {tuple(latents.shape)}: expected (n, {self.model.config.latent_size})."
-                )
+        if latents.shape[0] == 0:  # nothing to generate (the decoder cannot run on 0 rows)
             return []
         if "max_length" not in generation_kwargs:
             # the BOS token and, with memory injection, the latent's slot take positions too
@@ -533,13 +588,14 @@ class LatentText:
 
     def encode_in_batches(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """`encode`, `batch_size` texts at a time (padding stays short, memory bounded)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a whole number >= 1.")
+        batch_size = check_integer("batch_size", batch_size, 1)
         texts = _text_list(texts)
         return torch.cat([self.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
 
     def decode_in_batches(self, latents: torch.Tensor, batch_size: int = 64, **generation_kwargs) -> list[str]:
         """`decode`, `batch_size` latents at a time."""
+        batch_size = check_integer("batch_size", batch_size, 1)
+        latents = _latent_matrix(latents, self.model.config.latent_size)
         return [
             text
             for i in range(0, len(latents), batch_size)
@@ -549,6 +605,7 @@ class LatentText:
     @torch.no_grad()
     def _posteriors(self, texts: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(decoder_mu, logvar) of each text, as `encode` tokenizes them."""
+        batch_size = check_integer("batch_size", batch_size, 1)
         means, logvars = [], []
         for i in range(0, len(texts), batch_size):
             batch = self.encoder_tokenizer(
@@ -572,9 +629,9 @@ class LatentText:
     ) -> list[str]:
         """Texts decoded from latents drawn from the generative prior or, with `label`, from that class's Gaussian
         (`fit_classes`, or the folder's saved ones). `generator` seeds the latents."""
+        num_samples = check_integer("num_samples", num_samples, 1, MAX_GENERATION_ROWS)
+        check_generator("generator", generator)
         if label is None:
-            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-                raise ValueError(f"num_samples={num_samples!r} must be a whole number >= 1.")
             return self.decode(self.model.sample_prior(num_samples, generator=generator), **generation_kwargs)
         if self.classes is None:
             why = f" (the folder's were not loaded: {self.classes_not_loaded})" if self.classes_not_loaded else ""
@@ -635,23 +692,21 @@ class LatentText:
         """`latents` (n, d) moved by strength · spread along the direction; `strength` is one finite number or one per
         row (a sequence or tensor of n)."""
         if not isinstance(direction, AttributeDirection):
-            raise TypeError(f"direction must be an AttributeDirection, got {type(direction).__name__}.")
+            raise ArgumentError(f"direction must be an AttributeDirection, got {type(direction).__name__}.")
+        latents = _latent_matrix(latents, self.model.config.latent_size)
         if direction.vector.shape != (latents.shape[-1],):
-            raise ValueError(
+            raise ArgumentError(
                 f"the direction has {direction.vector.numel()} dimensions but the latents {latents.shape[-1]}: fit it "
                 "with this model."
             )
-        if isinstance(strength, (int, float)):
-            step = torch.full((len(latents), 1), _finite(strength, "strength"), dtype=torch.float64)
-        else:
-            step = torch.as_tensor(strength, dtype=torch.float64).cpu()
-            if step.shape != (len(latents),):
-                raise ValueError(f"strength holds {tuple(step.shape)} values: give one number or one per text.")
-            if not torch.isfinite(step).all():
-                raise ValueError(f"strength must be finite, got {step.tolist()}.")
-            step = step.unsqueeze(1)
+        step = _strengths(strength, len(latents))
         moved = latents.double() + (step * direction.spread).to(latents.device) * direction.vector.to(latents.device)
-        return moved.to(latents.dtype)
+        moved = moved.to(latents.dtype)
+        if not torch.isfinite(moved).all():  # a finite strength too large for the latents' float type (1e300)
+            raise ArgumentError(
+                f"strength={strength!r} moves the latents beyond the range of {latents.dtype}: use a smaller strength."
+            )
+        return moved
 
     def edit(
         self, texts: Sequence[str], direction: AttributeDirection, strength, batch_size: int = 64, **generation_kwargs
@@ -659,8 +714,9 @@ class LatentText:
         """Each text encoded, moved along `direction` by `strength` (in units of the attribute's spread: 1 carries the
         source class's mean onto the target's; one number or one per text) and decoded."""
         texts = _text_list(texts)
-        if isinstance(strength, (int, float)):  # refused before any encoding
-            _finite(strength, "strength")
+        if not isinstance(direction, AttributeDirection):  # both refused before any encoding
+            raise ArgumentError(f"direction must be an AttributeDirection, got {type(direction).__name__}.")
+        _strengths(strength, len(texts))
         latents = self.encode_in_batches(texts, batch_size)
         moved = self.edit_latents(latents, direction, strength)
         return self.decode_in_batches(moved, batch_size, **generation_kwargs)
@@ -693,8 +749,10 @@ class LatentText:
 
     def interpolate(self, text_a: str, text_b: str, steps: int = 5, **generation_kwargs) -> list[str]:
         """Decode z_a + t (z_b - z_a) for `steps` evenly spaced t in [0, 1]."""
-        if steps < 2:
-            raise ValueError(f"steps={steps} must be >= 2 (the two end points).")
+        steps = check_integer("steps", steps, 2, MAX_GENERATION_ROWS)  # the two end points, at least
+        for name, text in (("text_a", text_a), ("text_b", text_b)):
+            if not isinstance(text, str):
+                raise ArgumentError(f"{name}={text!r} must be one text (a string).")
         z = self.encode([text_a, text_b])
         weights = torch.linspace(0, 1, steps, device=z.device).unsqueeze(1)
         return self.decode(z[0] + weights * (z[1] - z[0]), **generation_kwargs)
@@ -720,20 +778,23 @@ class LatentText:
         """One latent (of a text, or given: shape (d,) or (1, d)) decoded with its coordinate `dim` set to each of
         `values`, in the decoder's latent units (the prior's spread along it: `model.prior_parameters()[1][dim]`)."""
         size = self.model.config.latent_size
-        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < size:
-            raise ValueError(f"dim={dim!r} must be a whole number in [0, {size}).")
-        values = [_finite(v, f"values[{i}]") for i, v in enumerate(values)]
-        if not values:
-            raise ValueError("values is empty: give at least one value for the coordinate.")
+        dim = check_integer("dim", dim, 0, size - 1)
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ArgumentError(f"values={values!r} must be a list of numbers.")
+        values = [check_number(f"values[{i}]", v) for i, v in enumerate(values)]
+        if not 1 <= len(values) <= MAX_GENERATION_ROWS:
+            raise ArgumentError(f"values holds {len(values)} numbers: give 1 to {MAX_GENERATION_ROWS}.")
         if isinstance(text_or_latent, str):
             z = self.encode(_text_list([text_or_latent], "text_or_latent"))[0]
         else:
-            z = torch.as_tensor(text_or_latent).to(self.model.device)
-            if z.shape not in ((size,), (1, size)):
-                raise ValueError(
-                    f"the latent has shape {tuple(z.shape)}: give one text or a latent of shape ({size},)."
-                )
-            z = z.reshape(size)
+            z = _latent_matrix(
+                text_or_latent.reshape(1, -1) if getattr(text_or_latent, "ndim", 0) == 1 else text_or_latent,
+                size,
+                "text_or_latent",
+            )
+            if len(z) != 1:
+                raise ArgumentError(f"text_or_latent holds {len(z)} latents: give one text or one latent ({size},).")
+            z = z.to(self.model.device).reshape(size)
         latents = z.expand(len(values), size).clone()
         latents[:, dim] = torch.tensor(values, dtype=latents.dtype, device=latents.device)
         return self.decode(latents, **generation_kwargs)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from checks_scalevae import MAX_BEAMS, MAX_GENERATION_ROWS
 from configuration_scalevae import PAPER_ALIASES, PRIORS, ScaleVAEConfig
 
 from .outputs import is_model_folder
@@ -303,13 +304,17 @@ COMMAND_OPTIONS: dict[str, dict[str, dict]] = {
         "seed": _SEED,
     },
     "generate": {
-        "sample": _spec(1),
-        "steps": _spec(2, only_with="interpolate"),
+        "sample": _spec(1, MAX_GENERATION_ROWS),
+        "steps": _spec(2, MAX_GENERATION_ROWS, only_with="interpolate"),
         "max_new_tokens": _spec(1, 1 << 17),
-        "num_beams": _spec(1),
+        "num_beams": _spec(1, MAX_BEAMS),
         "temperature": _spec(0, None, integer=False, low_open=True, only_with="do_sample"),
         "top_p": _spec(0, 1, integer=False, low_open=True, only_with="do_sample"),
         "seed": _SEED,
+    },
+    "edit": {
+        "num_examples": _spec(1, MAX_GENERATION_ROWS),  # without --input: the first N labelled texts
+        "max_new_tokens": _spec(1, 1 << 17),
     },
 }
 

@@ -2,14 +2,19 @@
 with an error that names the argument, before anything is allocated or generated."""
 
 import logging
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import scalevae
 from scalevae import LatentText, hub
 from scalevae.cli import main
+from scalevae.options import OptionError
 from tests.model_tester import (
     corpus_file,
     tester,
@@ -105,7 +110,7 @@ def test_generation_up_to_the_last_position_works(small):
 
 
 def test_sample_zero_is_refused(small, tokenizers):
-    with pytest.raises(ValueError, match=r"num_samples=0 must be a whole number >= 1"):
+    with pytest.raises(ValueError, match=r"num_samples=0 must be a whole number in \[1, 65536\]"):
         LatentText(small, *tokenizers).sample(0)
 
 
@@ -193,3 +198,236 @@ def test_every_latent_text_method_runs_in_eval_mode_and_writes_no_buffer(tiny_en
         if name in ("encode", "reconstruct", "decode"):  # no dropout: the same call gives the same result
             second = call()
             assert torch.equal(first, second) if isinstance(first, torch.Tensor) else first == second, name
+
+
+# -- one argument checker for every public call (issue 28) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latent_text(tiny_encoder_path):
+    model, *tokenizers = tester.build(tiny_encoder_path, seed=2)
+    return LatentText(model.eval(), *tokenizers)
+
+
+@pytest.fixture(scope="module")
+def direction(latent_text):
+    return latent_text.direction_between(["the cat sat", "a dog ran"], ["stocks fell", "prices rose"])
+
+
+def zeros(rows=2):
+    return torch.zeros(rows, tester.latent_size)
+
+
+def batch_of(ids):
+    return [{"input_ids": ids}]
+
+
+# (call, the argument its error must name): each ended in a deep error or was silently accepted before.
+REFUSED_CALLS = {
+    "encode(one string)": (lambda t, d: t.encode("a b"), "texts"),
+    "encode([None])": (lambda t, d: t.encode([None]), "texts[0]"),
+    "encode(a number)": (lambda t, d: t.encode(3), "texts"),
+    "decode(a 1-D tensor)": (lambda t, d: t.decode(torch.zeros(4)), "latents"),
+    "decode(strings)": (lambda t, d: t.decode([["a"]]), "latents"),
+    "decode(num_beams=0)": (lambda t, d: t.decode(zeros(), num_beams=0), "num_beams"),
+    "decode(num_beams=10**6)": (lambda t, d: t.decode(zeros(), num_beams=10**6), "num_beams"),
+    "decode(max_new_tokens=2.5)": (lambda t, d: t.decode(zeros(), max_new_tokens=2.5), "max_new_tokens"),
+    "decode(max_new_tokens=True)": (lambda t, d: t.decode(zeros(), max_new_tokens=True), "max_new_tokens"),
+    "decode(top_p=nan)": (lambda t, d: t.decode(zeros(), do_sample=True, top_p=float("nan")), "top_p"),
+    "decode(top_k=-1)": (lambda t, d: t.decode(zeros(), do_sample=True, top_k=-1), "top_k"),
+    "decode(temperature=0)": (lambda t, d: t.decode(zeros(), do_sample=True, temperature=0), "temperature"),
+    "decode(do_sample='yes')": (lambda t, d: t.decode(zeros(), do_sample="yes"), "do_sample"),
+    "decode(num_return_sequences=0)": (lambda t, d: t.decode(zeros(), num_return_sequences=0), "num_return_sequences"),
+    "sample(generator=123)": (lambda t, d: t.sample(2, generator=123), "generator"),
+    "sample(2.0)": (lambda t, d: t.sample(2.0), "num_samples"),
+    "sample(10**9)": (lambda t, d: t.sample(10**9), "num_samples"),
+    "decode_in_batches(batch_size=0)": (lambda t, d: t.decode_in_batches(zeros(), batch_size=0), "batch_size"),
+    "encode_in_batches(batch_size='8')": (lambda t, d: t.encode_in_batches(["a b"], batch_size="8"), "batch_size"),
+    "edit(strength='1')": (lambda t, d: t.edit(["a b"], d, strength="1"), "strength"),
+    "edit(strength=1e300)": (lambda t, d: t.edit(["a b"], d, strength=1e300), "strength"),
+    "edit(strength=nan)": (lambda t, d: t.edit(["a b"], d, strength=float("nan")), "strength"),
+    "edit(direction=None)": (lambda t, d: t.edit(["a b"], None, strength=1.0), "direction"),
+    "interpolate(steps=10**9)": (lambda t, d: t.interpolate("a b", "c d", steps=10**9), "steps"),
+    "interpolate(a list)": (lambda t, d: t.interpolate(["a b"], "c d"), "text_a"),
+    "traverse(dim=99)": (lambda t, d: t.traverse("a b", 99, [1.0]), "dim"),
+    "traverse(values='12')": (lambda t, d: t.traverse("a b", 0, "12"), "values"),
+    "max_length=-1": (lambda t, d: setattr(t, "max_length", -1), "max_length"),
+    "classes='x'": (lambda t, d: setattr(t, "classes", "x"), "classes"),
+    "fit_prior(lists)": (lambda t, d: t.model.fit_prior([[1, 2, 3]]), "batches[0]"),
+    "fit_prior(list ids)": (lambda t, d: t.model.fit_prior(batch_of([[1, 2, 3]])), "input_ids"),
+    "fit_prior(generator=1)": (lambda t, d: t.model.fit_prior(batch_of(torch.ones(1, 3).long()), 1), "generator"),
+    "sample_prior(generator='a')": (lambda t, d: t.model.sample_prior(2, generator="a"), "generator"),
+    "generate(sample_posterior='no')": (
+        lambda t, d: t.model.generate(latents=zeros(), sample_posterior="no"),
+        "sample_posterior",
+    ),
+    "forward(kl_weight=nan tensor)": (
+        lambda t, d: t.model(**tester.prepare_inputs(vocab_size=100), kl_weight=torch.tensor(float("nan"))),
+        "kl_weight",
+    ),
+    "forward(kl_weight='1')": (
+        lambda t, d: t.model(**tester.prepare_inputs(vocab_size=100), kl_weight="1"),
+        "kl_weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_CALLS))
+def test_every_public_call_refuses_a_bad_argument_by_name(latent_text, direction, case):
+    call, name = REFUSED_CALLS[case]
+    with pytest.raises((ValueError, TypeError), match=re.escape(name)) as error:
+        call(latent_text, direction)
+    # One error class for every refusal: caught as a ValueError and as a TypeError alike.
+    assert isinstance(error.value, ValueError) and isinstance(error.value, TypeError), type(error.value)
+
+
+def test_build_model_refuses_one_string_as_train_texts(tiny_encoder_path):
+    with pytest.raises(ValueError, match=r"train_texts must be an iterable of texts .* not str"):
+        scalevae.build_model(tiny_encoder_path, train_texts="one text", decoder_vocab_size=300)
+
+
+@pytest.mark.parametrize(
+    "strength",
+    [1, 1.0, np.float32(1.0), np.int64(1), torch.tensor(1.0), [1.0, -1.0], np.array([1.0, -1.0]), torch.ones(2)],
+    ids=lambda value: type(value).__name__,
+)
+def test_any_numeric_strength_is_accepted(latent_text, direction, strength):
+    """A strength from numpy or torch (a scalar, a 0-d tensor, one per text) means what the same Python number does."""
+    texts = ["the cat sat", "a dog ran"]
+    z = latent_text.encode(texts)
+    per_text = np.asarray(strength, dtype=float).tolist() if np.ndim(strength) else 1.0
+    expected = latent_text.edit_latents(z, direction, per_text)
+    assert torch.equal(latent_text.edit_latents(z, direction, strength), expected)
+
+
+def test_texts_from_any_iterable_encode_alike(latent_text):
+    texts = ["the cat sat", "a dog ran"]
+    expected = latent_text.encode(texts)
+    for same in (tuple(texts), (t for t in texts), np.array(texts)):
+        assert torch.equal(latent_text.encode(same), expected)
+
+
+# -- property: wrong types and values for every argument of every public call -----------------------------------------
+
+WRONG_COMMON = st.one_of(
+    st.text(max_size=3),
+    st.lists(st.text(max_size=2), min_size=1, max_size=2),
+    st.dictionaries(st.text(), st.integers(), max_size=1),
+)
+
+
+def wrong_integer(low):
+    return st.one_of(
+        WRONG_COMMON,
+        st.booleans(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(max_value=low - 1),
+    )
+
+
+def wrong_number(low=None, low_open=False):
+    bad = [WRONG_COMMON, st.booleans(), st.sampled_from([float("nan"), float("inf"), -float("inf")])]
+    if low is not None:
+        bad.append(st.floats(max_value=low, exclude_max=not low_open, allow_nan=False))
+    return st.one_of(*bad)
+
+
+WRONG_FLAG = st.one_of(WRONG_COMMON, st.integers(), st.floats())
+WRONG_GENERATOR = st.one_of(WRONG_COMMON, st.integers(), st.floats(), st.booleans())
+WRONG_TEXTS = st.one_of(
+    st.text(max_size=5),
+    st.integers(),
+    st.floats(),
+    st.lists(st.one_of(st.integers(), st.none(), st.just(""), st.just("  "), st.floats()), min_size=1, max_size=3),
+)
+WRONG_LATENTS = st.one_of(
+    st.text(max_size=3),
+    st.lists(st.text(min_size=1, max_size=2), min_size=1, max_size=2),
+    st.builds(torch.zeros, st.integers(1, 3)),  # one dimension
+    st.builds(lambda n: torch.zeros(n, tester.latent_size + 1), st.integers(1, 3)),
+    st.builds(lambda n: torch.zeros(n, tester.latent_size, dtype=torch.long), st.integers(1, 3)),
+)
+
+# (call taking the bad value, the argument's name, values it must refuse)
+PROPERTY_CALLS = [
+    (lambda t, d, v: t.encode(v), "texts", WRONG_TEXTS),
+    (lambda t, d, v: t.encode_in_batches(v), "texts", WRONG_TEXTS),
+    (lambda t, d, v: t.reconstruct(v), "texts", WRONG_TEXTS),
+    (lambda t, d, v: t.fit_classes(v, ["0"]), "texts", WRONG_TEXTS),
+    (lambda t, d, v: t.edit(v, d, 1.0), "texts", WRONG_TEXTS),
+    (lambda t, d, v: t.decode(v), "latents", WRONG_LATENTS),
+    (lambda t, d, v: t.decode_in_batches(v), "latents", WRONG_LATENTS),
+    (lambda t, d, v: t.edit_latents(v, d, 1.0), "latents", WRONG_LATENTS),
+    (lambda t, d, v: t.encode_in_batches(["a b"], batch_size=v), "batch_size", wrong_integer(1)),
+    (lambda t, d, v: t.decode_in_batches(zeros(), batch_size=v), "batch_size", wrong_integer(1)),
+    (lambda t, d, v: t.fit_classes(["a", "b"], ["0", "0"], batch_size=v), "batch_size", wrong_integer(1)),
+    (lambda t, d, v: t.sample(v), "num_samples", wrong_integer(1)),
+    (lambda t, d, v: t.sample(2, generator=v), "generator", WRONG_GENERATOR),
+    (lambda t, d, v: t.interpolate("a b", "c d", steps=v), "steps", wrong_integer(2)),
+    (lambda t, d, v: t.traverse("a b", v, [1.0]), "dim", wrong_integer(0)),
+    (lambda t, d, v: t.traverse("a b", 0, [v]), "values[0]", wrong_number()),
+    (lambda t, d, v: t.edit(["a b"], d, v), "strength", wrong_number()),
+    (lambda t, d, v: t.edit_latents(zeros(), d, v), "strength", wrong_number()),
+    (lambda t, d, v: t.model.sample_prior(v), "num_samples", wrong_integer(1)),
+    (lambda t, d, v: t.model.sample_prior(2, generator=v), "generator", WRONG_GENERATOR),
+    (lambda t, d, v: t.model.generate(latents=zeros(), generator=v), "generator", WRONG_GENERATOR),
+    (
+        lambda t, d, v: t.model(**tester.prepare_inputs(vocab_size=100), kl_weight=v),
+        "kl_weight",
+        wrong_number(0.0, low_open=False),
+    ),
+    *[
+        (lambda t, d, v, name=name: t.decode(zeros(), **{name: v}), name, strategy)
+        for name, strategy in {
+            "max_new_tokens": wrong_integer(1),
+            "num_beams": wrong_integer(1),
+            "num_return_sequences": wrong_integer(1),
+            "top_k": wrong_integer(0),
+            "top_p": wrong_number(0.0, low_open=True),
+            "temperature": wrong_number(0.0, low_open=True),
+            "repetition_penalty": wrong_number(0.0, low_open=True),
+            "do_sample": WRONG_FLAG,
+        }.items()
+    ],
+]
+
+
+@pytest.mark.parametrize("index", range(len(PROPERTY_CALLS)), ids=lambda i: PROPERTY_CALLS[i][1] + f"-{i}")
+def test_wrong_types_and_values_are_refused_naming_the_argument(latent_text, direction, index):
+    call, name, wrong = PROPERTY_CALLS[index]
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(value=wrong)
+    def refused(value):
+        with pytest.raises((ValueError, TypeError)) as error:
+            call(latent_text, direction, value)
+        assert name in str(error.value), f"{value!r}: {error.value}"
+
+    refused()
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--num_examples", "-5"], r"--num_examples -5: must be a whole number in \[1, 65536\]"),
+        (["--num_examples", "0"], r"--num_examples 0"),
+        (["--max_new_tokens", "0"], r"--max_new_tokens 0"),
+    ],
+)
+def test_edit_options_are_bounded(tmp_path, argv, match):
+    files = ["--labelled_file", "x.txt", "--label_file", "x.label", "--to", "1", "--strength", "1"]
+    with pytest.raises(OptionError, match=match):
+        main(["edit", str(tmp_path), *files, *argv])
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--sample", str(10**9)], r"--sample 1000000000: must be a whole number in \[1, 65536\]"),
+        (["--interpolate", "a", "b", "--steps", str(10**9)], r"--steps 1000000000: must be a whole number in \[2,"),
+        (["--sample", "2", "--num_beams", "100000"], r"--num_beams 100000: must be a whole number in \[1, 256\]"),
+    ],
+)
+def test_generate_sizes_are_bounded_before_loading(tmp_path, argv, match):
+    with pytest.raises(OptionError, match=match):
+        main(["generate", str(tmp_path), *argv])

@@ -372,7 +372,7 @@ REFUSALS = {
     "edit other latent size": r"the direction has 3 dimensions but the latents 8",
     "unknown label": r"label 'neutral' is unknown: the fitted classes are \['negative', 'positive'\]",
     "class of one": r"class 'b' has 1 text",
-    "traverse dim": rf"dim={LATENT_SIZE} must be a whole number in \[0, {LATENT_SIZE}\)",
+    "traverse dim": rf"dim={LATENT_SIZE} must be a whole number in \[0, {LATENT_SIZE - 1}\]",
     "traverse value": r"values\[0\]=nan must be a finite number",
     "analogy lengths": r"hold 2, 2 and 1 texts",
     "evaluate without training data": r"needs the training sentences",

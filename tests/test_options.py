@@ -52,9 +52,9 @@ from tests.model_tester import (
         ("train", "decoder_vocab_size", 100, {}, r"--decoder_vocab_size 100: must be a whole number in \[259,"),
         ("train", "learning_rate", float("nan"), {}, r"--learning_rate nan: must be a number > 0"),
         ("generate", "top_p", 2.0, {"do_sample": True}, r"--top_p 2.0: must be a number in \(0, 1\]"),
-        ("generate", "num_beams", 0, {}, r"--num_beams 0: must be a whole number >= 1"),
+        ("generate", "num_beams", 0, {}, r"--num_beams 0: must be a whole number in \[1, 256\]"),
         ("generate", "temperature", float("inf"), {"do_sample": True}, r"--temperature inf: must be a number > 0"),
-        ("generate", "sample", 2.5, {}, r"--sample 2.5: must be a whole number >= 1"),
+        ("generate", "sample", 2.5, {}, r"--sample 2.5: must be a whole number in \[1, 65536\]"),
     ],
 )
 def test_every_numeric_option_is_checked_with_its_range(command, option, value, mode, message):
