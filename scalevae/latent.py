@@ -502,7 +502,7 @@ class LatentText:
         model: ScaleVAEForLatentLM,
         encoder_tokenizer,
         decoder_tokenizer,
-        max_length: int = 64,
+        max_length: int | None = None,
         classes: LatentClasses | None = None,
     ):
         if not isinstance(model, ScaleVAEForLatentLM):
@@ -524,10 +524,14 @@ class LatentText:
 
     @max_length.setter
     def max_length(self, value) -> None:  # checked before it is kept: a bad value never reaches a tokenizer call
+        """None: 64, or fewer where the model's positions are fewer (`scalevae.options.max_length_limit`). A larger
+        value is kept: decoding stops at the decoder's positions, and encoding refuses, naming them, a text longer
+        than the encoder's."""
         from .options import max_length_limit
 
-        limit, why = max_length_limit(self.model.config)
-        self._max_length = check_integer("max_length", value, 2, limit)
+        if value is None:
+            value = min(64, max_length_limit(self.model.config)[0])
+        self._max_length = check_integer("max_length", value, 2, 1 << 17)
 
     @property
     def classes(self) -> "LatentClasses | None":
