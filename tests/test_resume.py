@@ -223,6 +223,7 @@ def test_a_resume_uses_the_checkpoints_tokenizers_and_refuses_other_data(
     assert_same_tensors(saved_tensors(tmp_path / "run" / "final"), saved_tensors(tiny_run / "final"))
 
 
+@pytest.mark.slow  # a second process (the killed run) beside this one: see .ci/run
 def test_a_run_killed_while_checkpointing_resumes_from_a_complete_checkpoint(tmp_path, train_command, train_data):
     """A real `scalevae train --save_steps 1` killed with SIGKILL at a random moment after its second checkpoint
     began: every checkpoint left is complete or is named as incomplete, and the run resumes to its end."""
