@@ -327,7 +327,8 @@ def newest_complete_checkpoint(output_dir: str) -> str | None:
     (a ValueError naming them when every checkpoint is incomplete)."""
     checkpoints = checkpoints_in(output_dir)
     complete = [folder for folder in checkpoints if is_complete_checkpoint(folder)]
-    skipped = [folder for folder in checkpoints if folder not in complete and (not complete or folder > complete[-1])]
+    newest = checkpoints.index(complete[-1]) if complete else -1
+    skipped = checkpoints[newest + 1 :]  # by step: checkpoint-10 is newer than checkpoint-9
     if checkpoints and not complete:
         raise ValueError(
             f"no complete checkpoint in {output_dir} to resume from: {', '.join(checkpoints)} lack {COMPLETE_MARKER} "

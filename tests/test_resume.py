@@ -261,3 +261,15 @@ def test_a_run_killed_while_checkpointing_resumes_from_a_complete_checkpoint(tmp
         resume = next(p for p in reversed(checkpoints) if is_complete_checkpoint(str(p)))
     main([*command, "--resume_from_checkpoint", str(resume)])
     assert (output / "final" / "model.safetensors").is_file()
+
+
+def test_the_newest_checkpoint_is_chosen_by_step_not_by_name(tmp_path):
+    from scalevae.training import mark_complete, newest_complete_checkpoint
+
+    for step in (9, 10, 11):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if step != 11:
+            (folder / "trainer_state.json").write_text("{}")
+            mark_complete(str(folder), step)
+    assert newest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
