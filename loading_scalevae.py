@@ -130,8 +130,10 @@ def check_saveable(model, state_dict=None) -> None:
         model.config.validate_scalevae()
     except ValueError as error:
         raise ValueError(f"Not saved: the model's config would not load ({error}).") from error
+    # The model's own class: FSDP2 and similar wrappers subclass it on the fly in their torch module.
+    model_class = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch."))
     with torch.device("meta"):
-        reference = type(model)(copy.deepcopy(model.config)).state_dict()
+        reference = model_class(copy.deepcopy(model.config)).state_dict()
     saved = state_dict if state_dict is not None else model.state_dict()
     own = ("latent_head.", "collapse.", "fitted_prior.", "injection.")  # the composite's layers; the parts keep theirs
     problems = [
