@@ -49,7 +49,7 @@ _CPU = dict(
     new_encoder_layers=2,
     new_encoder_width=128,
     new_encoder_heads=4,
-    freeze_encoder="False",
+    freeze_encoder=False,
     decoder_layers=2,
 )
 # What the GPU presets share: the default 4x256 decoder, the encoder trained, 3 seeds, k = 200.
@@ -58,7 +58,7 @@ _GPU = dict(
     per_device_train_batch_size=64,
     max_length=48,
     decoder_layers=4,
-    freeze_encoder="False",
+    freeze_encoder=False,
     num_importance_samples=200,
     eval_sentences=3000,
 )
@@ -67,7 +67,7 @@ _COMMON = dict(
     # The runs' own prior (prior samples, the prior cycle, `nll`) stays the diagonal one the tables in docs/ were
     # measured with, not the model's default "full"; density is reported under every family named in `priors`.
     prior="fitted",
-    freeze_encoder="True",
+    freeze_encoder=True,
     eval_sentences=500,
     num_importance_samples=50,
     eval_splits=["validation", "test"],

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import HfArgumentParser
+
 from checks_scalevae import MAX_BEAMS, MAX_GENERATION_ROWS
 from configuration_scalevae import PAPER_ALIASES, PRIORS, ScaleVAEConfig
 
@@ -35,7 +37,8 @@ KL_SCHEDULES = ("constant", "linear", "cyclical")
 
 __all__ = [
     "COMMAND_OPTIONS",
-    "RUN_OPTIONS",
+    "OptionParser",
+    "field_specs",
     "Condition",
     "OptionError",
     "Range",
@@ -149,6 +152,10 @@ def number(
     return dataclasses.field(default=default, metadata=metadata, **field_kwargs)
 
 
+# What `number(...)` adds to a field's metadata beyond argparse's keywords.
+NUMBER_METADATA = ("range", "only_with", "required_with")
+
+
 def _values(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -246,10 +253,9 @@ _LINEAR = ("kl_schedule", "linear")
 # config's own `validate_scalevae`, generation's position check). 0 means "none" only where that is a real choice (0
 # importance samples: no IW-NLL; 0 warm-up steps of the learning rate), never "the default".
 #
-# The run recipe's options (`scalevae.recipe.RunSpec`: TrainingArguments, ModelArguments, DataArguments,
-# RunArguments), shared by train, quickstart and compare:
-RUN_OPTIONS: dict[str, dict] = {
-    # TrainingArguments
+# The ranges of the stock TrainingArguments' numeric options (not our dataclass: declared here, once). The recipe's own
+# sections declare theirs on their fields (`number(...)`, below).
+TRAINING_OPTIONS: dict[str, dict] = {
     "max_steps": _spec(1),
     "num_train_epochs": _POSITIVE,
     "learning_rate": _POSITIVE,
@@ -262,60 +268,6 @@ RUN_OPTIONS: dict[str, dict] = {
     "eval_steps": _POSITIVE,
     "save_total_limit": _spec(1),
     "seed": _SEED,
-    # ModelArguments
-    "decoder_layers": _spec(1, 1 << 10),
-    "decoder_width": _spec(1, 1 << 16),
-    "decoder_heads": _spec(1, 1 << 10),
-    "decoder_vocab_size": _spec(259, 1 << 21),  # the 256 bytes and 3 special tokens, at least
-    "new_encoder_layers": _spec(1, 1 << 10),
-    "new_encoder_width": _spec(1, 1 << 16),
-    "new_encoder_heads": _spec(1, 1 << 10),
-    "kl_warmup_steps": _spec(1, only_with=_LINEAR, required_with=_LINEAR),
-    "kl_n_cycle": _spec(1, only_with=_CYCLICAL),
-    "kl_ratio_zero": _spec(0, 1, integer=False, high_open=True, only_with=_CYCLICAL),
-    "kl_ratio_increase": _spec(0, 1, integer=False, low_open=True, only_with=_CYCLICAL),
-    # DataArguments
-    "max_length": _spec(2, 1 << 17),
-    "train_sentences": _spec(1),  # left out: every sentence
-    "eval_sentences": _spec(1),
-    # RunArguments
-    "train_minutes": _POSITIVE,  # left out: no clock
-    "num_importance_samples": _spec(0),  # 0: no importance-weighted NLL
-    "bleu_sentences": _spec(1),
-    "prior_fit_sentences": _spec(1),
-    "claims_prior_samples": _spec(2, only_with="claims"),  # retrieval needs two samples to tell apart
-    "reverse_lm_steps": _spec(0, only_with="claims"),
-    "control_sentences": _spec(1, only_with="control"),
-}
-
-COMMAND_OPTIONS: dict[str, dict[str, dict]] = {
-    "train": RUN_OPTIONS,
-    "quickstart": RUN_OPTIONS,
-    "compare": {
-        **RUN_OPTIONS,
-        "seeds": _SEED,
-        "des_std_sweep": _spec(0, 1e3, integer=False, low_open=True),  # scale_target_std's own range
-    },
-    "evaluate": {
-        "num_importance_samples": _spec(0),  # 0: no importance-weighted NLL (reported as null)
-        "max_sentences": _spec(1),  # left out: every sentence
-        "max_length": _spec(2, 1 << 17),
-        "batch_size": _spec(1),
-        "seed": _SEED,
-    },
-    "generate": {
-        "sample": _spec(1, MAX_GENERATION_ROWS),
-        "steps": _spec(2, MAX_GENERATION_ROWS, only_with="interpolate"),
-        "max_new_tokens": _spec(1, 1 << 17),
-        "num_beams": _spec(1, MAX_BEAMS),
-        "temperature": _spec(0, None, integer=False, low_open=True, only_with="do_sample"),
-        "top_p": _spec(0, 1, integer=False, low_open=True, only_with="do_sample"),
-        "seed": _SEED,
-    },
-    "edit": {
-        "num_examples": _spec(1, MAX_GENERATION_ROWS),  # without --input: the first N labelled texts
-        "max_new_tokens": _spec(1, 1 << 17),
-    },
 }
 
 
@@ -464,22 +416,23 @@ def config_arguments(config_class=None) -> type:
         if item.name in aliases:
             metadata["aliases"] = [f"--{aliases[item.name]}"]
         kind, default = item.type, item.default
-        if kind == (bool | int):  # freeze_encoder: True, False or a number of layers
-            kind, default = str, str(item.default)
+        if kind == (bool | int):  # freeze_encoder: True, False or a number of layers, typed by the parser itself
+            kind = encoder_layers_to_freeze
         specs.append((item.name, kind, dataclasses.field(default=default, metadata=metadata)))
     return dataclasses.make_dataclass("ScaleVAEConfigArguments", specs)
 
 
+def encoder_layers_to_freeze(value: str) -> bool | int:
+    """`--freeze_encoder`'s type: true/all, false/none, or a number of lower encoder layers."""
+    parsed = {"true": True, "false": False, "all": True, "none": False}.get(str(value).lower())
+    if parsed is None and not str(value).isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: give true, false or a number of lower encoder layers")
+    return parsed if parsed is not None else int(value)
+
+
 def config_kwargs_from(arguments) -> dict:
     """The parsed config options as `ScaleVAEConfig` keyword arguments."""
-    kwargs = dataclasses.asdict(arguments)
-    if isinstance(kwargs.get("freeze_encoder"), str):
-        value = kwargs["freeze_encoder"]
-        parsed = {"true": True, "false": False, "all": True, "none": False}.get(value.lower())
-        if parsed is None and not value.isdigit():
-            raise ValueError(f"--freeze_encoder {value!r}: give true, false or a number of lower encoder layers.")
-        kwargs["freeze_encoder"] = parsed if parsed is not None else int(value)
-    return kwargs
+    return dataclasses.asdict(arguments)
 
 
 class _GivenOnly(argparse.Namespace):
@@ -516,29 +469,43 @@ class ModelArguments:
         default=None, metadata={"help": "BERT-style encoder path or Hub id (default: the offline MiniLM-L6)."}
     )
     decoder: str | None = field(default=None, metadata={"help": "GPT-2 path or Hub id (default: a new small GPT-2)."})
-    decoder_layers: int = field(default=4, metadata={"help": "layers of the new GPT-2 when --decoder is not given"})
-    decoder_width: int = field(default=256, metadata={"help": "width of the new GPT-2"})
-    decoder_heads: int = field(default=4, metadata={"help": "attention heads of the new GPT-2"})
-    decoder_vocab_size: int = field(
-        default=4096, metadata={"help": "byte-level BPE vocabulary fitted to the training text for a new decoder"}
+    decoder_layers: int = number(
+        4, low=1, high=1024, integer=True, help="layers of the new GPT-2 when --decoder is not given"
     )
-    new_encoder_layers: int | None = field(
-        default=None,
-        metadata={
-            "help": "instead of a pretrained encoder, a new BERT of this many layers on the decoder's fitted "
-            "tokenizer, trained from scratch (the CPU comparisons: MiniLM's forward alone outweighs a small model's "
-            "step)"
-        },
+    decoder_width: int = number(256, low=1, high=65536, integer=True, help="width of the new GPT-2")
+    decoder_heads: int = number(4, low=1, high=1024, integer=True, help="attention heads of the new GPT-2")
+    decoder_vocab_size: int = number(
+        4096,
+        low=259,
+        high=2097152,
+        integer=True,
+        help="byte-level BPE vocabulary fitted to the training text for a new decoder",
     )
-    new_encoder_width: int = 128
-    new_encoder_heads: int = 4
+    new_encoder_layers: int | None = number(
+        None,
+        low=1,
+        high=1024,
+        integer=True,
+        help="instead of a pretrained encoder, a new BERT of this many layers on the decoder's fitted "
+        "tokenizer, trained from scratch (the CPU comparisons: MiniLM's forward alone outweighs a small model's "
+        "step)",
+    )
+    new_encoder_width: int = number(128, low=1, high=65536, integer=True)
+    new_encoder_heads: int = number(4, low=1, high=1024, integer=True)
     kl_schedule: str = field(
         default="constant", metadata={"help": f"{' | '.join(KL_SCHEDULES)}: β rises to --kl_weight"}
     )
-    kl_warmup_steps: int | None = field(default=None, metadata={"help": "steps of the linear schedule's rise"})
-    kl_n_cycle: int = 4
-    kl_ratio_zero: float = 0.25
-    kl_ratio_increase: float = 0.25
+    kl_warmup_steps: int | None = number(
+        None,
+        low=1,
+        integer=True,
+        only_with=("kl_schedule", "linear"),
+        required_with=("kl_schedule", "linear"),
+        help="steps of the linear schedule's rise",
+    )
+    kl_n_cycle: int = number(4, low=1, integer=True, only_with=("kl_schedule", "cyclical"))
+    kl_ratio_zero: float = number(0.25, low=0, high=1, high_open=True, only_with=("kl_schedule", "cyclical"))
+    kl_ratio_increase: float = number(0.25, low=0, high=1, low_open=True, only_with=("kl_schedule", "cyclical"))
 
     # Options that describe how a new model is built: meaningless when a saved one is fine-tuned.
     new_model_options = (
@@ -576,10 +543,12 @@ class DataArguments:
     )
     dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset instead of files"})
     text_column: str = "text"
-    max_length: int = field(default=64, metadata={"help": "tokens per sentence, for the encoder and the decoder"})
-    train_sentences: int | None = field(default=None, metadata={"help": "train on the first N sentences only"})
-    eval_sentences: int | None = field(
-        default=None, metadata={"help": "evaluate on the first N validation and test sentences only"}
+    max_length: int = number(
+        64, low=2, high=131072, integer=True, help="tokens per sentence, for the encoder and the decoder"
+    )
+    train_sentences: int | None = number(None, low=1, integer=True, help="train on the first N sentences only")
+    eval_sentences: int | None = number(
+        None, low=1, integer=True, help="evaluate on the first N validation and test sentences only"
     )
 
 
@@ -587,17 +556,17 @@ class DataArguments:
 class RunArguments:
     """The run's budget and its evaluation."""
 
-    train_minutes: float | None = field(
-        default=None,
-        metadata={
-            "help": "wall-clock training budget: training stops at the last logging step that fits (a run that "
-            "trained N steps is reproduced by --max_steps N)"
-        },
+    train_minutes: float | None = number(
+        None,
+        low=0,
+        low_open=True,
+        help="wall-clock training budget: training stops at the last logging step that fits (a run that "
+        "trained N steps is reproduced by --max_steps N)",
     )
     eval_splits: list[str] = field(
         default_factory=lambda: ["test"], metadata={"help": "splits evaluated after training, when present"}
     )
-    num_importance_samples: int = field(default=50, metadata={"help": "k of the importance-weighted NLL"})
+    num_importance_samples: int = number(50, low=0, integer=True, help="k of the importance-weighted NLL")
     priors: list[str] = field(
         default_factory=lambda: ["fitted"],
         metadata={
@@ -606,9 +575,9 @@ class RunArguments:
             "choices": PRIORS,
         },
     )
-    bleu_sentences: int = field(default=200, metadata={"help": "sentences whose greedy reconstruction BLEU scores"})
-    prior_fit_sentences: int = field(
-        default=4000, metadata={"help": "training sentences the prior (and BN-VAE's statistics) are fitted on"}
+    bleu_sentences: int = number(200, low=1, integer=True, help="sentences whose greedy reconstruction BLEU scores")
+    prior_fit_sentences: int = number(
+        4000, low=1, integer=True, help="training sentences the prior (and BN-VAE's statistics) are fitted on"
     )
     claims: bool = field(
         default=False,
@@ -618,9 +587,15 @@ class RunArguments:
             "reference LM, distinct-n, self-BLEU, lengths)"
         },
     )
-    claims_prior_samples: int = field(default=1000, metadata={"help": "prior samples of the generation figures"})
-    reverse_lm_steps: int = field(
-        default=0, metadata={"help": "steps of the reverse-perplexity LM trained on the samples (0: not measured)"}
+    claims_prior_samples: int = number(
+        1000, low=2, integer=True, only_with="claims", help="prior samples of the generation figures"
+    )
+    reverse_lm_steps: int = number(
+        0,
+        low=0,
+        integer=True,
+        only_with="claims",
+        help="steps of the reverse-perplexity LM trained on the samples (0: not measured)",
     )
     control: bool = field(
         default=False,
@@ -630,7 +605,9 @@ class RunArguments:
             "accuracy, BLEU to the source, perplexity under the reference LM, per strength)"
         },
     )
-    control_sentences: int = field(default=200, metadata={"help": "test sentences edited by the control measurement"})
+    control_sentences: int = number(
+        200, low=1, integer=True, only_with="control", help="test sentences edited by the control measurement"
+    )
     save: bool = field(default=True, metadata={"help": "save the trained model to OUTPUT_DIR/final"})
 
 
@@ -647,3 +624,60 @@ SMALL_RUN_DEFAULTS = dict(
     latent_size=32,
     decoder_vocab_size=4096,
 )
+
+
+def field_specs(*sections: type) -> dict[str, dict]:
+    """{option: its range and conditions} of the `number(...)` fields of dataclasses: what `validate_options` checks."""
+    return {
+        item.name: item.metadata
+        for section in sections
+        for item in dataclasses.fields(section)
+        if "range" in item.metadata
+    }
+
+
+# Every numeric option of the run commands (train, quickstart, compare): the stock TrainingArguments' table and the
+# recipe's sections' fields.
+_RECIPE_OPTIONS = {**TRAINING_OPTIONS, **field_specs(ModelArguments, DataArguments, RunArguments)}
+
+# The valid value of every numeric option of every command, by option name: what the commands validate against at parse
+# time (`validate_options(args, given, command, specs=COMMAND_OPTIONS[command])`).
+COMMAND_OPTIONS: dict[str, dict[str, dict]] = {
+    "train": _RECIPE_OPTIONS,
+    "quickstart": _RECIPE_OPTIONS,
+    "compare": {
+        **_RECIPE_OPTIONS,
+        "seeds": _SEED,
+        "des_std_sweep": _spec(0, 1e3, integer=False, low_open=True),  # scale_target_std's own range
+    },
+    "evaluate": {
+        "num_importance_samples": _spec(0),  # 0: no importance-weighted NLL (reported as null)
+        "max_sentences": _spec(1),  # left out: every sentence
+        "max_length": _spec(2, 1 << 17),
+        "batch_size": _spec(1),
+        "seed": _SEED,
+    },
+    "edit": {
+        "num_examples": _spec(1, MAX_GENERATION_ROWS),  # without --input: the first N labelled texts
+        "max_new_tokens": _spec(1, 1 << 17),
+    },
+    "generate": {
+        "sample": _spec(1, MAX_GENERATION_ROWS),
+        "steps": _spec(2, MAX_GENERATION_ROWS, only_with="interpolate"),
+        "max_new_tokens": _spec(1, 1 << 17),
+        "num_beams": _spec(1, MAX_BEAMS),
+        "temperature": _spec(0, None, integer=False, low_open=True, only_with="do_sample"),
+        "top_p": _spec(0, 1, integer=False, low_open=True, only_with="do_sample"),
+        "seed": _SEED,
+    },
+}
+
+
+class OptionParser(HfArgumentParser):
+    """`HfArgumentParser` over dataclasses whose numeric fields are `number(...)`: their range and conditions stay in
+    the field's metadata, for the validator, and only the rest (help, aliases, choices...) reaches argparse."""
+
+    def add_argument(self, *args, **kwargs):
+        for key in NUMBER_METADATA:
+            kwargs.pop(key, None)
+        return super().add_argument(*args, **kwargs)

@@ -63,7 +63,7 @@ QUICKSTART = dict(
     seed=0,
     num_importance_samples=10,
     eval_sentences=200,
-    freeze_encoder="True",
+    freeze_encoder=True,
     scale_target_std=1.0,
     # The prior that samples come from is refitted when training ends, on 1,024 sentences' posteriors (each a whole
     # Gaussian, so its full covariance is well conditioned) in a quarter of the default's time on a CPU.

@@ -35,6 +35,7 @@ from .options import (
     COMMAND_OPTIONS,
     DataArguments,
     ModelArguments,
+    OptionParser,
     RunArguments,
     check_max_length,
     check_output_folder,
@@ -78,7 +79,7 @@ class RunSpec:
         """An `HfArgumentParser` over the config's fields, the four sections and a command's `extra` dataclasses;
         `defaults` (option -> value) are a command's preset."""
         sections = (config_arguments(), ModelArguments, DataArguments, RunArguments, TrainingArguments, *extra)
-        parser = HfArgumentParser(sections, **parser_kwargs)
+        parser = OptionParser(sections, **parser_kwargs)
         if defaults:
             parser.set_defaults(**defaults)
         return parser
