@@ -15,7 +15,7 @@ def test_defaults_and_nested_round_trip():
     assert isinstance(again.encoder, BertConfig) and isinstance(again.decoder, GPT2Config)
     assert again.free_bits == 0.25
     default = ScaleVAEConfig()
-    assert (default.latent_size, default.latent_injection, default.collapse_strategy) == (32, "both", "scale")
+    assert (default.latent_size, default.latent_injection, default.collapse_strategy) == (32, "memory", "scale")
 
 
 def test_any_bert_style_encoder_config():

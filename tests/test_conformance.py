@@ -76,7 +76,7 @@ def test_resize_token_embeddings_follows_a_decoder_tokenizer_that_gained_tokens(
 
 @every_injection
 def test_gradient_checkpointing_gives_the_same_training_step(injection):
-    """The default injection ("both") puts z in a key/value slot: under checkpointing it reaches every decoder block
+    """The memory slot ("memory", the default, and "both") carries z: under checkpointing it reaches every decoder block
     through a cache that is never written, so the backward replay sees the same keys. Dropout included (the replay
     restores the random state), the gradients and the step are those of the plain model."""
     plain = tester.get_model(latent_injection=injection).train()
