@@ -157,7 +157,7 @@ CLAIMS = {
         "probe_100_mu", "probe_1000_mu", "probe_10000_mu", "probe_mu", "probe_decoder_mu",
     ),
     "consistency of the latent space": (
-        "consistency_prior_r2", "consistency_prior_top1", "consistency_data_r2", "consistency_data_top1",
+        "consistency_prior_top1", "consistency_data_top1",
     ),
     "generation (nucleus-sampled prior samples) and the fluency of reconstructions": (
         "gen_forward_ppl", "gen_reverse_ppl", "gen_distinct_1", "gen_distinct_2", "gen_self_bleu", "gen_repetition",

@@ -225,13 +225,6 @@ for _size in PROBE_SIZES:
             ".3f",
         )
 for _cycle, _start in (("prior", "z ~ p(z)"), ("data", "z = the latent of a test sentence")):
-    METRICS[f"consistency_{_cycle}_r2"] = MetricInfo(
-        f"consist. {_cycle} R²",
-        f"latent consistency, {_cycle} cycle: out-of-sample R²",
-        f"{_start} → greedy text → its latent ẑ: share of z's variance a linear map of ẑ explains on held-out cycles, "
-        "mean over dimensions (1: ẑ gives z back; 0 or below: nothing of it)",
-        ".3f",
-    )
     METRICS[f"consistency_{_cycle}_top1"] = MetricInfo(
         f"consist. {_cycle} top-1",
         f"latent consistency, {_cycle} cycle: top-1 retrieval",

@@ -69,21 +69,27 @@ def test_probe_on_features_that_carry_no_label_is_at_chance():
 
 def test_identity_cycle_scores_one_and_shuffled_latents_score_chance():
     z = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
-    assert consistency_figures(z, z) == {"r2": pytest.approx(1.0, abs=1e-9), "top1": 1.0}
-    # A linear, noisy but informative cycle keeps a high R²; cosine retrieval is invariant to a common scale.
-    assert consistency_figures(z, 3 * z + 0.1 * torch.randn_like(z))["r2"] > 0.95
+    assert consistency_figures(z, z) == {"top1": 1.0}
+    # cosine retrieval is invariant to a common scale: a linear, noisy but informative cycle keeps its sentences
+    assert consistency_figures(z, 3 * z + 0.1 * torch.randn_like(z))["top1"] > 0.95
     shuffled = consistency_figures(z, z[torch.randperm(1000, generator=torch.Generator().manual_seed(1))])
-    assert 0 <= shuffled["r2"] < 0.01  # out of sample: nothing explained
     assert shuffled["top1"] < 0.01  # chance is 1/N = 0.001
     assert top1_retrieval(torch.zeros(5, 2), torch.zeros(5, 2)) == 0.0  # ties are misses, not hits
-    # A collapsed decoder's few distinct texts: ẑ takes a handful of values unrelated to z (three in one half, three
-    # others in the other), and a least-squares map fitted on one half extrapolates wildly on the other (R² of about
-    # -16,000 unfloored). It explains nothing: 0.
-    few = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
-    index = torch.randint(0, 3, (1000,), generator=torch.Generator().manual_seed(3))
-    index[500:] += 3
-    z_hat = few[index] + 1e-3 * torch.randn(1000, 8, generator=torch.Generator().manual_seed(4))
-    assert consistency_figures(z, z_hat)["r2"] == 0.0
+
+
+def test_a_cycle_that_keeps_only_the_coarse_direction_does_not_count_as_consistent():
+    """Why consistency is top-1 retrieval and not a share of variance explained: a latent whose variance lies in one
+    coarse direction (a sentence's length, say) that any generic decoding keeps, and whose other directions do not come
+    back. A least-squares R² of z on ẑ reports 0.9 or more; top-1 sees that the sentences do not come back."""
+    g = torch.Generator().manual_seed(0)
+    coarse = 6 * torch.randn(1000, 1, generator=g)
+    z = torch.cat([coarse, 0.2 * torch.randn(1000, 31, generator=g)], dim=1)
+    z_hat = torch.cat([coarse + 0.05 * torch.randn(1000, 1, generator=g), 0.2 * torch.randn(1000, 31, generator=g)], 1)
+    design = np.column_stack([z_hat.numpy(), np.ones(1000)])
+    residual = z.numpy() - design @ np.linalg.lstsq(design, z.numpy(), rcond=None)[0]
+    variance_explained = 1 - (residual**2).sum() / ((z.numpy() - z.numpy().mean(0)) ** 2).sum()
+    assert variance_explained > 0.9  # in sample; out of sample it is a little lower, still high
+    assert consistency_figures(z, z_hat)["top1"] < 0.05
 
 
 def numbers_codec():
@@ -103,7 +109,7 @@ def test_both_cycles_through_an_identity_pair_score_one_and_a_collapsed_encoder_
     generator = torch.Generator().manual_seed(0)
     z, texts, z_hat = prior_cycle(lambda n: torch.randn(n, 4, generator=generator), encode, decode, 400)
     assert texts[0].count(" ") == 3 and torch.allclose(z, z_hat, atol=1e-6)
-    assert consistency_figures(z, z_hat) == {"r2": pytest.approx(1.0, abs=1e-9), "top1": 1.0}
+    assert consistency_figures(z, z_hat) == {"top1": 1.0}
     sentences = decode(torch.randn(400, 4, generator=generator))
     z, _, z_hat = data_cycle(sentences, encode, decode)
     assert consistency_figures(z, z_hat)["top1"] == 1.0
@@ -113,7 +119,7 @@ def test_both_cycles_through_an_identity_pair_score_one_and_a_collapsed_encoder_
 
     z, _, z_hat = data_cycle(sentences, collapsed, decode)
     figures = consistency_figures(z, z_hat)
-    assert figures["r2"] < 0.02 and figures["top1"] < 0.02
+    assert figures["top1"] < 0.02
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,7 +237,7 @@ def test_evaluate_claims_returns_every_figure_with_a_name(tokenizers):
     assert model.training  # left in the mode it came in
     expected = {
         *(f"probe_{n}_{f}{sd}" for n in (20, 100) for f in ("mu", "decoder_mu") for sd in ("", "_sd")),
-        *(f"consistency_{c}_{k}" for c in ("prior", "data") for k in ("r2", "top1")),
+        *(f"consistency_{c}_top1" for c in ("prior", "data")),
         "gen_distinct_1",
         "gen_distinct_2",
         "gen_self_bleu",

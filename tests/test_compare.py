@@ -47,7 +47,13 @@ def test_compare_writes_the_table_and_resumes_without_retraining(tmp_path):
     for key in ("nll_full", "nll_mixture"):  # each remedy also scored under the priors it was not fitted with
         assert math.isfinite(summary["runs"]["vae"]["validation"][key][0]) and math.isfinite(test[key][0]), key
     assert math.isnan(summary["runs"]["ae"]["test"]["nll_fitted"][0])  # no density
-    for key in ("consistency_prior_r2", "consistency_data_top1", "gen_forward_ppl", "gen_distinct_2", "gen_self_bleu"):
+    for key in (
+        "consistency_prior_top1",
+        "consistency_data_top1",
+        "gen_forward_ppl",
+        "gen_distinct_2",
+        "gen_self_bleu",
+    ):
         assert math.isfinite(test[key][0]), key  # the claims, measured with the comparison's reference LM
     assert (output / "reference_lm" / "config.json").is_file()
     table = (output / "results.md").read_text()

@@ -6,17 +6,15 @@ import evaluate
 from scalevae.claims import consistency_figures
 
 _DESCRIPTION = """Consistency of the latent space of a text VAE (scalevae's definition; see scalevae.claims): for N
-cycles latent z -> greedy text -> the text's latent ẑ, `r2` is the share of z's variance that a linear map of ẑ explains
-out of sample (least squares fitted on one half of the cycles, R² per dimension on the other, both halves in turn,
-averaged), and `top1` the share of cycles whose ẑ is closest (cosine, each set centred) to its own z among all N (1/N by
-chance)."""
+cycles latent z -> greedy text -> the text's latent ẑ, `top1` is the share of cycles whose ẑ is closest (cosine, each set
+centred) to its own z among all N (1/N by chance)."""
 
 _INPUTS = """
 Args:
     predictions (`list[list[float]]`): the recovered latents ẑ, (N, d).
     references (`list[list[float]]`): the starting latents z, (N, d), row for row.
 Returns:
-    `{"r2": float, "top1": float}`.
+    `{"top1": float}`.
 """
 
 
