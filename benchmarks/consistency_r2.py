@@ -5,8 +5,10 @@
 For each saved model: z = the decoder's posterior mean of the first N test sentences, x̂ = its greedy decoding,
 ẑ = the latent of x̂ (`scalevae.claims.data_cycle`). Printed: top-1 retrieval; the R² averaged over dimensions (each
 dimension weighted alike, whatever its variance); the pooled R² (the share of z's total variance explained, each
-dimension weighted by its variance); the spread of the dimensions' variances; and the share of the total variance held
-by the 1% of sentences farthest from the mean (how much a few outliers weigh in a least-squares R²).
+dimension weighted by its variance); the spread of the dimensions' variances; the share of the total variance held by
+the 1% of sentences farthest from the mean (how much a few outliers weigh in a least-squares R²); the effective number
+of directions z varies along (participation ratio of its covariance's eigenvalues) and the share of its variance in the
+top two; and how many of the N reconstructions are distinct texts.
 """
 
 import argparse
@@ -42,24 +44,28 @@ def main(argv: list[str]) -> None:
     with open(args.test_file, encoding="utf-8") as file:
         texts = [line.strip() for line in file if line.strip()][: args.num_sentences]
     print(
-        "| model | top-1 | R², mean over dims | R², pooled | dim. variance min / median / max | top 1% of sentences' share of variance |"
+        "| model | top-1 | R², mean over dims | R², pooled | dim. variance min / median / max | top 1% of sentences' "
+        "share of variance | effective dims | variance in top 2 directions | distinct reconstructions |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for folder in args.folders:
         text = LatentText.from_pretrained(folder)
         encode, decode = latent_codec(
             text.model.eval(), text.encoder_tokenizer, text.decoder_tokenizer, args.max_length
         )
-        z, _, z_hat = data_cycle(texts, encode, decode)
+        z, reconstructions, z_hat = data_cycle(texts, encode, decode)
         z, z_hat = z.double().numpy(), z_hat.double().numpy()
         figures = consistency_figures(z, z_hat)
         r2, residual, total = per_dimension_r2(z, z_hat)
         variance = z.var(0)
         distance = ((z - z.mean(0)) ** 2).sum(1)
         top = np.sort(distance)[::-1][: max(1, len(z) // 100)].sum() / distance.sum()
+        eigenvalues = np.linalg.eigvalsh(np.cov(z.T))[::-1]
+        effective = eigenvalues.sum() ** 2 / (eigenvalues**2).sum()
         print(
             f"| {folder} | {figures['top1']:.3f} | {r2.mean():.3f} | {1 - residual.sum() / total.sum():.3f} | "
-            f"{variance.min():.3g} / {np.median(variance):.3g} / {variance.max():.3g} | {top:.3f} |"
+            f"{variance.min():.3g} / {np.median(variance):.3g} / {variance.max():.3g} | {top:.3f} | {effective:.1f} | "
+            f"{eigenvalues[:2].sum() / eigenvalues.sum():.0%} | {len(set(reconstructions))} |"
         )
 
 
