@@ -146,6 +146,8 @@ def checked_kl_weight(kl_weight, training: bool = False):
     if isinstance(kl_weight, torch.Tensor):
         check_kl_weight_tensor(kl_weight, training)
         return kl_weight
+    if torch.compiler.is_compiling():  # a symbolic float under torch.compile: checked once, outside the graph
+        return kl_weight
     return check_number("kl_weight", kl_weight, 0.0)
 
 
@@ -195,6 +197,8 @@ def as_model_latents(latents, dtype: torch.dtype, device: torch.device) -> torch
 # The most rows one call generates (texts × beams × returned sequences), and the most beams or returned sequences per
 # text: beyond, generation would ask the allocator for more than any machine holds and fail without naming why.
 MAX_GENERATION_ROWS = 1 << 16
+# Latents drawn at once (no text generated): millions are cheap (4M x 32 floats are 512 MB), a typo's 1e12 is not.
+MAX_SAMPLED_LATENTS = 1 << 22
 MAX_BEAMS = 256
 
 

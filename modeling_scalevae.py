@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput, logging
 
 try:  # a saved folder loaded with trust_remote_code: transformers only allows relative imports between its files
     from .checks_scalevae import (
-        MAX_GENERATION_ROWS,
+        MAX_SAMPLED_LATENTS,
         ArgumentError,
         as_model_latents,
         cached_length,
@@ -62,7 +62,7 @@ try:  # a saved folder loaded with trust_remote_code: transformers only allows r
     from .loading_scalevae import load_strictly, save_publicly
 except ImportError:  # the same files installed as top-level modules
     from checks_scalevae import (
-        MAX_GENERATION_ROWS,
+        MAX_SAMPLED_LATENTS,
         ArgumentError,
         as_model_latents,
         cached_length,
@@ -914,7 +914,7 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         self, num_samples: int, generator: torch.Generator | None = None, prior: str | None = None
     ) -> torch.Tensor:
         """z ~ p(z), the generative prior (`config.prior`, or `prior`) as the decoder sees it."""
-        num_samples = check_integer("num_samples", num_samples, 1, MAX_GENERATION_ROWS)
+        num_samples = check_integer("num_samples", num_samples, 1, MAX_SAMPLED_LATENTS)
         check_generator("generator", generator)
         return sample_distribution(self.prior_distribution(prior), num_samples, generator)
 

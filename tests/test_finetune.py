@@ -106,7 +106,7 @@ def test_an_override_the_weights_cannot_follow_is_refused_by_name(base_model, tm
 @pytest.mark.parametrize(
     "overrides, refused",
     [
-        ({"latent_injection": "memory"}, "latent_injection"),
+        ({"latent_injection": "both"}, "latent_injection"),  # the base model has the default, "memory"
         ({"collapse_strategy": "vae"}, "collapse_strategy"),  # Scale-VAE's buffers have nowhere to go
         ({"collapse_strategy": "bn"}, "collapse_strategy"),
         ({"prior": "scaled", "kl_weight": 0.5}, "prior"),

@@ -433,7 +433,9 @@ def test_strict_loading_keeps_the_usual_api(small_folders):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     # an explicit request to re-initialise resized layers is honoured (it is not silent: the caller asked)
     resized = scalevae.ScaleVAEForLatentLM.from_pretrained(
-        small_folders["both"], config=tester.get_config(decoder_vocab_size=120), ignore_mismatched_sizes=True
+        small_folders["both"],
+        config=tester.get_config(decoder_vocab_size=120, latent_injection="both"),
+        ignore_mismatched_sizes=True,
     )
     assert resized.decoder.transformer.wte.weight.shape[0] == 120
 

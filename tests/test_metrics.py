@@ -25,6 +25,7 @@ tester = ScaleVAEModelTester(decoder_layers=1, decoder_positions=64, encoder_pos
 
 
 def tiny_model(collapse_strategy="scale", seed=0, amplify=True, **overrides):
+    overrides.setdefault("latent_injection", "both")  # both paths, each amplified below
     model = tester.get_model(seed=seed, collapse_strategy=collapse_strategy, **overrides).eval()
     if amplify:  # a freshly initialised model barely uses z; make posteriors differ and the decoder depend on z
         with torch.no_grad():
