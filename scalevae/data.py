@@ -32,6 +32,7 @@ from scalevae.factory import (
     load_tokenizers,
     new_encoder,
     offline_encoder_path,
+    reading_text_as_text,
     split_long_runs,
 )
 
@@ -553,7 +554,9 @@ def prepare_data(spec) -> RunData:
                 model.new_encoder_heads,
                 spec.data.max_length,
             )
-        encoder_tokenizer = AutoTokenizer.from_pretrained(encoder or offline_encoder_path(), trust_remote_code=False)
+        encoder_tokenizer = reading_text_as_text(
+            AutoTokenizer.from_pretrained(encoder or offline_encoder_path(), trust_remote_code=False)
+        )
     return text_data(raw, encoder_tokenizer, decoder_tokenizer, spec.data.max_length, encoder)
 
 

@@ -145,13 +145,24 @@ def decoder_special_token_ids(decoder_tokenizer: PreTrainedTokenizerBase) -> tup
     return int(bos_id), int(eos_id)
 
 
+def reading_text_as_text(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The one rule for special-token strings in a user's text: "[SEP]", "</s>" or "<pad>" typed in a sentence are its
+    characters, never the special token (which would end a sentence early or forge a BOS in the middle of it). Every
+    tokenizer this package builds or loads goes through here, and the rule is saved with it (tokenizer_config.json),
+    so a folder loaded without this package reads text the same way. The special tokens the model needs are added by
+    id or by the tokenizer's post-processor, which this does not touch."""
+    tokenizer.split_special_tokens = True
+    tokenizer.init_kwargs["split_special_tokens"] = True
+    return tokenizer
+
+
 def prepare_decoder_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """GPT-2's tokenizer has no pad token: padding reuses EOS (labels mask padding out, so the id never counts)."""
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"The decoder tokenizer {type(tokenizer).__name__} needs BOS and EOS tokens.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return reading_text_as_text(tokenizer)
 
 
 def build_model(
@@ -181,7 +192,7 @@ def build_model(
     encoder = encoder or offline_encoder_path()
     # No folder's own code ever runs (trust_remote_code=False on every Auto* call): the classes it needs are ours or
     # transformers', and a folder that asks for its code is refused rather than offered a prompt.
-    encoder_tokenizer = AutoTokenizer.from_pretrained(encoder, trust_remote_code=False)
+    encoder_tokenizer = reading_text_as_text(AutoTokenizer.from_pretrained(encoder, trust_remote_code=False))
     dec_tokenizer = choose_decoder_tokenizer(encoder, decoder, decoder_tokenizer, train_texts, decoder_vocab_size)
     model = new_model(encoder, decoder, dec_tokenizer, decoder_config_overrides, **config_kwargs)
     return model, encoder_tokenizer, dec_tokenizer
@@ -448,7 +459,7 @@ def _load_tokenizers(path):
         raise ValueError(
             "; ".join(problems) + ". Put back the folder's own tokenizer, or save the model again with this one."
         )
-    return encoder_tokenizer, decoder_tokenizer
+    return reading_text_as_text(encoder_tokenizer), reading_text_as_text(decoder_tokenizer)
 
 
 def load_pretrained(path: str | os.PathLike, **kwargs):

@@ -208,3 +208,29 @@ def test_validating_on_the_training_file_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="scalevae.data"):
         raw = load_raw(held_out)
     assert raw["validation"]["text"] == ["a third"] and not caplog.records
+
+
+# -- special-token strings in a user's text ------------------------------------------------------------------------
+
+
+def test_special_token_strings_in_a_sentence_are_read_as_text(tiny_parts, tiny_folder):
+    """"[SEP]" or "</s>" typed in a sentence are its characters: the special ids appear only where the tokenizers'
+    own rules put them, whether the tokenizers were just built, loaded by this package, or loaded by plain
+    transformers from the saved folder (the rule is saved with them)."""
+    from transformers import AutoTokenizer
+
+    from scalevae.factory import DECODER_TOKENIZER_SUBFOLDER, load_tokenizers
+
+    _, built_encoder, built_decoder = tiny_parts
+    loaded_encoder, loaded_decoder = load_tokenizers(tiny_folder)
+    plain_encoder = AutoTokenizer.from_pretrained(tiny_folder)
+    plain_decoder = AutoTokenizer.from_pretrained(tiny_folder, subfolder=DECODER_TOKENIZER_SUBFOLDER)
+    for encoder in (built_encoder, loaded_encoder, plain_encoder):
+        specials = set(encoder.all_special_ids)
+        ids = encoder(f"the food {encoder.sep_token} {encoder.cls_token} {encoder.pad_token} was good")["input_ids"]
+        inside = ids[1:-1]  # the post-processor's own [CLS] ... [SEP] stay
+        assert not specials & set(inside), (type(encoder).__name__, ids)
+    for decoder in (built_decoder, loaded_decoder, plain_decoder):
+        text = f"the food {decoder.eos_token} {decoder.bos_token} was good"
+        ids = decoder(text, add_special_tokens=False)["input_ids"]
+        assert not set(decoder.all_special_ids) & set(ids), ids
