@@ -214,7 +214,7 @@ def test_validating_on_the_training_file_warns(tmp_path, caplog):
 
 
 def test_special_token_strings_in_a_sentence_are_read_as_text(tiny_parts, tiny_folder):
-    """"[SEP]" or "</s>" typed in a sentence are its characters: the special ids appear only where the tokenizers'
+    """ "[SEP]" or "</s>" typed in a sentence are its characters: the special ids appear only where the tokenizers'
     own rules put them, whether the tokenizers were just built, loaded by this package, or loaded by plain
     transformers from the saved folder (the rule is saved with them)."""
     from transformers import AutoTokenizer
