@@ -64,7 +64,9 @@ QUICKSTART = dict(
     num_importance_samples=10,
     eval_sentences=200,
     freeze_encoder=True,
-    scale_target_std=1.0,
+    # Chosen by the main job's targets (docs/quickstart.md): 2.0 reaches BLEU 7.0 with nothing printed stuttering under
+    # the memory injection; 1.0 stays at 4.1.
+    scale_target_std=2.0,
     # The prior that samples come from is refitted when training ends, on 1,024 sentences' posteriors (each a whole
     # Gaussian, so its full covariance is well conditioned) in a quarter of the default's time on a CPU.
     prior_fit_sentences=1024,
