@@ -322,6 +322,21 @@ def edit_json(path, edit) -> None:
     Path(path).write_text(json.dumps(data))
 
 
+def evaluate_args(folder, data, *extra) -> list[str]:
+    """The tiny `scalevae evaluate` command line: no importance samples, 16 tokens, then `extra`."""
+    return [
+        "evaluate",
+        str(folder),
+        "--data",
+        str(data),
+        "--num_importance_samples",
+        "0",
+        "--max_length",
+        "16",
+        *extra,
+    ]
+
+
 def corpus_file(folder, lines=12, name="corpus.txt") -> Path:
     """The first `lines` validation sentences of the embedded corpus, as a local file in `folder`."""
     from scalevae.data import load_text_dataset

@@ -12,7 +12,7 @@ from scalevae.cli import main
 from scalevae.data import load_text_dataset
 from scalevae.hub import save_model
 from tests.conftest import shared_file
-from tests.model_tester import corpus_file, tester
+from tests.model_tester import corpus_file, evaluate_args, tester
 
 
 @pytest.fixture(scope="module", params=["save_model", "save_pretrained"])
@@ -137,20 +137,7 @@ def test_evaluate_without_importance_samples_writes_valid_json(tmp_path, tiny_pa
     data = tmp_path / "test.txt"
     data.write_text("the cat sat\na dog ran far\nthree words here\n")
     output = tmp_path / "metrics.json"
-    main(
-        [
-            "evaluate",
-            str(folder),
-            "--data",
-            str(data),
-            "--num_importance_samples",
-            "0",
-            "--max_length",
-            "16",
-            "--output",
-            str(output),
-        ]
-    )
+    main(evaluate_args(folder, data, "--output", str(output)))
 
     def no_nan(constant):
         raise AssertionError(f"{constant} is not JSON")

@@ -22,6 +22,7 @@ from scalevae.options import (
 )
 from tests.model_tester import (
     corpus_file,
+    evaluate_args,
     folder_bytes,
     tester,
 )
@@ -197,20 +198,6 @@ def test_file(tmp_path):
     path = tmp_path / "test.txt"
     path.write_text("the cat sat\na dog ran far\nthree words here\n")
     return path
-
-
-def evaluate_args(folder, data, *extra):
-    return [
-        "evaluate",
-        str(folder),
-        "--data",
-        str(data),
-        "--num_importance_samples",
-        "0",
-        "--max_length",
-        "16",
-        *extra,
-    ]
 
 
 @pytest.mark.parametrize(
