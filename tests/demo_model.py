@@ -2,28 +2,16 @@
 (one batch, one thread), with the class Gaussians of their sentiment labels saved beside it, so every tab of the page
 has something to show. Real text, read at run time from ../shared/data."""
 
-import contextlib
 from pathlib import Path
 
 import torch
 
 from scalevae import LatentText
-from scalevae.data import DataCollatorForLatentLM, tokenize_texts
 from scalevae.factory import fit_decoder_tokenizer, prepare_decoder_tokenizer
 from scalevae.hub import save_model
-from tests.model_tester import ScaleVAEModelTester
+from tests.model_tester import ScaleVAEModelTester, train_on_one_batch
 
 SENTENCES, STEPS, LATENT_SIZE, MAX_WORDS = 64, 300, 8, 10
-
-
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def short_reviews(text_file: Path, label_file: Path, count: int = SENTENCES) -> tuple[list[str], list[str]]:
@@ -47,22 +35,8 @@ def build_demo_folder(folder: Path, text_file: Path, label_file: Path, steps: in
     tokenizer = prepare_decoder_tokenizer(fit_decoder_tokenizer(texts, vocab_size=400))
     tester = ScaleVAEModelTester(latent_size=LATENT_SIZE, dropout=0.0, decoder_layers=1)
     model = tester.get_model_for_tokenizers(tokenizer, tokenizer, collapse_strategy="scale", scale_target_std=2.0)
-    features = tokenize_texts(texts, tokenizer, tokenizer, max_length=64)
-    batch = DataCollatorForLatentLM(tokenizer, tokenizer)(
-        [{k: features[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in range(len(texts))]
-    )
     torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    with one_thread():
-        model.train()
-        for _ in range(steps):
-            loss = model(**batch).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            model.collapse.end_step()
-        model.fit_prior([batch])
-    model.eval()
+    train_on_one_batch(model, tokenizer, texts, steps, max_length=64)
     save_model(folder, model, tokenizer, tokenizer)
     text = LatentText.from_pretrained(folder)  # as the demo reads the folder (its max_length: 64 tokens)
     text.fit_classes(texts, labels)

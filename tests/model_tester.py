@@ -14,6 +14,7 @@ injection is tested wherever the suite is parametrised over them; `strategies_an
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import json
@@ -320,6 +321,39 @@ def edit_json(path, edit) -> None:
     data = json.loads(Path(path).read_text())
     edit(data)
     Path(path).write_text(json.dumps(data))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside (the tiny trainings' results then do not depend on the machine's thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_on_one_batch(model, tokenizer, texts, steps: int, max_length: int, learning_rate: float = 3e-3):
+    """`model` trained on one batch of all `texts` (encoder and decoder share `tokenizer`) for `steps` AdamW steps on
+    one thread, its prior fitted to that batch; returned in eval mode."""
+    from scalevae.data import DataCollatorForLatentLM, tokenize_texts
+
+    features = tokenize_texts(texts, tokenizer, tokenizer, max_length=max_length)
+    batch = DataCollatorForLatentLM(tokenizer, tokenizer)(
+        [{k: features[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in range(len(texts))]
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    with one_thread():
+        model.train()
+        for _ in range(steps):
+            loss = model(**batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            model.collapse.end_step()
+        model.fit_prior([batch])
+    return model.eval()
 
 
 def evaluate_args(folder, data, *extra) -> list[str]:

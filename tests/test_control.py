@@ -7,7 +7,6 @@ it changes can be checked word by word. Training runs on one thread: steps this 
 thread than computing, ten times more on a loaded machine.
 """
 
-import contextlib
 import itertools
 import math
 
@@ -25,13 +24,12 @@ from scalevae.control import (
     generate_label,
     transfer_at_bleu,
 )
-from scalevae.data import DataCollatorForLatentLM, tokenize_texts
 from scalevae.factory import fit_decoder_tokenizer, prepare_decoder_tokenizer
 from scalevae.hub import folder_files, save_model
 from scalevae.latent import CLASSES_FILE, AttributeDirection
 from scalevae.metrics import metric_info
 from scalevae.plots import plot_control
-from tests.model_tester import ScaleVAEModelTester
+from tests.model_tester import ScaleVAEModelTester, one_thread, train_on_one_batch
 
 NOUNS = ("food", "service", "staff", "pizza", "coffee", "room")
 PLACES = ("downtown", "uptown", "tonight", "today")
@@ -62,16 +60,6 @@ def word_class(text: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The model trained on the corpus (one batch of all 48 sentences, AdamW), its `LatentText` and its saved folder.
@@ -84,21 +72,7 @@ def trained(tmp_path_factory):
     model = tester.get_model_for_tokenizers(
         tokenizer, tokenizer, collapse_strategy="scale", scale_target_std=DES_STD, latent_injection="both"
     )
-    features = tokenize_texts(texts, tokenizer, tokenizer, max_length=24)
-    batch = DataCollatorForLatentLM(tokenizer, tokenizer)(
-        [{k: features[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in range(len(texts))]
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    with one_thread():
-        model.train()
-        for _ in range(STEPS):
-            loss = model(**batch).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            model.collapse.end_step()
-        model.fit_prior([batch])
-    model.eval()
+    train_on_one_batch(model, tokenizer, texts, STEPS, max_length=24)
     folder = save_model(tmp_path_factory.mktemp("synthetic") / "model", model, tokenizer, tokenizer)
     return LatentText(model, tokenizer, tokenizer, max_length=24), folder
 

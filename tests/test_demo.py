@@ -33,7 +33,8 @@ from scalevae.demo import (
 )
 from scalevae.latent import CLASSES_FILE
 from tests.data_guard import shared_file
-from tests.demo_model import build_demo_folder, one_thread, short_reviews
+from tests.demo_model import build_demo_folder, short_reviews
+from tests.model_tester import one_thread
 
 LIMITS = Limits()
 
