@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 
 from scalevae.claims import NUCLEUS_DECODING, language_model_perplexity, repetition_rate
-from scalevae.compare import comparison_spec, run_settings
+from scalevae.compare import comparison_spec, reference_language_model, run_settings
 from scalevae.control import EDIT_DECODING, evaluate_control
+from scalevae.data import prepare_data
+from scalevae.evaluation import text_classifier
 from scalevae.latent import LatentText
 from scalevae.metrics import reconstruction_bleu
-from scalevae.recipe import prepare_data, quiet, reference_language_model, run, text_classifier
+from scalevae.recipe import quiet, run
 from scalevae.training import fit_prior_families, prior_fit_batches
 
 # name -> (the comparison's run, config overrides, training overrides). The bare names are the defaults (the latent

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,13 @@ def test_benchmark_smoke_run_reports_every_ratio(tmp_path):
     assert expected <= set(report["results"])
     assert all(math.isfinite(value) and value > 0 for value in report["results"].values())
     assert "ratio" in result.stdout and "iw_nll_over_decoder_floor" in result.stdout
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in (REPO / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_imports_and_explains_itself(script):
+    # The scripts import the package's inner modules; a name moved by a refactor must fail here, not in a measurement.
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "usage:" in result.stdout
