@@ -67,5 +67,5 @@ setup(
         "demo": ["gradio>=6.31", "pandas>=2.2", "selenium>=4.30"],
         "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.5", "ruff==0.16.9", "deepspeed>=0.15"],
     },
-    entry_points={"console_scripts": ["scalevae=scalevae.cli:main"]},
+    entry_points={"console_scripts": ["scalevae=scalevae.cli:console"]},
 )

@@ -2,10 +2,25 @@
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import MISSING, dataclass, field
 
 import torch
 
+from checks_scalevae import MAX_BEAMS, MAX_GENERATION_ROWS
+
+from .options import (
+    OptionParser,
+    device_option,
+    explicit_options,
+    field_specs,
+    max_length_option,
+    max_new_tokens_option,
+    number,
+    seed_option,
+    validate_options,
+)
 from .recipe import RunSpec, run
 
 TRAIN_HELP = """Train with the stock transformers Trainer. Every TrainingArguments option is accepted, plus the model's
@@ -128,6 +143,115 @@ class RenamedOption(argparse.Action):
         parser.error(f"{option_string} is now {self.new_name} (one name for importance samples in every command).")
 
 
+# The options of the commands over a saved model, each declared once on its field (range, default, help):
+# `OptionParser` reads them for argparse and `validate_options` for the ranges.
+@dataclass
+class EvaluateArguments:
+    data: str = field(metadata={"help": "one sentence per line"})
+    num_importance_samples: int = number(
+        500, low=0, integer=True, help="k of the importance-weighted NLL, per sentence (0: no NLL, reported as null)"
+    )
+    max_sentences: int | None = number(None, low=1, integer=True, help="the first N sentences only (default: all)")
+    max_length: int = max_length_option()
+    batch_size: int = number(16, low=1, integer=True)
+    seed: int = seed_option()
+    device: str | None = device_option()
+    output: str | None = field(
+        default=None,
+        metadata={"help": "JSON file for the figures (default: printed only; never inside a model folder)"},
+    )
+
+
+GENERATE_MODES = {"sample": 1, "reconstruct": None, "interpolate": 2, "analogy": 3}  # mode -> how many values
+
+
+@dataclass
+class GenerateArguments:
+    sample: int | None = number(
+        None, low=1, high=MAX_GENERATION_ROWS, integer=True, help="decode N latents drawn from the prior",
+        metadata={"metavar": "N"},
+    )  # fmt: skip
+    reconstruct: list[str] | None = field(default=None, metadata={"help": "texts to reconstruct", "metavar": "TEXT"})
+    interpolate: list[str] | None = field(
+        default=None, metadata={"help": "two texts A B: decode points on the path between their latents"}
+    )
+    analogy: list[str] | None = field(default=None, metadata={"help": "three texts A B C: decode z_C + z_B - z_A"})
+    steps: int | None = number(
+        None, low=2, high=MAX_GENERATION_ROWS, integer=True, only_with="interpolate", help="points on the path (5)"
+    )
+    max_new_tokens: int = max_new_tokens_option(40)
+    num_beams: int = number(1, low=1, high=MAX_BEAMS, integer=True)
+    do_sample: bool = field(default=False, metadata={"help": "sample the tokens instead of greedy or beam search"})
+    temperature: float | None = number(None, low=0, low_open=True, only_with="do_sample", help="default 1")
+    top_p: float | None = number(None, low=0, high=1, low_open=True, only_with="do_sample", help="nucleus mass (1)")
+    seed: int = seed_option()
+    device: str | None = device_option()
+    label: str | None = field(
+        default=None, metadata={"help": "with --sample: latents of this class's Gaussian (label-conditional)"}
+    )
+    labelled_file: str | None = field(
+        default=None, metadata={"help": "with --label: texts to fit the classes on, one per line"}
+    )
+    label_file: str | None = field(
+        default=None, metadata={"help": "with --label: one class per line of --labelled_file"}
+    )
+    save_classes: bool = field(default=False, metadata={"help": "write the fitted classes into the model folder"})
+
+
+@dataclass
+class EditArguments:
+    labelled_file: str = field(metadata={"help": "texts the direction is fitted on, one per line"})
+    label_file: str = field(metadata={"help": "one class per line of --labelled_file"})
+    to: str = field(metadata={"help": "the class to move towards"})
+    strength: float = number(
+        MISSING, help="in units of the gap between the class means (1: that gap; negative: away from --to)"
+    )
+    input: str | None = field(
+        default=None, metadata={"help": "texts to edit, one per line (default: labelled texts not of --to)"}
+    )
+    from_label: str | None = field(
+        default=None, metadata={"help": "the class to move from (default: the other class)"}
+    )
+    method: str = field(
+        default="mean", metadata={"help": "how the direction is fitted", "choices": ("mean", "logistic")}
+    )
+    num_examples: int = number(
+        10, low=1, high=MAX_GENERATION_ROWS, integer=True, help="without --input: how many labelled texts"
+    )
+    max_new_tokens: int | None = max_new_tokens_option(None)
+    device: str | None = device_option()
+
+
+COMMANDS = ("quickstart", "train", "evaluate", "generate", "edit", "compare", "demo")
+MODEL_COMMANDS = {
+    "evaluate": (EvaluateArguments, "IW-NLL, PPL, KL, MI, AU, BLEU of a saved model on a text file"),
+    "generate": (GenerateArguments, "sample, reconstruct, interpolate or do latent arithmetic"),
+    "edit": (EditArguments, "move sentences along an attribute direction fitted on labelled texts"),
+}
+
+
+def parse_model_command(command: str, argv: list[str]) -> argparse.Namespace:
+    """A command over a saved model: `scalevae COMMAND MODEL [options]`, its options parsed and checked against the
+    ranges declared on its dataclass's fields."""
+    arguments, description = MODEL_COMMANDS[command]
+    parser = OptionParser(arguments, prog=f"scalevae {command}", description=description)
+    parser.add_argument("model", help="a folder saved by scalevae, or a Hub id")
+    if command == "evaluate":
+        parser.add_argument("--num_samples", action=RenamedOption, new_name="--num_importance_samples")
+    args = parser.parse_args(argv)
+    if command == "generate":
+        modes = [mode for mode in GENERATE_MODES if getattr(args, mode) is not None]
+        if not modes:
+            parser.error(f"one of the arguments {' '.join('--' + mode for mode in GENERATE_MODES)} is required")
+        if len(modes) > 1:
+            parser.error(f"argument --{modes[1]}: not allowed with argument --{modes[0]}")
+        expected = GENERATE_MODES[modes[0]]
+        if expected and isinstance(getattr(args, modes[0]), list) and len(getattr(args, modes[0])) != expected:
+            parser.error(f"argument --{modes[0]}: expected {expected} arguments")
+    validate_options(args, explicit_options(parser, argv), command, specs=field_specs(arguments))
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # The run commands parse the run recipe's options (config, model, data, run, TrainingArguments) themselves.
@@ -148,91 +272,51 @@ def main(argv: list[str] | None = None) -> None:
 
         print(format_markdown(run_comparison(argv[1:])))
         return
-    parser = argparse.ArgumentParser(prog="scalevae", description="Scale-VAE text VAEs on Hugging Face transformers.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    commands.add_parser("quickstart", help="train on the embedded corpus and show what the model learned (--help)")
-    commands.add_parser("train", help=TRAIN_HELP.splitlines()[0] + " (see `scalevae train --help`)")
-
-    ev = commands.add_parser("evaluate", help="IW-NLL, PPL, KL, MI, AU, BLEU of a saved model on a text file")
-    ev.add_argument("model")
-    ev.add_argument("--data", required=True, help="one sentence per line")
-    ev.add_argument(
-        "--num_importance_samples", type=int, default=500, help="k of the importance-weighted NLL, per sentence"
-    )
-    ev.add_argument("--num_samples", action=RenamedOption, new_name="--num_importance_samples")
-    ev.add_argument("--max_sentences", type=int, default=None)
-    ev.add_argument("--max_length", type=int, default=64)
-    ev.add_argument("--batch_size", type=int, default=16)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
-    ev.add_argument(
-        "--output", default=None, help="JSON file for the figures (default: printed only; never inside a model folder)"
-    )
-
-    gen = commands.add_parser("generate", help="sample, reconstruct, interpolate or do latent arithmetic")
-    gen.add_argument("model")
-    what = gen.add_mutually_exclusive_group(required=True)
-    what.add_argument("--sample", type=int, metavar="N")
-    what.add_argument("--reconstruct", nargs="+", metavar="TEXT")
-    what.add_argument("--interpolate", nargs=2, metavar=("A", "B"))
-    what.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), help="decode z_C + z_B - z_A")
-    gen.add_argument("--steps", type=int, default=None, help="with --interpolate: points on the path (default 5)")
-    gen.add_argument("--max_new_tokens", type=int, default=40)
-    gen.add_argument("--num_beams", type=int, default=1)
-    gen.add_argument("--do_sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=None, help="with --do_sample (default 1)")
-    gen.add_argument("--top_p", type=float, default=None, help="with --do_sample: nucleus sampling (default 1)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
-    gen.add_argument(
-        "--label", default=None, help="with --sample: latents of this class's Gaussian (label-conditional)"
-    )
-    gen.add_argument("--labelled_file", default=None, help="with --label: texts to fit the classes on, one per line")
-    gen.add_argument("--label_file", default=None, help="with --label: one class per line of --labelled_file")
-    gen.add_argument("--save_classes", action="store_true", help="write the fitted classes into the model folder")
-
-    edit = commands.add_parser("edit", help="move sentences along an attribute direction fitted on labelled texts")
-    edit.add_argument("model")
-    edit.add_argument("--labelled_file", required=True, help="texts the direction is fitted on, one per line")
-    edit.add_argument("--label_file", required=True, help="one class per line of --labelled_file")
-    edit.add_argument("--to", required=True, help="the class to move towards")
-    edit.add_argument("--strength", required=True, help="in units of the gap between the class means (1: that gap)")
-    edit.add_argument(
-        "--input", default=None, help="texts to edit, one per line (default: labelled texts not of --to)"
-    )
-    edit.add_argument("--from_label", default=None, help="the class to move from (default: the other class)")
-    edit.add_argument("--method", default="mean", choices=("mean", "logistic"), help="how the direction is fitted")
-    edit.add_argument("--num_examples", type=int, default=10, help="without --input: how many labelled texts")
-    edit.add_argument("--max_new_tokens", type=int, default=None)
-    edit.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
-
-    commands.add_parser(
-        "compare",
-        help="train every collapse remedy with the same model, data and seeds; write a table, JSON and PNGs (--help)",
-    )
-
-    commands.add_parser("demo", help="a local Gradio page over a saved model's latent space (--help; needs [demo])")
-
-    args = parser.parse_args(argv)
-    from .options import COMMAND_OPTIONS, validate_options
-
-    # Every numeric option given is checked against its range; one that does nothing in the chosen mode warns once.
-    given = {name for name, value in vars(args).items() if value is not None and value is not False}
-    if args.command in COMMAND_OPTIONS:
-        validate_options(args, given, args.command, specs=COMMAND_OPTIONS[args.command])
-    if args.command == "evaluate":
-        evaluate(args)
-    elif args.command == "generate":
-        generate(args)
-    elif args.command == "edit":
+    if argv[:1] == ["evaluate"]:
+        return evaluate(parse_model_command("evaluate", argv[1:]))
+    if argv[:1] == ["generate"]:
+        return generate(parse_model_command("generate", argv[1:]))
+    if argv[:1] == ["edit"]:
         from .control import edit_command
 
+        args = parse_model_command("edit", argv[1:])
         edit_command(
             args.model, args.labelled_file, args.label_file, args.to, args.strength, args.input, args.from_label,
             args.method, args.num_examples, args.device, args.max_new_tokens,
         )  # fmt: skip
+        return
+    # No command, an unknown one or --help: the list of commands.
+    parser = argparse.ArgumentParser(prog="scalevae", description="Scale-VAE text VAEs on Hugging Face transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("quickstart", help="train on the embedded corpus and show what the model learned (--help)")
+    commands.add_parser("train", help=TRAIN_HELP.splitlines()[0] + " (see `scalevae train --help`)")
+    for command, (_, description) in MODEL_COMMANDS.items():
+        commands.add_parser(command, help=f"{description} (--help)")
+    commands.add_parser(
+        "compare",
+        help="train every collapse remedy with the same model, data and seeds; write a table, JSON and PNGs (--help)",
+    )
+    commands.add_parser("demo", help="a local Gradio page over a saved model's latent space (--help; needs [demo])")
+    parser.parse_args(argv)
+
+
+def console() -> None:
+    """The `scalevae` program: `main`, with a user's mistake (an option out of range, a missing file or folder, a folder
+    in use, a full disk) printed as one line that names it and exit status 2 (a usage error) or 1, not a traceback;
+    `SCALEVAE_TRACEBACK=1` shows the traceback."""
+    from .hub import FolderInUseError
+    from .options import OptionError
+
+    try:
+        main()
+    except (ValueError, OSError, FolderInUseError) as error:
+        if os.environ.get("SCALEVAE_TRACEBACK"):
+            raise
+        command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else ""
+        message = str(error).removeprefix(f"{command}: ") if command else str(error)
+        print(f"scalevae{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, OptionError) else 1) from None
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
-from checks_scalevae import MAX_BEAMS, MAX_GENERATION_ROWS
 from configuration_scalevae import PAPER_ALIASES, PRIORS, ScaleVAEConfig
 
 from .outputs import is_model_folder
@@ -36,7 +35,6 @@ logger = logging.getLogger(__name__)
 KL_SCHEDULES = ("constant", "linear", "cyclical")
 
 __all__ = [
-    "COMMAND_OPTIONS",
     "OptionParser",
     "field_specs",
     "Condition",
@@ -49,6 +47,10 @@ __all__ = [
     "merged_options",
     "number",
     "validate_options",
+    "device_option",
+    "max_length_option",
+    "max_new_tokens_option",
+    "seed_option",
 ]
 
 
@@ -149,7 +151,27 @@ def number(
         "required_with": _condition(required_with),
         **field_kwargs.pop("metadata", {}),
     }
-    return dataclasses.field(default=default, metadata=metadata, **field_kwargs)
+    if "default_factory" not in field_kwargs and default is not dataclasses.MISSING:  # MISSING: a required option
+        field_kwargs["default"] = default
+    return dataclasses.field(metadata=metadata, **field_kwargs)
+
+
+# The options several commands share, declared once: each command's dataclass calls these for its field.
+def seed_option(help: str = "random seed"):
+    return number(0, low=0, high=2**32 - 1, integer=True, help=help)
+
+
+def max_length_option(help: str = "tokens per sentence, for the encoder and the decoder"):
+    return number(64, low=2, high=131072, integer=True, help=help)
+
+
+def max_new_tokens_option(default: int | None, help: str = "tokens generated per text at most"):
+    return number(default, low=1, high=131072, integer=True, help=help)
+
+
+def device_option(default: str | None = None):
+    where = f"default {default}" if default else "default: cuda when available"
+    return dataclasses.field(default=default, metadata={"help": f"cpu, cuda, cuda:1... ({where})"})
 
 
 # What `number(...)` adds to a field's metadata beyond argparse's keywords.
@@ -173,7 +195,7 @@ def validate_options(
     """Check the options a command line gave against their specs; raise `OptionError` for the first given value
     outside its range (each element of a list option is checked) or a required option missing (None) in the chosen
     mode. The specs are a dataclass's `number(...)` field metadata, or `specs` ({option: {"range", "only_with",
-    "required_with"}}, e.g. `COMMAND_OPTIONS[command]`, for an argparse Namespace or the sections of a `RunSpec`).
+    "required_with"}}, e.g. `field_specs(*sections)`, for an argparse Namespace or the sections of a `RunSpec`).
     `given`: the names the command line set (default: those of a dataclass not at their default); defaults are the
     program's own, which may be sentinels (TrainingArguments' max_steps=-1: train for the epochs) and are not checked.
     Given options that do nothing in the chosen mode are warned about, once per option and command in a process.
@@ -247,9 +269,9 @@ _POSITIVE = _spec(0, None, integer=False, low_open=True)  # a finite number > 0
 _CYCLICAL = ("kl_schedule", "cyclical")
 _LINEAR = ("kl_schedule", "linear")
 
-# The valid value of every numeric option of every command, by option name: the table the commands validate against
-# at parse time (`validate_options(args, given, command, specs=COMMAND_OPTIONS[command])`), and the ranges their help
-# texts show. Sizes and lengths that depend on the model are checked once it is known (`check_max_length`, the
+# Every numeric option of every command is declared once, with its range: on its dataclass field (`number(...)`; the
+# commands validate at parse time with `validate_options(args, given, command, specs=field_specs(*sections))`, and the
+# help texts show the ranges), or, for the stock TrainingArguments, in the table below. Sizes and lengths that depend on the model are checked once it is known (`check_max_length`, the
 # config's own `validate_scalevae`, generation's position check). 0 means "none" only where that is a real choice (0
 # importance samples: no IW-NLL; 0 warm-up steps of the learning rate), never "the default".
 #
@@ -543,9 +565,7 @@ class DataArguments:
     )
     dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset instead of files"})
     text_column: str = "text"
-    max_length: int = number(
-        64, low=2, high=131072, integer=True, help="tokens per sentence, for the encoder and the decoder"
-    )
+    max_length: int = max_length_option()
     train_sentences: int | None = number(None, low=1, integer=True, help="train on the first N sentences only")
     eval_sentences: int | None = number(
         None, low=1, integer=True, help="evaluate on the first N validation and test sentences only"
@@ -627,50 +647,15 @@ SMALL_RUN_DEFAULTS = dict(
 
 
 def field_specs(*sections: type) -> dict[str, dict]:
-    """{option: its range and conditions} of the `number(...)` fields of dataclasses: what `validate_options` checks."""
-    return {
-        item.name: item.metadata
-        for section in sections
-        for item in dataclasses.fields(section)
-        if "range" in item.metadata
-    }
-
-
-# Every numeric option of the run commands (train, quickstart, compare): the stock TrainingArguments' table and the
-# recipe's sections' fields.
-_RECIPE_OPTIONS = {**TRAINING_OPTIONS, **field_specs(ModelArguments, DataArguments, RunArguments)}
-
-# The valid value of every numeric option of every command, by option name: what the commands validate against at parse
-# time (`validate_options(args, given, command, specs=COMMAND_OPTIONS[command])`).
-COMMAND_OPTIONS: dict[str, dict[str, dict]] = {
-    "train": _RECIPE_OPTIONS,
-    "quickstart": _RECIPE_OPTIONS,
-    "compare": {
-        **_RECIPE_OPTIONS,
-        "seeds": _SEED,
-        "des_std_sweep": _spec(0, 1e3, integer=False, low_open=True),  # scale_target_std's own range
-    },
-    "evaluate": {
-        "num_importance_samples": _spec(0),  # 0: no importance-weighted NLL (reported as null)
-        "max_sentences": _spec(1),  # left out: every sentence
-        "max_length": _spec(2, 1 << 17),
-        "batch_size": _spec(1),
-        "seed": _SEED,
-    },
-    "edit": {
-        "num_examples": _spec(1, MAX_GENERATION_ROWS),  # without --input: the first N labelled texts
-        "max_new_tokens": _spec(1, 1 << 17),
-    },
-    "generate": {
-        "sample": _spec(1, MAX_GENERATION_ROWS),
-        "steps": _spec(2, MAX_GENERATION_ROWS, only_with="interpolate"),
-        "max_new_tokens": _spec(1, 1 << 17),
-        "num_beams": _spec(1, MAX_BEAMS),
-        "temperature": _spec(0, None, integer=False, low_open=True, only_with="do_sample"),
-        "top_p": _spec(0, 1, integer=False, low_open=True, only_with="do_sample"),
-        "seed": _SEED,
-    },
-}
+    """{option: its range and conditions} of the dataclasses a command parses: their `number(...)` fields, and for the
+    stock `TrainingArguments` (which declares no ranges) `TRAINING_OPTIONS`. What `validate_options` checks."""
+    specs = {}
+    for section in sections:
+        if issubclass(section, TrainingArguments):
+            specs |= TRAINING_OPTIONS
+        else:
+            specs |= {item.name: item.metadata for item in dataclasses.fields(section) if "range" in item.metadata}
+    return specs
 
 
 class OptionParser(HfArgumentParser):

@@ -32,7 +32,6 @@ from .evaluation import evaluate
 from .factory import load_for_finetuning, new_model
 from .hub import save_run
 from .options import (
-    COMMAND_OPTIONS,
     DataArguments,
     ModelArguments,
     OptionParser,
@@ -42,6 +41,7 @@ from .options import (
     config_arguments,
     config_kwargs_from,
     explicit_options,
+    field_specs,
     merged_options,
     validate_options,
 )
@@ -90,13 +90,14 @@ class RunSpec:
     ) -> tuple["RunSpec", set[str], tuple]:
         """The spec a command line gives, the options it gave explicitly (a fine-tuned model keeps its saved config
         values but for those), and the command's `extra` dataclasses, parsed. Every numeric option given is checked
-        against its range (`scalevae.options.COMMAND_OPTIONS[command]`): 0 or a negative number never means "the
+        against the range declared on its field (`scalevae.options.field_specs`): 0 or a negative number never means "the
         default"; an option that does nothing in the chosen mode warns once."""
         parser = cls.parser(defaults, extra, **parser_kwargs)
         config_args, model, data, run, training, *extras = parser.parse_args_into_dataclasses(argv)
         given = explicit_options(parser, argv)
+        sections = (TrainingArguments, ModelArguments, DataArguments, RunArguments, *extra)
         validate_options(
-            merged_options(model, data, run, training, *extras), given, command, specs=COMMAND_OPTIONS[command]
+            merged_options(model, data, run, training, *extras), given, command, specs=field_specs(*sections)
         )
         check_output_folder(training.output_dir, model.model_name_or_path)
         config = config_kwargs_from(config_args)

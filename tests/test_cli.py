@@ -168,3 +168,39 @@ def test_the_evaluate_command_equals_evaluate_model_on_the_same_data(tiny_folder
     assert expected["num_sentences"] == 10
     for key, value in expected.items():
         assert written[key] == (None if value != value else pytest.approx(value, rel=1e-12, abs=1e-12)), key
+
+
+# Bad command lines of every command, as a user types them: each must end in one line that names the problem.
+MISTAKES = [
+    (["train", "--output_dir", "{tmp}/run", "--max_steps", "0"], 2, "scalevae train: error: --max_steps 0"),
+    (["train", "--output_dir", "{tmp}/run", "--train_file", "{tmp}/none.txt"], 1, "none.txt"),
+    (["quickstart", "--train_minutes", "-1"], 2, "scalevae quickstart: error: --train_minutes -1.0"),
+    (["compare", "--seeds", "0", "-1"], 2, "scalevae compare: error: --seeds -1"),
+    (["evaluate", "{tmp}/none", "--data", "{tmp}/none.txt", "--batch_size", "0"], 2, "--batch_size 0"),
+    (["evaluate", "{tmp}/none", "--data", "{tmp}/none.txt"], 1, "{tmp}/none"),
+    (["generate", "{tmp}/none", "--sample", "1"], 1, "the model {tmp}/none does not exist"),
+    (["generate", "{tmp}/none", "--sample", "2", "--top_p", "1.5", "--do_sample"], 2, "--top_p 1.5"),
+    (
+        ["edit", "x", "--labelled_file", "a", "--label_file", "b", "--to", "1", "--strength", "nan"],
+        2,
+        "--strength nan",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, status, message", MISTAKES, ids=lambda value: str(value)[:40])
+def test_the_program_reports_a_mistake_in_one_line_not_a_traceback(tmp_path, argv, status, message):
+    import subprocess
+    import sys
+
+    argv = [part.format(tmp=tmp_path) for part in argv]
+    result = subprocess.run(
+        [sys.executable, "-c", "from scalevae.cli import console; console()", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr.strip().splitlines()[-1]

@@ -13,10 +13,10 @@ import pytest
 import scalevae
 from scalevae.cli import main
 from scalevae.options import (
-    COMMAND_OPTIONS,
     OptionError,
     check_max_length,
     check_output_folder,
+    field_specs,
     number,
     validate_options,
 )
@@ -28,6 +28,52 @@ from tests.model_tester import (
 )
 
 # -- one validation for every command -----------------------------------------------------------------------------
+
+
+def command_sections() -> dict[str, tuple]:
+    """The dataclasses each command parses: its options and their ranges are declared on their fields."""
+    from transformers import TrainingArguments
+
+    from scalevae.cli import EditArguments, EvaluateArguments, GenerateArguments
+    from scalevae.compare import CompareArguments
+    from scalevae.options import DataArguments, ModelArguments, RunArguments
+    from scalevae.quickstart import QuickstartArguments
+
+    run = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
+    return {
+        "train": run,
+        "quickstart": (*run, QuickstartArguments),
+        "compare": (*run, CompareArguments),
+        "evaluate": (EvaluateArguments,),
+        "generate": (GenerateArguments,),
+        "edit": (EditArguments,),
+    }
+
+
+def command_specs(command: str) -> dict:
+    return field_specs(*command_sections()[command])
+
+
+def test_every_numeric_option_of_our_dataclasses_declares_its_range():
+    """Each command's numeric options carry their range on their field (`number(...)`): one declaration, read by the
+    parser, the validator and the help text. A new numeric field without one fails here."""
+    import dataclasses
+    import typing
+
+    def numeric(annotation) -> bool:  # int, float, or an Optional or list of them
+        if annotation in (int, float):
+            return True
+        return any(numeric(part) for part in typing.get_args(annotation))
+
+    for command, sections in command_sections().items():
+        for section in sections:
+            if section.__module__.startswith("transformers"):
+                continue  # the stock TrainingArguments: their ranges are our TRAINING_OPTIONS table
+            hints = typing.get_type_hints(section)
+            for item in dataclasses.fields(section):
+                if numeric(hints[item.name]):
+                    assert "range" in item.metadata, f"{command}: --{item.name} declares no range"
+                    assert item.metadata["range"].describe() in item.metadata["help"], item.name
 
 
 @pytest.mark.parametrize(
@@ -61,12 +107,12 @@ from tests.model_tester import (
 def test_every_numeric_option_is_checked_with_its_range(command, option, value, mode, message):
     options = Namespace(**{option: value, **mode})
     with pytest.raises(OptionError, match=rf"^{command}: {message}"):
-        validate_options(options, given={option, *mode}, command=command, specs=COMMAND_OPTIONS[command])
+        validate_options(options, given={option, *mode}, command=command, specs=command_specs(command))
 
 
 def test_options_that_do_nothing_in_the_mode_warn_once(caplog, monkeypatch):
     monkeypatch.setattr(scalevae.options, "_warned", set())  # what earlier tests of this process warned about
-    specs = COMMAND_OPTIONS["generate"]
+    specs = command_specs("generate")
     options = Namespace(do_sample=False, top_p=0.9, temperature=0.7, num_beams=2, interpolate=None, steps=4)
     with caplog.at_level(logging.WARNING, logger="scalevae.options"):
         warnings = validate_options(options, {"top_p", "temperature", "num_beams", "steps"}, "generate", specs=specs)
@@ -81,7 +127,7 @@ def test_options_that_do_nothing_in_the_mode_warn_once(caplog, monkeypatch):
 
 
 def test_a_run_specs_sections_are_validated_together():
-    """RunSpec.parse checks every section's given options against `COMMAND_OPTIONS[command]` at parse time."""
+    """RunSpec.parse checks every section's given options against the ranges on their fields at parse time."""
     from scalevae.options import merged_options
     from scalevae.recipe import RunSpec
 
@@ -92,7 +138,7 @@ def test_a_run_specs_sections_are_validated_together():
         RunSpec.parse(argv[:-2], command="quickstart")  # max_steps left at TrainingArguments' -1: not checked
     spec, given, _ = RunSpec.parse(argv[:4])
     options = merged_options(spec.model, spec.data, spec.run, spec.training)
-    (warning,) = validate_options(options, given, "train", specs=COMMAND_OPTIONS["train"])
+    (warning,) = validate_options(options, given, "train", specs=command_specs("train"))
     assert warning == "train: --kl_n_cycle does nothing without --kl_schedule cyclical; it is ignored."
 
 
