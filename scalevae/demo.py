@@ -19,13 +19,14 @@ import shutil
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .factory import resolve_device
 from .latent import CLASSES_FILE, AttributeDirection, LatentClasses, LatentText, evaluating
+from .options import OptionParser, device_option, explicit_options, field_specs, number, validate_options
 
 # The embedded main job's folder (`scalevae quickstart` writes it).
 DEFAULT_FOLDER = Path("outputs") / "quickstart" / "scale" / "final"
@@ -570,40 +571,44 @@ def require_gradio():
     return gradio
 
 
+@dataclass
+class DemoArguments:
+    """`scalevae demo [FOLDER]`'s options, each declared once with its range (`scalevae.options.number`)."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (default 127.0.0.1: this machine only)"})
+    port: int = number(7860, low=1, high=65535, integer=True)
+    sentences: str | None = field(
+        default=None,
+        metadata={
+            "help": f"the map's sentences, one per line (default: FOLDER/{SENTENCES_FILE}, else the embedded corpus)"
+        },
+    )
+    labels: str | None = field(default=None, metadata={"help": "one label per line of --sentences (colours the map)"})
+    max_sentences: int = number(1000, low=2, high=MAX_MAP_SENTENCES, integer=True, help="sentences on the map")
+    max_queue: int = number(32, low=1, high=1000, integer=True, help="requests waiting at most; more are refused")
+    projection: str = field(
+        default="auto",
+        metadata={"help": "the map's: UMAP when umap-learn is installed (auto)", "choices": PROJECTIONS},
+    )
+    device: str = device_option("cpu")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="scalevae demo", description="A local page over a saved model's latent space (Gradio)."
+    parser = OptionParser(
+        DemoArguments, prog="scalevae demo", description="A local page over a saved model's latent space (Gradio)."
     )
     parser.add_argument(
         "folder", nargs="?", default=str(DEFAULT_FOLDER), help=f"a saved folder (default {DEFAULT_FOLDER})"
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument(
-        "--sentences",
-        default=None,
-        help=f"the map's sentences, one per line (default: FOLDER/{SENTENCES_FILE}, else the embedded corpus)",
-    )
-    parser.add_argument("--labels", default=None, help="one label per line of --sentences (colours the map)")
-    parser.add_argument(
-        "--max_sentences",
-        type=int,
-        default=1000,
-        help=f"sentences on the map (default 1000, at most {MAX_MAP_SENTENCES})",
-    )
-    parser.add_argument("--max_queue", type=int, default=32, help="requests waiting at most; more are refused")
-    parser.add_argument(
-        "--projection", default="auto", choices=PROJECTIONS, help="the map's: UMAP when umap-learn is installed (auto)"
-    )
-    parser.add_argument("--device", default="cpu", help="where the model runs (default cpu; cuda, cuda:1...)")
-    return parser.parse_args(argv)  # fmt: skip
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    validate_options(args, explicit_options(parser, argv), "demo", specs=field_specs(DemoArguments))
+    return args
 
 
 def serve(args: argparse.Namespace, host: str | None = "127.0.0.1", block: bool = True):
     """Load the folder (failing before any server starts), build the page and launch it; returns the page."""
     require_gradio()
-    if not 1 <= args.max_queue <= 1000:
-        raise SystemExit(f"--max_queue {args.max_queue} must be in [1, 1000].")
     # The map's latents are computed once, before the page starts: a minute or more for a thousand sentences with a
     # BERT-size encoder on a small CPU, so say what is happening.
     print(f"scalevae demo: loading {args.folder}, encoding the map's sentences...", file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ from scalevae.demo import (
     serve,
 )
 from scalevae.latent import CLASSES_FILE
+from scalevae.options import OptionError
 from tests.data_guard import shared_file
 from tests.demo_model import build_demo_folder, short_reviews
 from tests.model_tester import one_thread
@@ -346,8 +347,16 @@ def test_folders_it_cannot_load_are_refused_naming_the_problem(folder, yelp, tmp
     message = refusal([str(folder), "--sentences", sentences, "--labels", str(short)], no_launch)
     assert "one label per sentence" in message
     assert "--labels goes with --sentences" in refusal([str(folder), "--labels", labels], no_launch)
-    assert "--max_sentences 1 must be in [2, 5000]" in refusal([str(folder), "--max_sentences", "1"], no_launch)
-    assert "--max_queue 0 must be in" in refusal([str(folder), "--max_queue", "0"], no_launch)
+    for option, value, message in (
+        ("--max_sentences", "1", "demo: --max_sentences 1: must be a whole number in [2, 5000]."),
+        ("--max_queue", "0", "demo: --max_queue 0: must be a whole number in [1, 1000]."),
+        ("--port", "70000", "demo: --port 70000: must be a whole number in [1, 65535]."),
+    ):
+        with pytest.raises(OptionError) as refused:
+            parse_args([str(folder), option, value])
+        assert str(refused.value) == message
+    with pytest.raises(DemoSetupError, match=r"--max_sentences 1 must be in \[2, 5000\]"):
+        LatentDemo.load(folder, max_sentences=1)  # the Python API checks it too
     assert "--device 'gpu0' is not a device name" in refusal([str(folder), "--device", "gpu0"], no_launch)
 
 

@@ -36,6 +36,7 @@ def command_sections() -> dict[str, tuple]:
 
     from scalevae.cli import EditArguments, EvaluateArguments, GenerateArguments
     from scalevae.compare import CompareArguments
+    from scalevae.demo import DemoArguments
     from scalevae.options import DataArguments, ModelArguments, RunArguments
     from scalevae.quickstart import QuickstartArguments
 
@@ -47,6 +48,7 @@ def command_sections() -> dict[str, tuple]:
         "evaluate": (EvaluateArguments,),
         "generate": (GenerateArguments,),
         "edit": (EditArguments,),
+        "demo": (DemoArguments,),
     }
 
 
