@@ -2,6 +2,7 @@
 result. A sibling of `modeling_scalevae.py` that every saved folder carries (it imports only torch and transformers)."""
 
 import math
+from collections.abc import Mapping
 
 import torch
 from transformers.utils import logging
@@ -47,6 +48,35 @@ def check_token_ids(
             f"{name} holds the token id {bad}, outside the {part}'s vocabulary: valid ids are 0 to {vocab_size - 1}"
             f"{allowed} (config.{part}.vocab_size={vocab_size}). Were they made by the {part}'s own tokenizer?"
         )
+
+
+def encoder_batches(batches) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The `(input_ids, attention_mask)` of each batch of an iterable of tokenizer outputs (a DataLoader or a list of
+    dicts), each a 2-D integer tensor; the mask may be absent (None). Anything else is refused, naming the batch."""
+    if isinstance(batches, (str, bytes, torch.Tensor)) or not hasattr(batches, "__iter__"):
+        raise ArgumentError(
+            f"batches must be an iterable (a DataLoader or a list) of dicts with input_ids, not {type(batches).__name__}."
+        )
+    inputs = []
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise ArgumentError(
+                f"batches[{i}] is a {type(batch).__name__}: each batch must be a dict with the encoder's "
+                "input_ids (and attention_mask), as a tokenizer called with return_tensors='pt' returns it."
+            )
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
+            if tensor is None and name == "attention_mask":
+                continue
+            if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and not tensor.is_floating_point()):
+                raise ArgumentError(
+                    f"batches[{i}][{name!r}] must be a 2-D integer tensor (batch, length), got "
+                    f"{type(tensor).__name__}{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else ''}."
+                )
+        inputs.append((ids, mask))
+    if not inputs:
+        raise ValueError("fit_prior got no batches.")
+    return inputs
 
 
 def check_encoder_inputs(

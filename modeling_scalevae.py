@@ -8,7 +8,6 @@ checksums) and `distributions_scalevae.py` (Gaussian KLs, prior sampling, the mi
 All of them import only torch and transformers (and safetensors, which transformers requires).
 """
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,6 @@ from transformers.utils import ModelOutput, logging
 try:  # a saved folder loaded with trust_remote_code: transformers only allows relative imports between its files
     from .checks_scalevae import (
         MAX_SAMPLED_LATENTS,
-        ArgumentError,
         as_model_latents,
         cached_length,
         check_decoder_inputs,
@@ -48,6 +46,7 @@ try:  # a saved folder loaded with trust_remote_code: transformers only allows r
         check_integer,
         check_latents,
         checked_kl_weight,
+        encoder_batches,
     )
     from .configuration_scalevae import PRIORS, ScaleVAEConfig
     from .distributions_scalevae import (
@@ -63,7 +62,6 @@ try:  # a saved folder loaded with trust_remote_code: transformers only allows r
 except ImportError:  # the same files installed as top-level modules
     from checks_scalevae import (
         MAX_SAMPLED_LATENTS,
-        ArgumentError,
         as_model_latents,
         cached_length,
         check_decoder_inputs,
@@ -76,6 +74,7 @@ except ImportError:  # the same files installed as top-level modules
         check_integer,
         check_latents,
         checked_kl_weight,
+        encoder_batches,
     )
     from configuration_scalevae import PRIORS, ScaleVAEConfig
     from distributions_scalevae import (
@@ -939,31 +938,10 @@ class ScaleVAEForLatentLM(ScaleVAEPreTrainedModel, GenerationMixin):
         list) of dicts with the encoder's `input_ids` and `attention_mask`; the training glue calls it after training
         on (a sample of) the training set, never on test data."""
         check_generator("generator", generator)
-        if isinstance(batches, (str, bytes, torch.Tensor)) or not hasattr(batches, "__iter__"):
-            raise ArgumentError(
-                f"batches must be an iterable (a DataLoader or a list) of dicts with input_ids, not "
-                f"{type(batches).__name__}."
-            )
-        inputs = []
-        for i, batch in enumerate(batches):
-            if not isinstance(batch, Mapping):
-                raise ArgumentError(
-                    f"batches[{i}] is a {type(batch).__name__}: each batch must be a dict with the encoder's "
-                    "input_ids (and attention_mask), as a tokenizer called with return_tensors='pt' returns it."
-                )
-            ids, mask = batch.get("input_ids"), batch.get("attention_mask")
-            for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
-                if tensor is None and name == "attention_mask":
-                    continue
-                if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and not tensor.is_floating_point()):
-                    raise ArgumentError(
-                        f"batches[{i}][{name!r}] must be a 2-D integer tensor (batch, length), got "
-                        f"{type(tensor).__name__}{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else ''}."
-                    )
-            ids = ids.to(self.device)
-            inputs.append((ids, torch.ones_like(ids) if mask is None else mask.to(self.device)))
-        if not inputs:
-            raise ValueError("fit_prior got no batches.")
+        inputs = [
+            (ids.to(self.device), torch.ones_like(ids) if mask is None else mask.to(self.device))
+            for ids, mask in encoder_batches(batches)
+        ]
         # Under FSDP2 the model's own parameters (embeddings, latent head) stay sharded outside its forward, and this
         # calls its parts directly: gather them first (the sharded blocks gather theirs in their own forward).
         sharded = False
