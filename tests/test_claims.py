@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import sacrebleu
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scalevae.claims import (
     consistency_figures,
@@ -161,6 +163,30 @@ def test_repetition_rate_counts_texts_with_a_word_three_times_in_a_row():
     assert math.isnan(repetition_rate([]))
     with pytest.raises(ValueError, match="run=1 must be a whole number >= 2"):
         repetition_rate(stutter, run=1)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    texts=st.lists(
+        st.lists(st.sampled_from(["the", "The", "THE", "cat", "sat", "42", "é", ".", "!", "...", ","]), max_size=12),
+        max_size=8,
+    ),
+    run=st.integers(2, 4),
+)
+def test_repetition_rate_is_the_share_of_texts_with_a_word_run_times_in_a_row(texts, run):
+    """Against a brute-force reading of the definition: a word (a token with a letter or a digit) `run` times in a row,
+    case-folded; punctuation runs never count."""
+
+    def stutters(words: list[str]) -> bool:
+        return any(
+            any(c.isalnum() for c in words[i]) and len({w.casefold() for w in words[i : i + run]}) == 1
+            for i in range(len(words) - run + 1)
+        )
+
+    joined = [" ".join(words) for words in texts]
+    expected = sum(stutters(words) for words in texts) / len(texts) if texts else None
+    rate = repetition_rate(joined, run=run)
+    assert math.isnan(rate) if expected is None else rate == pytest.approx(expected)
 
 
 def test_generation_samples_are_nucleus_decoded_and_seeded(tokenizers):
