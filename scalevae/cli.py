@@ -162,7 +162,8 @@ class EvaluateArguments:
     )
 
 
-GENERATE_MODES = {"sample": 1, "reconstruct": None, "interpolate": 2, "analogy": 3}  # mode -> how many values
+# What `scalevae generate` does (exactly one), and how many texts each takes (None: a number, or any count of texts).
+GENERATE_MODES = {"sample": None, "reconstruct": None, "interpolate": 2, "analogy": 3}
 
 
 @dataclass
@@ -246,7 +247,7 @@ def parse_model_command(command: str, argv: list[str]) -> argparse.Namespace:
         if len(modes) > 1:
             parser.error(f"argument --{modes[1]}: not allowed with argument --{modes[0]}")
         expected = GENERATE_MODES[modes[0]]
-        if expected and isinstance(getattr(args, modes[0]), list) and len(getattr(args, modes[0])) != expected:
+        if expected and len(getattr(args, modes[0])) != expected:
             parser.error(f"argument --{modes[0]}: expected {expected} arguments")
     validate_options(args, explicit_options(parser, argv), command, specs=field_specs(arguments))
     return args

@@ -81,6 +81,20 @@ def test_generate_needs_a_mode(saved_folder, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--interpolate", "a"], "argument --interpolate: expected 2 arguments"),
+        (["--analogy", "a", "b"], "argument --analogy: expected 3 arguments"),
+        (["--sample", "2", "--reconstruct", "a"], "argument --reconstruct: not allowed with argument --sample"),
+    ],
+)
+def test_generate_takes_one_mode_with_its_count_of_texts(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(tmp_path), *arguments])
+    assert exit_.value.code == 2 and f"scalevae generate: error: {message}" in capsys.readouterr().err
+
+
 def test_train_command_trains_and_saves(tmp_path, train_command):
     data = shared_file("ptb.valid.txt")
     options = ["--max_steps", "2", "--save_strategy", "no", "--kl_schedule", "linear", "--kl_warmup_steps", "2"]
