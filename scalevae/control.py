@@ -349,9 +349,13 @@ def edit_command(
     if str(to).strip() not in classes:
         raise SystemExit(f"--to {to!r} is not among the labels of {label_file} ({', '.join(classes)}).")
     if from_label is not None and str(from_label).strip() not in classes:
-        raise SystemExit(f"--from_label {from_label!r} is not among the labels of {label_file} ({', '.join(classes)}).")
+        raise SystemExit(
+            f"--from_label {from_label!r} is not among the labels of {label_file} ({', '.join(classes)})."
+        )
     if from_label is None and len(classes) > 2:
-        raise SystemExit(f"{label_file} holds {len(classes)} classes ({', '.join(classes)}): give --from_label CLASS too.")
+        raise SystemExit(
+            f"{label_file} holds {len(classes)} classes ({', '.join(classes)}): give --from_label CLASS too."
+        )
     if input_file is not None:
         try:
             inputs = read_texts(input_file)
