@@ -437,8 +437,8 @@ def evaluate_claims(
     `"test"` classes, row for row (no labels: no probe figures). `reference_lm`: the comparison's language model
     (`train_language_model` on the training split), for `gen_forward_ppl`; `reverse_lm_steps` > 0 trains the reverse
     language model that many steps for `gen_reverse_ppl` (off by default; the `yelp-cpu` preset runs 200, about 25 s
-    of a 2x256 GPT-2 on 2 CPU cores). `prior` overrides `config.prior` for the prior samples; `seed` seeds them and the probe's
-    subsets. The model is left in the mode it came in.
+    of a 2x256 GPT-2 on 2 CPU cores). `prior` overrides `config.prior` for the prior samples; `seed` seeds them and
+    the probe's subsets. The model is left in the mode it came in.
     """
     encode, decode = latent_codec(model, encoder_tokenizer, decoder_tokenizer, max_length, batch_size)
     figures: dict[str, float] = {}

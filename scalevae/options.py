@@ -271,9 +271,10 @@ _LINEAR = ("kl_schedule", "linear")
 
 # Every numeric option of every command is declared once, with its range: on its dataclass field (`number(...)`; the
 # commands validate at parse time with `validate_options(args, given, command, specs=field_specs(*sections))`, and the
-# help texts show the ranges), or, for the stock TrainingArguments, in the table below. Sizes and lengths that depend on the model are checked once it is known (`check_max_length`, the
-# config's own `validate_scalevae`, generation's position check). 0 means "none" only where that is a real choice (0
-# importance samples: no IW-NLL; 0 warm-up steps of the learning rate), never "the default".
+# help texts show the ranges), or, for the stock TrainingArguments, in the table below. Sizes and lengths that depend
+# on the model are checked once it is known (`check_max_length`, the config's own `validate_scalevae`, generation's
+# position check). 0 means "none" only where that is a real choice (0 importance samples: no IW-NLL; 0 warm-up steps
+# of the learning rate), never "the default".
 #
 # The ranges of the stock TrainingArguments' numeric options (not our dataclass: declared here, once). The recipe's own
 # sections declare theirs on their fields (`number(...)`, below).
