@@ -21,7 +21,7 @@ from pathlib import Path
 from .data import prepare_data
 from .evaluation import text_classifier
 from .metrics import metric_info
-from .options import SMALL_RUN_DEFAULTS, number
+from .options import SEED_RANGE, SMALL_RUN_DEFAULTS, number
 from .outputs import write_atomically
 from .recipe import RunSpec, quiet, run
 
@@ -143,9 +143,7 @@ class CompareArguments:
     runs: list[str] | None = field(
         default=None, metadata={"help": "a subset of the runs, e.g. vae bn scale_0.5 (default: the preset's)"}
     )
-    seeds: list[int] = number(
-        default_factory=lambda: [0], low=0, high=2**32 - 1, integer=True, help="seeds of every run"
-    )
+    seeds: list[int] = number(default_factory=lambda: [0], **SEED_RANGE, help="seeds of every run")
     des_std_sweep: list[float] = number(
         default_factory=lambda: list(DES_STD_SWEEP), low=0, high=1e3, low_open=True, help="the scale_<des_std> runs"
     )

@@ -51,6 +51,7 @@ __all__ = [
     "max_length_option",
     "max_new_tokens_option",
     "seed_option",
+    "SEED_RANGE",
 ]
 
 
@@ -157,8 +158,11 @@ def number(
 
 
 # The options several commands share, declared once: each command's dataclass calls these for its field.
+SEED_RANGE = dict(low=0, high=2**32 - 1, integer=True)  # what torch and numpy seed with; also compare's --seeds
+
+
 def seed_option(help: str = "random seed"):
-    return number(0, low=0, high=2**32 - 1, integer=True, help=help)
+    return number(0, **SEED_RANGE, help=help)
 
 
 def max_length_option(help: str = "tokens per sentence, for the encoder and the decoder"):
@@ -264,7 +268,6 @@ def _spec(low=None, high=None, *, integer=True, low_open=False, high_open=False,
     }
 
 
-_SEED = _spec(0, 2**32 - 1)
 _POSITIVE = _spec(0, None, integer=False, low_open=True)  # a finite number > 0
 _CYCLICAL = ("kl_schedule", "cyclical")
 _LINEAR = ("kl_schedule", "linear")
@@ -290,7 +293,7 @@ TRAINING_OPTIONS: dict[str, dict] = {
     "save_steps": _POSITIVE,
     "eval_steps": _POSITIVE,
     "save_total_limit": _spec(1),
-    "seed": _SEED,
+    "seed": _spec(**SEED_RANGE),
 }
 
 
@@ -522,13 +525,13 @@ class ModelArguments:
         None,
         low=1,
         integer=True,
-        only_with=("kl_schedule", "linear"),
-        required_with=("kl_schedule", "linear"),
+        only_with=_LINEAR,
+        required_with=_LINEAR,
         help="steps of the linear schedule's rise",
     )
-    kl_n_cycle: int = number(4, low=1, integer=True, only_with=("kl_schedule", "cyclical"))
-    kl_ratio_zero: float = number(0.25, low=0, high=1, high_open=True, only_with=("kl_schedule", "cyclical"))
-    kl_ratio_increase: float = number(0.25, low=0, high=1, low_open=True, only_with=("kl_schedule", "cyclical"))
+    kl_n_cycle: int = number(4, low=1, integer=True, only_with=_CYCLICAL)
+    kl_ratio_zero: float = number(0.25, low=0, high=1, high_open=True, only_with=_CYCLICAL)
+    kl_ratio_increase: float = number(0.25, low=0, high=1, low_open=True, only_with=_CYCLICAL)
 
     # Options that describe how a new model is built: meaningless when a saved one is fine-tuned.
     new_model_options = (
