@@ -4,9 +4,10 @@
     python examples/ptb_collapse_check.py --max_steps 200   # a quicker look
 
 A preset of `scalevae quickstart` (the run recipe). Setup: MiniLM-L6 encoder (frozen), 4-layer 256-wide GPT-2 decoder,
-latent 32, memory + embedding injection, batch 32, <= 32 tokens, AdamW 5e-4, 7,000 PTB training sentences, des_std 1.0. PTB is read at run time from
-../shared/data (research use only; never copied into this repository). Prints the metrics table, the checks below and
-the step-time ratio, and writes plots and JSON under --output_dir.
+latent 32, the latent as a key/value memory slot (the default), batch 32, <= 32 tokens, AdamW 5e-4, 7,000 PTB training
+sentences, des_std 1.0 (the quickstart's own is 2.0). PTB is read at run time from ../shared/data (research use only;
+never copied into this repository). Prints the metrics table, the checks below and the step-time ratio, and writes
+plots and JSON under --output_dir.
 """
 
 import json
@@ -19,7 +20,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The check's preset of the quickstart's options; options given on the command line override it.
 PRESET = dict(
     train_sentences=7000, max_steps=1000, eval_sentences=500, num_importance_samples=50, logging_steps=50,
-    output_dir="outputs/ptb_collapse_check",
+    scale_target_std=1.0, output_dir="outputs/ptb_collapse_check",
 )  # fmt: skip
 
 

@@ -38,11 +38,14 @@ def test_benchmark_smoke_run_reports_every_ratio(tmp_path):
     assert "ratio" in result.stdout and "iw_nll_over_decoder_floor" in result.stdout
 
 
-@pytest.mark.parametrize("script", sorted(path.name for path in (REPO / "benchmarks").glob("*.py")))
-def test_every_benchmark_script_imports_and_explains_itself(script):
+SCRIPTS = sorted(
+    str(path.relative_to(REPO)) for folder in ("benchmarks", "examples") for path in (REPO / folder).glob("*.py")
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_and_example_script_imports_and_explains_itself(script):
     # The scripts import the package's inner modules; a name moved by a refactor must fail here, not in a measurement.
-    result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "usage:" in result.stdout
