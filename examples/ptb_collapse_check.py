@@ -26,6 +26,8 @@ PRESET = dict(
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):  # the options are the quickstart's; help needs no data
+        quickstart(["--help"])
     files = {f"--{split}_file": DATA / f"ptb.{name}.txt" for split, name in
              (("train", "train"), ("validation", "valid"), ("test", "test"))}  # fmt: skip
     if not all(path.exists() for path in files.values()):
